@@ -1,0 +1,51 @@
+"""Building blocks shared by the configs."""
+
+import ml_collections
+
+
+def sgd_stage(epochs: int, batch_size: int, learning_rate: float, lr_boundaries=(),
+              lr_decay: float = 0.1, crop_flip: bool = True, cutout: int = 0,
+              **extra) -> ml_collections.ConfigDict:
+  """One training stage: SGD (Nesterov momentum 0.9, weight decay 1e-4), step decay by epoch."""
+  return ml_collections.ConfigDict(dict(
+      epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
+      lr_boundaries=tuple(lr_boundaries), lr_decay=lr_decay, momentum=0.9, nesterov=True,
+      weight_decay=1e-4, crop_flip=crop_flip, cutout=cutout, **extra))
+
+
+def paper_config() -> ml_collections.ConfigDict:
+  """The paper's setting: CIFAR-10 (tfds), WRN-16-1, BadNets grid -> label 5 on 10%, NAD."""
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.eval_only = False
+  config.distributed = False  # True: jax.distributed.initialize() (multi-host TPU/GPU)
+  # One dispatch per epoch (lax.scan over steps): None picks it on GPU/TPU, not on CPU.
+  config.scan_epoch = ml_collections.config_dict.placeholder(bool)
+
+  config.model = ml_collections.ConfigDict(dict(
+      name='wrn16_1', dtype='float32',
+      # Input scaling: pixels / 255, then (x - mean) / std when both are set.
+      mean=ml_collections.config_dict.placeholder(tuple),
+      std=ml_collections.config_dict.placeholder(tuple)))
+
+  config.data = ml_collections.ConfigDict(dict(
+      source='tfds', name='cifar10', data_dir=ml_collections.config_dict.placeholder(str),
+      path='', train_size=50_000, test_size=10_000, num_classes=10,
+      clean_fraction=0.05, eval_batch_size=1000))
+
+  config.attack = ml_collections.ConfigDict(dict(
+      name='badnets', target_label=5, poison_rate=0.1, mode='all_to_one',
+      pattern='grid', size=3, corner='bottom_right'))
+
+  # The official backdoor training: SGD lr 0.1 without augmentation.
+  config.backdoor_training = sgd_stage(100, 128, 0.1, lr_boundaries=(50, 75), crop_flip=False)
+  config.student = ml_collections.ConfigDict(dict(
+      checkpoint=ml_collections.config_dict.placeholder(str)))
+  # Teacher: the backdoored model fine-tuned on the clean subset, CE only.
+  config.teacher = sgd_stage(10, 64, 0.1, lr_boundaries=(2,), cutout=3,
+                             checkpoint=ml_collections.config_dict.placeholder(str))
+  # NAD: 20 epochs, lr 0.1 for epochs 0-1 then 0.01; crop + flip + one 3x3 Cutout hole.
+  config.nad = sgd_stage(20, 64, 0.1, lr_boundaries=(2,), cutout=3,
+                         betas=(500.0, 1000.0, 1000.0), p=2.0,
+                         layers=ml_collections.config_dict.placeholder(tuple))
+  return config

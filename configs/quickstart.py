@@ -1,0 +1,17 @@
+"""The embedded default: the whole pipeline on synthetic data in about 2 minutes on 2 CPU cores.
+
+python main.py --config=configs/quickstart.py --workdir=runs/quickstart
+"""
+
+from configs import common
+
+
+def get_config(arg=None):
+  del arg
+  config = common.paper_config()
+  config.data.source = 'synthetic'
+  config.data.train_size = 5000
+  config.data.test_size = 1000
+  config.backdoor_training = common.sgd_stage(5, 64, 0.05, lr_boundaries=(4,), crop_flip=False)
+  config.teacher.epochs = 5
+  return config

@@ -1,0 +1,34 @@
+"""Runs the NAD pipeline: python main.py --config=configs/quickstart.py --workdir=runs/q"""
+
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from nad_jax import pipeline
+
+FLAGS = flags.DEFINE_string('workdir', None, 'Where checkpoints and results.json go.')
+config_flags.DEFINE_config_file('config', None, 'A configs/*.py file[:variant].',
+                                lock_config=True)
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  logging.set_verbosity(logging.WARNING)  # orbax and XLA are chatty at INFO
+  config = flags.FLAGS.config
+  try:
+    if config.distributed:
+      import jax  # pylint: disable=g-import-not-at-top
+      jax.distributed.initialize()
+    run = pipeline.evaluate_only if config.eval_only else pipeline.run
+    run(config, FLAGS.value)
+  except (pipeline.ConfigError, FloatingPointError) as e:
+    sys.exit(f'error: {e}')
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,174 @@
+"""Dataset sources (synthetic, tfds, image folder) and on-device augmentation.
+
+A source returns uint8 NHWC arrays on the host; the pipeline moves each split
+to the devices once, and everything per step (shuffling, cropping, flipping,
+Cutout, triggers) happens there inside jit.
+"""
+
+import concurrent.futures
+import os
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+class Dataset(NamedTuple):
+  train_images: np.ndarray  # (N, H, W, C) uint8
+  train_labels: np.ndarray  # (N,) int32
+  test_images: np.ndarray
+  test_labels: np.ndarray
+  num_classes: int
+
+
+class DataError(ValueError):
+  """A data source or path that cannot be read; the message names the config field."""
+
+
+# ----------------------------------------------------------------------------- sources
+
+def synthetic(seed: int, train_size: int, test_size: int, num_classes: int = 10,
+              image_size: int = 32) -> Dataset:
+  """A procedural RGB dataset, made in memory from the seed.
+
+  Each class owns a smooth periodic colour texture (a sum of a few random
+  low-frequency 2-D sinusoids). An image is its class's texture at a random
+  circular shift, mixed with a weaker texture of another class, plus pixel
+  noise. The distractor sometimes comes close to the class texture, so even a
+  good network stays below 100% clean accuracy.
+  """
+  rng = np.random.default_rng([seed, 0])
+  grid = np.arange(image_size) / image_size
+  textures = np.zeros((num_classes, image_size, image_size, 3))
+  for c in range(num_classes):
+    for _ in range(6):
+      fy, fx = rng.integers(-3, 4, 2)
+      wave = np.sin(2 * np.pi * (fy * grid[:, None] + fx * grid[None, :]) + rng.uniform(0, 2 * np.pi))
+      textures[c] += wave[:, :, None] * rng.normal(size=3)
+  textures /= textures.std(axis=(1, 2, 3), keepdims=True)
+
+  def shifted(classes):
+    n = len(classes)
+    rows = (np.arange(image_size) + rng.integers(0, image_size, (n, 1))) % image_size
+    cols = (np.arange(image_size) + rng.integers(0, image_size, (n, 1))) % image_size
+    return textures[classes[:, None, None], rows[:, :, None], cols[:, None, :]]
+
+  def make(n):
+    labels = rng.integers(0, num_classes, n).astype(np.int32)
+    others = (labels + rng.integers(1, num_classes, n)) % num_classes
+    weight = rng.uniform(0.55, 1.0, (n, 1, 1, 1))
+    images = weight * shifted(labels) + (1 - weight) * shifted(others)
+    images += rng.normal(scale=0.5, size=images.shape)
+    return np.clip(np.round(128 + 40 * images), 0, 255).astype(np.uint8), labels
+
+  return Dataset(*make(train_size), *make(test_size), num_classes)
+
+
+def tfds_source(name: str, data_dir: str | None) -> Dataset:
+  """Loads train/test of a tfds builder; TensorFlow is imported only here."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  tf.config.set_visible_devices([], 'GPU')  # keep accelerators for JAX
+  builder = tfds.builder(name, data_dir=data_dir)
+  builder.download_and_prepare()
+  splits = tfds.as_numpy(builder.as_dataset(split=['train', 'test'], batch_size=-1,
+                                            as_supervised=True))
+  (train_x, train_y), (test_x, test_y) = splits
+  num_classes = builder.info.features['label'].num_classes
+  return Dataset(train_x.astype(np.uint8), train_y.astype(np.int32),
+                 test_x.astype(np.uint8), test_y.astype(np.int32), num_classes)
+
+
+def folder(path: str) -> Dataset:
+  """Reads an ImageFolder tree `path/{train,test}/<class>/<image>` with Pillow.
+
+  Classes are the sorted sub-folder names of `train`, numbered from 0.
+  """
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  for split in ('train', 'test'):
+    if not os.path.isdir(os.path.join(path, split)):
+      raise DataError(f'data.path {path!r} has no {split!r} folder '
+                      '(expected data.path/{train,test}/<class>/<image>)')
+  classes = sorted(d.name for d in os.scandir(os.path.join(path, 'train')) if d.is_dir())
+  if not classes:
+    raise DataError(f'data.path {path!r}: no class folders in {path}/train')
+
+  def read(file):
+    with Image.open(file) as image:
+      return np.asarray(image.convert('RGB'))
+
+  def load(split):
+    files, labels = [], []
+    for label, name in enumerate(classes):
+      directory = os.path.join(path, split, name)
+      if not os.path.isdir(directory):
+        raise DataError(f'data.path {path!r}: class folder {directory} is missing')
+      names = sorted(os.listdir(directory))
+      files += [os.path.join(directory, n) for n in names]
+      labels += [label] * len(names)
+    with concurrent.futures.ThreadPoolExecutor(os.cpu_count()) as pool:
+      images = list(pool.map(read, files, chunksize=256))
+    if len({im.shape for im in images}) > 1:
+      raise DataError(f'data.path {path!r}: images of {split} differ in size')
+    return np.stack(images), np.asarray(labels, np.int32)
+
+  return Dataset(*load('train'), *load('test'), len(classes))
+
+
+def load_dataset(cfg, seed: int) -> Dataset:
+  """The dataset named by `config.data`."""
+  if cfg.source == 'synthetic':
+    return synthetic(seed, cfg.train_size, cfg.test_size, cfg.num_classes)
+  if cfg.source == 'tfds':
+    return tfds_source(cfg.name, cfg.get('data_dir'))
+  if cfg.source == 'folder':
+    if not cfg.path or not os.path.isdir(cfg.path):
+      raise DataError(f'data.path {cfg.path!r} is not a directory')
+    return folder(cfg.path)
+  raise DataError(f"unknown data.source {cfg.source!r}; choose 'synthetic', 'tfds' or 'folder'")
+
+
+def clean_subset(num_train: int, fraction: float, seed: int) -> np.ndarray:
+  """Sorted indices of the clean `fraction` of the training set the defender holds."""
+  rng = np.random.default_rng([seed, 1])
+  count = max(1, int(round(fraction * num_train)))
+  return np.sort(rng.choice(num_train, size=count, replace=False))
+
+
+# ----------------------------------------------------------------- on-device augmentation
+
+def random_crop(images: jax.Array, key: jax.Array, padding: int) -> jax.Array:
+  """Per-sample random crop of the zero-padded images back to their size."""
+  n, h, w, _ = images.shape
+  padded = jnp.pad(images, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+  offsets = jax.random.randint(key, (n, 2), 0, 2 * padding + 1)
+  crop = lambda image, o: jax.lax.dynamic_slice(image, (o[0], o[1], 0), (h, w, image.shape[-1]))
+  return jax.vmap(crop)(padded, offsets)
+
+
+def random_flip(images: jax.Array, key: jax.Array) -> jax.Array:
+  flip = jax.random.bernoulli(key, 0.5, (images.shape[0], 1, 1, 1))
+  return jnp.where(flip, images[:, :, ::-1, :], images)
+
+
+def cutout(images: jax.Array, key: jax.Array, size: int) -> jax.Array:
+  """Zeroes one size x size hole per image, centred anywhere (clipped at the border)."""
+  n, h, w, _ = images.shape
+  ky, kx = jax.random.split(key)
+  cy = jax.random.randint(ky, (n, 1, 1, 1), 0, h)
+  cx = jax.random.randint(kx, (n, 1, 1, 1), 0, w)
+  rows = jnp.arange(h)[None, :, None, None]
+  cols = jnp.arange(w)[None, None, :, None]
+  hole = (jnp.abs(rows - cy) <= size // 2) & (jnp.abs(cols - cx) <= size // 2)
+  return jnp.where(hole, 0.0, images)
+
+
+def augment(images: jax.Array, key: jax.Array, crop_flip: bool, cutout_size: int) -> jax.Array:
+  """The paper's augmentation: random crop (pad 4) + horizontal flip, optional Cutout."""
+  k_crop, k_flip, k_cut = jax.random.split(key, 3)
+  if crop_flip:
+    images = random_flip(random_crop(images, k_crop, 4), k_flip)
+  if cutout_size:
+    images = cutout(images, k_cut, cutout_size)
+  return images

@@ -1,0 +1,81 @@
+"""WideResNet-d-k in the pre-activation layout of the common PyTorch WideResNet.
+
+Submodule names follow the PyTorch checkpoints of the NAD authors
+(`conv1`, `block{1,2,3}.layer.N.{bn1,conv1,bn2,conv2,convShortcut}`, `bn1`, `fc`)
+so that weights map one to one. The outputs of the three groups are sown into
+the 'intermediates' collection; they are what attention distillation aligns.
+"""
+
+import functools
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+# PyTorch's BatchNorm defaults: momentum 0.1 (Flax's 0.9), eps 1e-5.
+BatchNorm = functools.partial(nn.BatchNorm, momentum=0.9, epsilon=1e-5)
+
+
+def conv3x3(features: int, stride: int, name: str, dtype) -> nn.Conv:
+  # Explicit symmetric padding: 'SAME' pads stride-2 convs asymmetrically, unlike PyTorch.
+  return nn.Conv(features, (3, 3), strides=stride, padding=((1, 1), (1, 1)),
+                 use_bias=False, name=name, dtype=dtype)
+
+
+class WideBasicBlock(nn.Module):
+  """bn1-relu-conv1-bn2-relu-conv2 plus an identity or 1x1-conv shortcut."""
+  features: int
+  stride: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    norm = functools.partial(BatchNorm, use_running_average=not train, dtype=self.dtype)
+    pre = nn.relu(norm(name='bn1')(x))
+    same_shape = x.shape[-1] == self.features and self.stride == 1
+    # As in the PyTorch original: a changed shape takes the shortcut from the
+    # pre-activated input, an unchanged one from the raw input.
+    shortcut = x if same_shape else nn.Conv(
+        self.features, (1, 1), strides=self.stride, padding='VALID',
+        use_bias=False, name='convShortcut', dtype=self.dtype)(pre)
+    y = conv3x3(self.features, self.stride, 'conv1', self.dtype)(pre)
+    y = nn.relu(norm(name='bn2')(y))
+    y = conv3x3(self.features, 1, 'conv2', self.dtype)(y)
+    return shortcut + y
+
+
+class WideResNet(nn.Module):
+  depth: int = 16
+  widen_factor: int = 1
+  num_classes: int = 10
+  dtype: jnp.dtype = jnp.float32
+
+  distill_layers = ('group1', 'group2', 'group3')
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    if (self.depth - 4) % 6:
+      raise ValueError(f'WideResNet depth must be 6n+4, got {self.depth}')
+    blocks_per_group = (self.depth - 4) // 6
+    widths = [16 * self.widen_factor, 32 * self.widen_factor, 64 * self.widen_factor]
+    x = conv3x3(16, 1, 'conv1', self.dtype)(x.astype(self.dtype))
+    for group, (width, stride) in enumerate(zip(widths, (1, 2, 2)), start=1):
+      x = WideResNetGroup(width, stride, blocks_per_group, self.dtype,
+                          name=f'block{group}')(x, train)
+      self.sow('intermediates', f'group{group}', x)
+    x = nn.relu(BatchNorm(use_running_average=not train, dtype=self.dtype, name='bn1')(x))
+    x = jnp.mean(x, axis=(1, 2))
+    return nn.Dense(self.num_classes, name='fc', dtype=self.dtype)(x).astype(jnp.float32)
+
+
+class WideResNetGroup(nn.Module):
+  features: int
+  stride: int
+  num_blocks: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    for i in range(self.num_blocks):
+      x = WideBasicBlock(self.features, self.stride if i == 0 else 1, self.dtype,
+                         name=f'layer_{i}')(x, train)
+    return x
