@@ -139,11 +139,13 @@ class TrainEpoch:
       k_trigger, k_augment = jax.random.split(key)
       x = jax.lax.with_sharding_constraint(images[indices].astype(jnp.float32), batch_sharding)
       y = jax.lax.with_sharding_constraint(labels[indices], batch_sharding)
+      x = data_lib.augment(x, k_augment, recipe.crop_flip, recipe.cutout)
       if attack is not None:
+        # After augmentation, so the trigger sits where it will at test time.
         mask = poisoned[indices]
         x = jnp.where(mask[:, None, None, None], attack.trigger(x, k_trigger), x)
         y = jnp.where(mask, attack.relabel(y), y)
-      x = normalize(data_lib.augment(x, k_augment, recipe.crop_flip, recipe.cutout))
+      x = normalize(x)
       grads, (batch_stats, ce, at) = jax.grad(loss_fn, has_aux=True)(
           state.params, state.batch_stats, teacher, x, y)
       updates, opt_state = tx.update(grads, state.opt_state, state.params)
