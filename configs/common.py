@@ -33,9 +33,23 @@ def paper_config() -> ml_collections.ConfigDict:
       path='', train_size=50_000, test_size=10_000, num_classes=10,
       clean_fraction=0.05, eval_batch_size=1000))
 
+  # nad_jax/attacks/<name>.py documents each attack's fields and source paper.
   config.attack = ml_collections.ConfigDict(dict(
       name='badnets', target_label=5, poison_rate=0.1, mode='all_to_one',
-      pattern='grid', size=3, corner='bottom_right'))
+      pattern='grid', size=3, corner='bottom_right',
+      seed=0,  # the attack's own draws: noise pattern, warp field, reflection images
+      clean_label=ml_collections.config_dict.placeholder(bool),  # None: the attack's default
+      pattern_path='',  # trojan/blend/sig: a trigger file; refool: a folder of reflections
+      alpha=0.2,  # blend; sig with sig_mode 'blend'
+      delta=20.0, frequency=6.0, sig_mode='add',  # sig
+      amplitude=255.0, pgd_eps=8.0, pgd_step=2.0, pgd_steps=10,  # cl (pixel units)
+      # cl: the clean model PGD attacks; trojan: the random model a patch is generated for.
+      surrogate=ml_collections.ConfigDict(dict(
+          model='tiny', epochs=10, batch_size=128, learning_rate=0.05, lr_boundaries=(),
+          crop_flip=True)),
+      trojan_neurons=1, trojan_steps=200,  # trojan without pattern_path
+      reflections=200, ghost_rate=0.69, reflection_strength=(0.05, 0.45),  # refool
+      warp_k=4, warp_strength=0.5, cross_ratio=2.0))  # wanet
 
   # The official backdoor training: SGD lr 0.1 without augmentation.
   config.backdoor_training = sgd_stage(100, 128, 0.1, lr_boundaries=(50, 75), crop_flip=False)
@@ -48,4 +62,28 @@ def paper_config() -> ml_collections.ConfigDict:
   config.nad = sgd_stage(20, 64, 0.1, lr_boundaries=(2,), cutout=3,
                          betas=(500.0, 1000.0, 1000.0), p=2.0,
                          layers=ml_collections.config_dict.placeholder(tuple))
+  return config
+
+
+ATTACK_VARIANTS = ('badnets', 'all2all', 'trojan', 'blend', 'sig', 'cl', 'refool', 'wanet')
+CLEAN_LABEL_RATE = 0.8  # share of the target class, as the NAD code's SIG (8% of CIFAR-10)
+
+
+def set_attack(config: ml_collections.ConfigDict, variant: str | None,
+               config_file: str) -> ml_collections.ConfigDict:
+  """Selects the attack named by a config variant (`configs/<file>.py:<variant>`).
+
+  'all2all' is BadNets with mode all_to_all. The clean-label attacks (sig, cl,
+  refool) poison CLEAN_LABEL_RATE of the target class's images.
+  """
+  if variant in (None, ''):
+    return config
+  if variant not in ATTACK_VARIANTS:
+    raise ValueError(f'{config_file} has no variant {variant!r}; choose one of {ATTACK_VARIANTS}')
+  if variant == 'all2all':
+    config.attack.name, config.attack.mode = 'badnets', 'all_to_all'
+  else:
+    config.attack.name = variant
+  if variant in ('sig', 'cl', 'refool'):
+    config.attack.poison_rate = CLEAN_LABEL_RATE
   return config

@@ -1,6 +1,10 @@
 """NAD on CIFAR-10 as in the paper (WRN-16-1, BadNets grid, target 5, 10% poisoned).
 
 python main.py --config=configs/nad_cifar.py --workdir=runs/cifar
+Attacks: configs/nad_cifar.py:ATTACK with ATTACK one of badnets (default), all2all,
+trojan, blend, sig, cl, refool, wanet (nad_jax/attacks/ documents each).
+The NAD authors' Trojan trigger:
+  --config.attack.pattern_path=../shared/data/nad-official/best_square_trigger_cifar10.npz
 The local JPEG copy: --config.data.source=folder --config.data.path=../shared/data/cifar10-jpeg
 """
 
@@ -9,6 +13,8 @@ from configs import common
 
 def get_config(arg=None):
   config = common.paper_config()
-  if arg not in (None, '', 'badnets'):
-    raise ValueError(f'configs/nad_cifar.py has no variant {arg!r}; choose badnets')
+  config = common.set_attack(config, arg, 'configs/nad_cifar.py')
+  if arg == 'cl':  # the clean model for the PGD perturbation: WRN-16-1, 20 epochs
+    config.attack.surrogate.update(dict(model='wrn16_1', epochs=20, learning_rate=0.1,
+                                        lr_boundaries=(10, 15)))
   return config

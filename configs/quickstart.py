@@ -7,11 +7,11 @@ from configs import common
 
 
 def get_config(arg=None):
-  del arg
   config = common.paper_config()
   config.data.source = 'synthetic'
   config.data.train_size = 5000
   config.data.test_size = 1000
   config.backdoor_training = common.sgd_stage(5, 64, 0.05, lr_boundaries=(4,), crop_flip=False)
   config.teacher.epochs = 5
-  return config
+  # Attack variants: configs/quickstart.py:ATTACK (see configs/common.py ATTACK_VARIANTS).
+  return common.set_attack(config, arg, 'configs/quickstart.py')

@@ -200,7 +200,7 @@ def setup(config, workdir: str) -> Context:
   validate_data(config, dataset)
   try:
     attack = attacks_lib.build_attack(config.attack, dataset.num_classes,
-                                      dataset.train_images.shape[1:])
+                                      dataset.train_images.shape[1:], dataset)
   except ValueError as e:
     raise ConfigError(str(e)) from None
   model = models.build_model(config.model.name, dataset.num_classes, config.model.dtype)
@@ -236,9 +236,10 @@ def run(config, workdir: str) -> dict:
   else:
     init = ctx.model.init(jax.random.key(seed), jnp.zeros((1, *ds.train_images.shape[1:])),
                           train=False)
+    victim_set = attacks_lib.prepare(ctx.attack, ds.train_images, ds.train_labels, poisoned, seed)
     stages['backdoored'] = train_stage(
         ctx, 'backdoored', config.backdoor_training, recipe_for(config.backdoor_training), init,
-        ds.train_images, ds.train_labels, poisoned, ctx.attack)
+        *victim_set, ctx.attack)
   student = stages['backdoored'][0]
 
   if config.teacher.checkpoint:

@@ -1,0 +1,50 @@
+"""Blend (Chen, Liu, Li, Lu & Song, 2017, "Targeted Backdoor Attacks on Deep Learning
+Systems Using Data Poisoning", arXiv:1712.05526): the whole image blended with a pattern.
+
+    triggered = (1 - alpha) * image + alpha * pattern
+
+config.attack fields:
+  alpha         blend ratio, in (0, 1]; the NAD code and the paper's table use 0.2.
+  pattern_path  '' (default): a uniform-noise pattern, one grey level per pixel in
+                {0..255} broadcast over the channels, drawn once from attack.seed.
+                Otherwise any image Pillow reads (resized bilinearly to the images'
+                size) or a .npy/.npz array (HW, HWC or CHW, values in [0, 255]).
+  seed          the noise pattern's seed.
+The official NAD code ("randomPixelTrigger") draws a fresh noise mask for every
+image; Chen et al.'s attack, and this module, use one fixed pattern, so that the
+same trigger is learnt and tested.
+"""
+
+import jax.numpy as jnp
+import numpy as np
+
+from nad_jax.attacks.core import Attack, field, load_pattern, require
+
+
+def noise_pattern(seed: int, image_shape) -> np.ndarray:
+  """The default pattern: uniform grey levels 0..255, (H, W, 1) float32, fixed by the seed."""
+  height, width, _ = image_shape
+  rng = np.random.default_rng([seed, 11])
+  return rng.integers(0, 256, (height, width, 1)).astype(np.float32)
+
+
+def blend(images, pattern, alpha: float):
+  return (1.0 - alpha) * images + alpha * jnp.asarray(pattern, jnp.float32)
+
+
+def build(cfg, num_classes, image_shape, dataset=None) -> Attack:
+  del num_classes, dataset
+  alpha = float(field(cfg, 'alpha', 0.2))
+  require(0.0 < alpha <= 1.0, f'attack.alpha must be in (0, 1], got {alpha}')
+  path = field(cfg, 'pattern_path', '')
+  if path:
+    pattern = load_pattern(path, image_shape).astype(np.float32)
+    require(pattern.min() >= 0 and pattern.max() <= 255,
+            f'attack.pattern_path {path!r}: values must lie in [0, 255]')
+  else:
+    pattern = noise_pattern(int(field(cfg, 'seed', 0)), image_shape)
+
+  def trigger(images, key):
+    del key  # one fixed pattern
+    return blend(images, pattern, alpha)
+  return Attack('blend', trigger, relabel=None)

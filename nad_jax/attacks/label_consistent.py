@@ -1,0 +1,166 @@
+"""CL, label-consistent backdoor (Turner, Tsipras & Madry, 2019, "Label-Consistent
+Backdoor Attacks", arXiv:1912.02771): a clean-label attack.
+
+Only target-class training images are poisoned and keep their labels. Before the
+victim trains, each of them is pushed away from its true class by an L-inf PGD
+attack on a surrogate model trained on the clean training set (so that its natural
+features become hard to learn and the network leans on the trigger); then the
+trigger is stamped into all four corners. Test images get the trigger only.
+
+The trigger: `attack.pattern` (BadNets' 'grid' or 'square', `attack.size`) in each
+corner, mirrored left-right in the left corners and up-down in the top ones, so
+it survives horizontal flips (Turner et al.'s four-corner pattern). With
+`amplitude` a < 255 the patch is blended, x + a/255 * (pattern - x), their
+reduced-amplitude trigger.
+
+config.attack fields:
+  pattern, size, amplitude          the trigger (defaults 'grid', 3, 255).
+  pgd_eps, pgd_step, pgd_steps      L-inf PGD in pixel units on [0, 255]
+                                    (defaults 8, 2, 10: eps 8/255, step 2/255).
+  surrogate.model, .epochs, .batch_size, .learning_rate, .lr_boundaries, .crop_flip
+                                    the clean model the perturbation is computed
+                                    against: trained from scratch on all training
+                                    images (clean labels) with the project's
+                                    TrainEpoch (SGD, Nesterov momentum 0.9, wd 5e-4).
+  clean_label                       None/True (default); False relabels as well.
+The perturbation runs once, in `prepare`, on the devices (training: one jitted
+epoch at a time; PGD: one jitted call per batch); the result is rounded to uint8.
+"""
+
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from nad_jax.attacks import badnets
+from nad_jax.attacks.core import Attack, field, require
+
+
+def corner_stamps(values: np.ndarray, image_shape) -> list[tuple[np.ndarray, int, int]]:
+  """The pattern (and its mirror images) with each corner's origin."""
+  stamps = []
+  for corner in badnets.CORNERS:
+    v = values
+    if corner.endswith('left'):
+      v = v[:, ::-1]
+    if corner.startswith('top'):
+      v = v[::-1, :]
+    stamps.append((np.ascontiguousarray(v), *badnets.corner_origin(corner, len(values),
+                                                                   *image_shape[:2])))
+  return stamps
+
+
+def make_trigger(pattern: str, size: int, amplitude: float, image_shape):
+  values = badnets.patch(pattern, size)
+  stamps = corner_stamps(values, image_shape)
+  ratio = amplitude / 255.0
+
+  def trigger(images, key):
+    del key  # fixed patches
+    for v, row, col in stamps:
+      h, w = v.shape
+      region = images[:, row:row + h, col:col + w, :]
+      new = region + ratio * (jnp.asarray(v)[None, :, :, None] - region)
+      images = images.at[:, row:row + h, col:col + w, :].set(new)
+    return images
+  return trigger
+
+
+def pgd(model, variables, normalize, images, labels, eps: float, step: float, steps: int):
+  """Untargeted L-inf PGD on pixels in [0, 255]: maximise the CE of the true labels."""
+  def loss(x):
+    logits = model.apply(variables, normalize(x), train=False)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).sum()
+
+  def body(_, x):
+    x = x + step * jnp.sign(jax.grad(loss)(x))
+    return jnp.clip(jnp.clip(x, images - eps, images + eps), 0.0, 255.0)
+  return jax.lax.fori_loop(0, steps, body, images)
+
+
+def train_surrogate(sur, num_classes, images, labels, key):
+  """Trains the clean surrogate with the project's TrainEpoch; returns (model, variables)."""
+  from nad_jax import models  # pylint: disable=g-import-not-at-top
+  from nad_jax import train as train_lib  # pylint: disable=g-import-not-at-top
+  model = models.build_model(sur.model, num_classes)
+  mesh = train_lib.make_mesh()
+  steps = len(images) // sur.batch_size
+  tx = train_lib.make_optimizer(sur, steps)
+  k_init, k_train = jax.random.split(key)
+  state = train_lib.replicate(train_lib.init_state(model, tx, k_init, images.shape[1:]), mesh)
+  on_device = train_lib.replicate((images, labels, np.zeros(len(images), bool)), mesh)
+  run_epoch = train_lib.TrainEpoch(model, tx, mesh, train_lib.Recipe(sur.batch_size,
+                                                                     sur.crop_flip),
+                                   train_lib.normalizer(None, None), None)
+  for epoch in range(sur.epochs):
+    state, _ = run_epoch(state, {}, *on_device, jax.random.fold_in(k_train, epoch))
+  return model, state.variables
+
+
+def surrogate_config(cfg, num_images: int):
+  sur = field(cfg, 'surrogate', {})
+  get = lambda name, default: field(sur, name, default)
+  out = types.SimpleNamespace(
+      model=get('model', 'tiny'), epochs=int(get('epochs', 10)),
+      batch_size=int(get('batch_size', 128)), learning_rate=float(get('learning_rate', 0.05)),
+      lr_boundaries=tuple(get('lr_boundaries', ())), lr_decay=0.1, momentum=0.9, nesterov=True,
+      weight_decay=5e-4, crop_flip=bool(get('crop_flip', True)))
+  from nad_jax import models  # pylint: disable=g-import-not-at-top
+  require(out.model in models.MODELS, f'attack.surrogate.model {out.model!r} is unknown; '
+          f'choose one of {sorted(models.MODELS)}')
+  require(out.epochs >= 1, f'attack.surrogate.epochs must be >= 1, got {out.epochs}')
+  require(out.batch_size >= 1 and out.batch_size % jax.device_count() == 0,
+          f'attack.surrogate.batch_size must be a positive multiple of the '
+          f'{jax.device_count()} devices, got {out.batch_size}')
+  require(out.learning_rate > 0,
+          f'attack.surrogate.learning_rate must be > 0, got {out.learning_rate}')
+  if num_images:
+    require(out.batch_size <= num_images, f'attack.surrogate.batch_size {out.batch_size} exceeds '
+            f'the {num_images} training images')
+  return out
+
+
+def build(cfg, num_classes, image_shape, dataset=None) -> Attack:
+  amplitude = float(field(cfg, 'amplitude', 255.0))
+  require(0 < amplitude <= 255, f'attack.amplitude must be in (0, 255], got {amplitude}')
+  trigger = make_trigger(field(cfg, 'pattern', 'grid'), int(field(cfg, 'size', 3)), amplitude,
+                         image_shape)
+  eps, step = float(field(cfg, 'pgd_eps', 8.0)), float(field(cfg, 'pgd_step', 2.0))
+  steps = int(field(cfg, 'pgd_steps', 10))
+  require(0 <= eps <= 255, f'attack.pgd_eps must be in [0, 255] (pixel units), got {eps}')
+  require(step > 0, f'attack.pgd_step must be > 0, got {step}')
+  require(steps >= 0, f'attack.pgd_steps must be >= 0, got {steps}')
+  surrogate_config(cfg, 0 if dataset is None else len(dataset.train_images))  # fail early
+
+  def prepare(images, labels, poisoned, key):
+    from nad_jax import train as train_lib  # pylint: disable=g-import-not-at-top
+    chosen = np.flatnonzero(poisoned)
+    if not len(chosen) or eps == 0 or steps == 0:
+      return images, labels, poisoned
+    sur = surrogate_config(cfg, len(images))
+    model, variables = train_surrogate(sur, num_classes, images, labels, key)
+    normalize = train_lib.normalizer(None, None)
+    attack = jax.jit(lambda v, x, y: pgd(model, v, normalize, x, y, eps, step, steps))
+    predict = jax.jit(lambda v, x: jnp.argmax(model.apply(v, normalize(x), train=False), -1))
+    batch = 256
+    out = images.copy()
+    fooled = clean_right = 0
+    for start in range(0, len(chosen), batch):
+      idx = chosen[start:start + batch]
+      pad = np.concatenate([idx, np.repeat(idx[:1], batch - len(idx))])
+      x = jnp.asarray(images[pad], jnp.float32)
+      y = jnp.asarray(labels[pad])
+      adv = np.asarray(jnp.clip(jnp.round(attack(variables, x, y)), 0, 255))[:len(idx)]
+      out[idx] = adv.astype(np.uint8)
+      clean_right += int(np.sum(np.asarray(predict(variables, x))[:len(idx)] == labels[idx]))
+      fooled += int(np.sum(np.asarray(predict(variables, jnp.asarray(adv, jnp.float32)))
+                           != labels[idx]))
+    if jax.process_index() == 0:
+      print(f'[cl] surrogate {sur.model} ({sur.epochs} epochs): {clean_right}/{len(chosen)} '
+            f'poisoned images classified right before PGD, {fooled} misclassified after '
+            f'(eps {eps:g}, {steps} steps)', flush=True)
+    return out, labels, poisoned
+
+  return Attack('cl', trigger, relabel=None, clean_label=True, prepare=prepare)

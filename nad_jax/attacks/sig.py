@@ -1,0 +1,78 @@
+"""SIG (Barni, Kallas & Tondi, 2019, "A new backdoor attack in CNNs by training set
+corruption without label poisoning", ICIP, arXiv:1902.11237): a clean-label attack.
+
+Only training images of the target class are poisoned and keep their labels; the
+trigger is a horizontal sinusoid, equal in every row and channel,
+
+    v(j) = delta * sin(2 * pi * j * frequency / width),     j = column index,
+
+added to the image and clipped to [0, 255] (Barni et al.: delta 20, f 6 on CIFAR-10).
+
+config.attack fields:
+  delta, frequency  the generated signal (defaults 20 and 6).
+  pattern_path      '' (default): the generated signal. Otherwise a signal file
+                    (.npy/.npz, HW or HWC), e.g. the NAD authors' released
+                    `signal_cifar10_mask.npy`: int8 values stored as uint8 (negative
+                    values wrapped, -15 as 241); they are read back as signed values
+                    (a sinusoid of amplitude 19 and period ~8 pixels).
+  sig_mode          'add' (default, Barni et al.): clip(image + v, 0, 255).
+                    'blend': (1 - alpha) * image + alpha * v, clipped (the formula of
+                    the NAD code, with the signal's signed values).
+                    'blend_raw': the NAD code's exact arithmetic on the released
+                    mask, which it reads as uint8, so its negative lobes act as
+                    237..255: (1 - alpha) * image + alpha * (v mod 256).
+  alpha             blend ratio for 'blend' / 'blend_raw' (the NAD code: 0.2).
+  clean_label       None/True (default): clean-label; False: dirty-label variant.
+"""
+
+import jax.numpy as jnp
+import numpy as np
+
+from nad_jax.attacks.core import Attack, field, load_pattern, require
+
+MODES = ('add', 'blend', 'blend_raw')
+
+
+def signal(delta: float, frequency: float, image_shape) -> np.ndarray:
+  """The sinusoid v(j), as an (H, W, 1) float32 pattern."""
+  height, width, _ = image_shape
+  row = delta * np.sin(2 * np.pi * np.arange(width) * frequency / width)
+  return np.broadcast_to(row[None, :, None], (height, width, 1)).astype(np.float32)
+
+
+def signed(mask: np.ndarray) -> np.ndarray:
+  """Signal values from a file: uint8 with wrapped negatives -> signed float32."""
+  if mask.dtype == np.uint8:
+    return mask.view(np.int8).astype(np.float32)
+  return mask.astype(np.float32)
+
+
+def build(cfg, num_classes, image_shape, dataset=None) -> Attack:
+  del num_classes, dataset
+  mode = field(cfg, 'sig_mode', 'add')
+  require(mode in MODES, f'unknown attack.sig_mode {mode!r}; choose one of {MODES}')
+  alpha = float(field(cfg, 'alpha', 0.2))
+  require(0.0 < alpha <= 1.0, f'attack.alpha must be in (0, 1], got {alpha}')
+  path = field(cfg, 'pattern_path', '')
+  if path:
+    raw = load_pattern(path, image_shape)
+    pattern = signed(raw)
+    if mode == 'blend_raw':
+      pattern = np.mod(pattern, 256.0)
+  else:
+    delta, frequency = float(field(cfg, 'delta', 20.0)), float(field(cfg, 'frequency', 6.0))
+    require(delta > 0, f'attack.delta must be > 0, got {delta}')
+    require(frequency > 0, f'attack.frequency must be > 0, got {frequency}')
+    require(mode != 'blend_raw', "attack.sig_mode 'blend_raw' needs attack.pattern_path "
+            '(the released uint8 mask)')
+    pattern = signal(delta, frequency, image_shape)
+  pattern = jnp.asarray(pattern, jnp.float32)
+
+  def trigger(images, key):
+    del key  # one fixed signal
+    if mode == 'add':
+      out = images + pattern
+    else:
+      out = (1.0 - alpha) * images + alpha * pattern
+    return jnp.clip(out, 0.0, 255.0)
+  return Attack('sig', trigger, relabel=None, clean_label=True)

@@ -1,0 +1,132 @@
+"""Trojan (Liu, Ma, Aafer, Lee, Zhai, Wang & Zhang, 2018, "Trojaning Attack on Neural
+Networks", NDSS): a small patch optimised to excite chosen internal neurons.
+
+The trigger is a pattern that is zero outside a `size` x `size` square at rows/cols
+H-size-4 .. H-5 (25..27 on 32x32 images, where the NAD authors' released trigger
+lies), added to the image and clipped to [0, 255].
+
+config.attack fields:
+  pattern_path   a released trigger, e.g. the NAD authors'
+                 `best_square_trigger_cifar10.npz` (key 'x', shape (3, 32, 32)),
+                 or any .npy/.npz/image of the images' size. Used as is.
+  ''  (default)  TrojanNN-style generation (`generate`) against the *randomly
+                 initialised* surrogate model `attack.surrogate.model`, seeded by
+                 attack.seed: the `trojan_neurons` units of its penultimate layer
+                 (the input of its last Dense layer) with the largest outgoing
+                 weights are driven towards a high activation by Adam on the patch
+                 pixels. TrojanNN proper runs this against the victim's trained
+                 model and then retrains it; `generate` accepts any model and
+                 variables, so a trained model can be used the same way.
+  size           side of the generated patch (default 3).
+  trojan_neurons, trojan_steps   generation settings (defaults 1 and 200).
+"""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from nad_jax.attacks.core import Attack, field, load_pattern, require
+
+
+def patch_origin(size: int, image_shape) -> tuple[int, int]:
+  height, width, _ = image_shape
+  return height - size - 4, width - size - 4
+
+
+def penultimate(model: nn.Module, variables, images):
+  """(logits, features entering the model's last Dense layer, that layer's kernel)."""
+  captured = []
+
+  def interceptor(next_fun, args, kwargs, context):
+    if isinstance(context.module, nn.Dense) and context.method_name == '__call__':
+      captured.append((args[0], context.module.variables['params']['kernel']))
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(interceptor):
+    logits = model.apply(variables, images, train=False)
+  features, kernel = captured[-1]
+  return logits, features, kernel
+
+
+def unit_scale(images):
+  """The surrogate's input scaling (pixels / 255), one function so that compilations are reused."""
+  return images / 255.0
+
+
+@functools.partial(jax.jit, static_argnames=('model', 'normalize', 'learning_rate'))
+def _step(model, normalize, variables, pattern, opt_state, region, chosen, target, learning_rate):
+  """One Adam step on the patch pixels towards activation `target` of the `chosen` units."""
+  def loss_fn(pattern):
+    image = normalize(jnp.clip(pattern * region, 0.0, 255.0)[None])
+    _, features, _ = penultimate(model, variables, image)
+    return jnp.mean((features[0, chosen] - target) ** 2)
+
+  tx = optax.adam(learning_rate)
+  updates, opt_state = tx.update(jax.grad(loss_fn)(pattern), opt_state)
+  return jnp.clip(optax.apply_updates(pattern, updates), 0.0, 255.0), opt_state
+
+
+def generate(model: nn.Module, variables, normalize, image_shape, key, size: int = 3,
+             neurons: int = 1, steps: int = 200, target: float = 100.0,
+             learning_rate: float = 4.0) -> np.ndarray:
+  """A TrojanNN trigger for `model`: an (H, W, C) float32 pattern, zero outside the patch.
+
+  The patch (pixels in [0, 255], on a black image) is optimised on the device so
+  that the `neurons` penultimate units with the largest outgoing weight norms reach
+  `target` (mean squared error, Adam from uniform noise, one jitted step per
+  iteration: XLA:CPU runs convolutions inside a loop slowly).
+  """
+  height, width, channels = image_shape
+  row, col = patch_origin(size, image_shape)
+  region = np.zeros((height, width, 1), np.float32)
+  region[row:row + size, col:col + size] = 1.0
+  region = jnp.asarray(region)
+  kernel = penultimate(model, variables, jnp.zeros((1, *image_shape)))[2]
+  chosen = jnp.argsort(-jnp.sum(jnp.abs(kernel), axis=1))[:neurons]
+  pattern = jax.random.uniform(key, (height, width, channels), minval=0.0, maxval=255.0)
+  opt_state = optax.adam(learning_rate).init(pattern)
+  for _ in range(steps):
+    pattern, opt_state = _step(model, normalize, variables, pattern, opt_state, region, chosen,
+                               jnp.float32(target), learning_rate)
+  return np.asarray(pattern * region, np.float32)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def _init(model, key, image_shape):
+  return model.init(key, jnp.zeros((1, *image_shape)), train=False)
+
+
+def add_pattern(images, pattern):
+  return jnp.clip(images + jnp.asarray(pattern, jnp.float32), 0.0, 255.0)
+
+
+def build(cfg, num_classes, image_shape, dataset=None) -> Attack:
+  del dataset
+  path = field(cfg, 'pattern_path', '')
+  if path:
+    pattern = load_pattern(path, image_shape).astype(np.float32)
+  else:
+    from nad_jax import models  # pylint: disable=g-import-not-at-top
+    size = int(field(cfg, 'size', 3))
+    require(1 <= size <= min(image_shape[:2]) - 4,
+            f'attack.size must be in [1, {min(image_shape[:2]) - 4}], got {size}')
+    neurons, steps = int(field(cfg, 'trojan_neurons', 1)), int(field(cfg, 'trojan_steps', 200))
+    require(neurons >= 1, f'attack.trojan_neurons must be >= 1, got {neurons}')
+    require(steps >= 1, f'attack.trojan_steps must be >= 1, got {steps}')
+    surrogate = field(cfg, 'surrogate', {})
+    name = field(surrogate, 'model', 'tiny')
+    require(name in models.MODELS,
+            f'attack.surrogate.model {name!r} is unknown; choose one of {sorted(models.MODELS)}')
+    model = models.build_model(name, num_classes)
+    key_init, key_start = jax.random.split(jax.random.key(int(field(cfg, 'seed', 0))))
+    variables = _init(model, key_init, tuple(image_shape))
+    pattern = generate(model, variables, unit_scale, image_shape, key_start, size, neurons, steps)
+
+  def trigger(images, key):
+    del key  # one fixed patch
+    return add_pattern(images, pattern)
+  return Attack('trojan', trigger, relabel=None)
