@@ -1,0 +1,26 @@
+"""A seconds-long smoke run of the whole pipeline (tests use it): tiny net, tiny synthetic data.
+
+python main.py --config=configs/tiny.py --workdir=runs/tiny
+"""
+
+import ml_collections
+
+from configs import common
+
+
+def get_config(arg=None):
+  del arg
+  config = common.paper_config()
+  config.model.name = 'tiny'
+  config.data.source = 'synthetic'
+  config.data.train_size = 512
+  config.data.test_size = 256
+  config.data.clean_fraction = 0.25
+  config.data.eval_batch_size = 128
+  config.backdoor_training = common.sgd_stage(2, 32, 0.05, crop_flip=False)
+  config.teacher = common.sgd_stage(2, 32, 0.05, lr_boundaries=(1,), cutout=3,
+                                    checkpoint=ml_collections.config_dict.placeholder(str))
+  config.nad.epochs = 2
+  config.nad.batch_size = 32
+  config.nad.lr_boundaries = (1,)
+  return config

@@ -1,0 +1,47 @@
+"""Sown activations of every registered model, and the registry's errors."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from nad_jax import models
+
+EXPECTED = {
+    'wrn16_1': {'group1': (32, 32, 16), 'group2': (16, 16, 32), 'group3': (8, 8, 64)},
+    'wrn16_2': {'group1': (32, 32, 32), 'group2': (16, 16, 64), 'group3': (8, 8, 128)},
+    'wrn40_1': {'group1': (32, 32, 16), 'group2': (16, 16, 32), 'group3': (8, 8, 64)},
+    'wrn40_2': {'group1': (32, 32, 32), 'group2': (16, 16, 64), 'group3': (8, 8, 128)},
+    'preact_resnet18': {'group1': (32, 32, 64), 'group2': (16, 16, 128),
+                        'group3': (8, 8, 256), 'group4': (4, 4, 512)},
+    'tiny': {'group1': (32, 32, 8), 'group2': (16, 16, 16), 'group3': (8, 8, 32)},
+}
+
+
+@pytest.mark.parametrize('name', sorted(models.MODELS))
+def test_sown_shapes(name):
+  model = models.build_model(name, num_classes=7)
+  x = jnp.zeros((2, 32, 32, 3))
+
+  def forward():
+    variables = model.init(jax.random.key(0), x, train=False)
+    return model.apply(variables, x, train=False, mutable=['intermediates'])
+
+  logits, sown = jax.eval_shape(forward)
+  assert logits.shape == (2, 7)
+  shapes = {k: v[0].shape[1:] for k, v in sown['intermediates'].items()}
+  assert shapes == EXPECTED[name]
+  assert set(model.distill_layers) <= set(shapes)
+
+
+def test_wrn_parameter_count_and_depth():
+  model = models.build_model('wrn16_1', 10)
+  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
+  count = sum(x.size for x in jax.tree.leaves(variables['params']))
+  assert 170_000 < count < 180_000  # 0.175 M parameters (DESIGN.md)
+  assert [k for k in variables['params']['block2']] == ['layer_0', 'layer_1']
+  assert 'convShortcut' in variables['params']['block2']['layer_0']
+
+
+def test_unknown_model_names_the_choices():
+  with pytest.raises(KeyError, match='wrn16_1'):
+    models.build_model('resnet999', 10)

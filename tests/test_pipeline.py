@@ -1,0 +1,128 @@
+"""The whole pipeline on the tiny config: end to end, restore, resume, data parallel."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from configs import tiny
+from nad_jax import attacks, data, models, pipeline, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(**overrides):
+  config = tiny.get_config()
+  for key, value in overrides.items():
+    section, field = key.split('.')
+    config[section][field] = value
+  return config
+
+
+@pytest.fixture(scope='module')
+def finished_run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('tiny'))
+  return workdir, pipeline.run(tiny_config(), workdir)
+
+
+def test_end_to_end_writes_results(finished_run):
+  workdir, results = finished_run
+  with open(os.path.join(workdir, 'results.json')) as f:
+    saved = json.load(f)
+  assert saved['stages'] == results['stages']
+  assert set(saved['stages']) == {'backdoored', 'teacher', 'nad'}
+  for stage, metrics in saved['stages'].items():
+    assert set(metrics) == {'acc', 'acc_nontarget', 'asr'}
+    assert all(0 <= v <= 100 for v in metrics.values())
+    assert [h['epoch'] for h in saved['history'][stage]] == [0, 1, 2]
+  assert len(saved['history']['nad'][-1]['at']) == 3
+  assert saved['config']['model']['name'] == 'tiny'
+  for stage in pipeline.STAGES:
+    assert sorted(os.listdir(os.path.join(workdir, stage)), key=str)[:2] == ['1', '2']
+
+
+def test_rerun_skips_finished_stages(finished_run):
+  workdir, results = finished_run
+  again = pipeline.run(tiny_config(), workdir)
+  assert again['stages'] == results['stages']
+  assert all(not t['img_per_s'] for t in again['timing'].values())  # nothing trained
+
+
+def test_eval_only_reproduces_saved_figures(finished_run):
+  workdir, results = finished_run
+  config = tiny_config()
+  config.eval_only = True
+  evaluated = pipeline.evaluate_only(config, workdir)
+  assert evaluated['stages'] == results['stages']
+
+
+def test_student_checkpoint_path_is_loaded_not_retrained(finished_run, tmp_path):
+  workdir, results = finished_run
+  config = tiny_config(**{'student.checkpoint': os.path.join(workdir, 'backdoored')})
+  config.teacher.epochs = 0
+  config.nad.epochs = 0
+  loaded = pipeline.run(config, str(tmp_path))
+  assert loaded['stages']['backdoored'] == results['stages']['backdoored']
+  assert not os.path.exists(tmp_path / 'backdoored')
+
+
+def run_main(workdir, *flags):
+  return subprocess.Popen(
+      [sys.executable, 'main.py', '--config=configs/tiny.py', f'--workdir={workdir}', *flags],
+      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_sigkill_mid_stage_then_resume_gives_same_results(finished_run, tmp_path):
+  _, uninterrupted = finished_run
+  workdir = str(tmp_path)
+  process = run_main(workdir)
+  first_epoch = os.path.join(workdir, 'teacher', '1')
+  deadline = time.time() + 240
+  while not os.path.isdir(first_epoch) and time.time() < deadline and process.poll() is None:
+    time.sleep(0.05)
+  assert process.poll() is None, 'the run ended before it could be killed'
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+  assert not os.path.exists(os.path.join(workdir, 'results.json'))
+  resumed = run_main(workdir)
+  out, err = resumed.communicate(timeout=300)
+  assert resumed.returncode == 0, err
+  assert '[teacher] resumed from epoch' in out
+  with open(os.path.join(workdir, 'results.json')) as f:
+    results = json.load(f)
+  assert results['stages'] == uninterrupted['stages']
+  assert results['history'] == uninterrupted['history']
+
+
+def test_one_and_four_devices_agree():
+  assert jax.device_count() == 4
+  ds = data.synthetic(0, 64, 8)
+  model = models.build_model('tiny', 10)
+  attack = attacks.build_attack(tiny.get_config().attack, 10, (32, 32, 3))
+  poisoned = np.arange(64) % 4 == 0
+  params = {}
+  for devices in (1, 4):
+    mesh = train.make_mesh(devices)
+    tx = optax.sgd(0.05, momentum=0.9)
+    state = train.replicate(train.init_state(model, tx, jax.random.key(0), (32, 32, 3)), mesh)
+    recipe = train.Recipe(batch_size=16, crop_flip=True, cutout=3)
+    epoch = train.TrainEpoch(model, tx, mesh, recipe, train.normalizer(None, None), attack)
+    arrays = train.replicate((ds.train_images, ds.train_labels, poisoned), mesh)
+    state, _ = epoch(state, {}, *arrays, jax.random.key(1))
+    params[devices] = jax.device_get(state.params)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5),
+               params[1], params[4])
+
+
+def test_same_seed_same_synthetic_data_and_subset():
+  a, b = data.synthetic(3, 100, 10), data.synthetic(3, 100, 10)
+  np.testing.assert_array_equal(a.train_images, b.train_images)
+  np.testing.assert_array_equal(data.clean_subset(1000, 0.05, 3), data.clean_subset(1000, 0.05, 3))
+  assert not np.array_equal(a.train_images, data.synthetic(4, 100, 10).train_images)
