@@ -1,4 +1,7 @@
-"""Runs the NAD pipeline: python main.py --config=configs/quickstart.py --workdir=runs/q"""
+"""Runs the NAD pipeline (or, with config.runner 'table1', the defense comparison):
+
+python main.py --config=configs/quickstart.py --workdir=runs/q
+"""
 
 import sys
 
@@ -8,6 +11,9 @@ from absl import logging
 from ml_collections import config_flags
 
 from nad_jax import pipeline
+from nad_jax.defenses import table
+
+RUNNERS = {'nad': pipeline.run, 'table1': table.run}
 
 FLAGS = flags.DEFINE_string('workdir', None, 'Where checkpoints and results.json go.')
 config_flags.DEFINE_config_file('config', None, 'A configs/*.py file[:variant].',
@@ -24,7 +30,10 @@ def main(argv):
     if config.distributed:
       import jax  # pylint: disable=g-import-not-at-top
       jax.distributed.initialize()
-    run = pipeline.evaluate_only if config.eval_only else pipeline.run
+    run = pipeline.evaluate_only if config.eval_only else RUNNERS.get(config.runner)
+    if run is None:
+      raise pipeline.ConfigError(f'runner {config.runner!r} is unknown; '
+                                 f'choose one of {sorted(RUNNERS)}')
     run(config, FLAGS.value)
   except (pipeline.ConfigError, FloatingPointError) as e:
     sys.exit(f'error: {e}')

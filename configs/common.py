@@ -18,6 +18,7 @@ def paper_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0
   config.eval_only = False
+  config.runner = 'nad'  # 'nad': pipeline.run; 'table1': the defense comparison (configs/table1.py)
   config.distributed = False  # True: jax.distributed.initialize() (multi-host TPU/GPU)
   # One dispatch per epoch (lax.scan over steps): None picks it on GPU/TPU, not on CPU.
   config.scan_epoch = ml_collections.config_dict.placeholder(bool)
@@ -56,7 +57,8 @@ def paper_config() -> ml_collections.ConfigDict:
   config.student = ml_collections.ConfigDict(dict(
       checkpoint=ml_collections.config_dict.placeholder(str)))
   # Teacher: the backdoored model fine-tuned on the clean subset, CE only.
-  config.teacher = sgd_stage(10, 64, 0.1, lr_boundaries=(2,), cutout=3,
+  # source 'scratch': a fresh model trained on the clean subset instead (an ablation).
+  config.teacher = sgd_stage(10, 64, 0.1, lr_boundaries=(2,), cutout=3, source='finetune',
                              checkpoint=ml_collections.config_dict.placeholder(str))
   # NAD: 20 epochs, lr 0.1 for epochs 0-1 then 0.01; crop + flip + one 3x3 Cutout hole.
   config.nad = sgd_stage(20, 64, 0.1, lr_boundaries=(2,), cutout=3,

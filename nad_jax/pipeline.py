@@ -129,8 +129,13 @@ def recipe_for(stage_cfg, distill: tuple = (), layers: tuple = (), p: float = 2.
 
 
 def train_stage(ctx: Context, name: str, stage_cfg, recipe: train_lib.Recipe, init_variables,
-                images, labels, poisoned, attack, teacher=None):
-  """Trains (or resumes) one stage; returns (variables, history, timing)."""
+                images, labels, poisoned, attack, teacher=None, key_stage: str | None = None):
+  """Trains (or resumes) one stage; returns (variables, history, timing).
+
+  The stage's PRNG stream (batch order, augmentation) is that of `key_stage`
+  (default: `name`, one of STAGES): the baseline defenses use NAD's, so every
+  defense sees the same batches.
+  """
   steps_per_epoch = len(images) // stage_cfg.batch_size
   tx = train_lib.make_optimizer(stage_cfg, steps_per_epoch)
   state = train_lib.state_from_variables(init_variables, tx)
@@ -152,7 +157,8 @@ def train_stage(ctx: Context, name: str, stage_cfg, recipe: train_lib.Recipe, in
     start = time.perf_counter()
     run_epoch.compile(state, teacher, *on_device)
     timing['compile_s'] = round(time.perf_counter() - start, 2)
-    stage_key = jax.random.fold_in(jax.random.key(ctx.config.seed), STAGES.index(name))
+    stage_key = jax.random.fold_in(jax.random.key(ctx.config.seed),
+                                   STAGES.index(key_stage or name))
     for epoch in range(done, stage_cfg.epochs):
       start = time.perf_counter()
       state, losses = run_epoch(state, teacher, *on_device, jax.random.fold_in(stage_key, epoch))
@@ -216,37 +222,55 @@ def setup(config, workdir: str) -> Context:
                  abstract)
 
 
+def clean_data(ctx: Context):
+  """The defender's clean subset: (images, labels, an all-False poisoned mask)."""
+  ds, config = ctx.dataset, ctx.config
+  clean = data_lib.clean_subset(len(ds.train_images), config.data.clean_fraction, config.seed)
+  return ds.train_images[clean], ds.train_labels[clean], np.zeros(len(clean), bool)
+
+
+def backdoored_stage(ctx: Context):
+  """`student.checkpoint`, or the model trained under the attack: (variables, history, timing)."""
+  ds, config, seed = ctx.dataset, ctx.config, ctx.config.seed
+  poisoned = attacks_lib.poison_mask(ds.train_labels, ctx.attack, config.attack.poison_rate,
+                                     np.random.default_rng([seed, 2]))
+  log(f'{len(ds.train_images)} training images ({poisoned.sum()} poisoned by '
+      f'{ctx.attack.name}), {clean_count(config, ds)} clean for the defense, '
+      f'{len(ds.test_images)} test; {jax.device_count()} {jax.default_backend()} device(s)')
+  if config.student.checkpoint:
+    return pretrained(ctx, config.student.checkpoint, 'backdoored')
+  init = ctx.model.init(jax.random.key(seed), jnp.zeros((1, *ds.train_images.shape[1:])),
+                        train=False)
+  victim_set = attacks_lib.prepare(ctx.attack, ds.train_images, ds.train_labels, poisoned, seed)
+  return train_stage(ctx, 'backdoored', config.backdoor_training,
+                     recipe_for(config.backdoor_training), init, *victim_set, ctx.attack)
+
+
+def teacher_stage(ctx: Context, student):
+  """`teacher.checkpoint`, or trained on the clean subset, CE only, from the backdoored
+  student (teacher.source 'finetune', the paper's) or from a fresh initialisation
+  ('scratch': an independently trained clean model)."""
+  config = ctx.config
+  if config.teacher.checkpoint:
+    return pretrained(ctx, config.teacher.checkpoint, 'teacher')
+  source = config.teacher.get('source') or 'finetune'
+  if source == 'scratch':
+    shape = ctx.dataset.train_images.shape[1:]
+    student = ctx.model.init(jax.random.key(config.seed + 1), jnp.zeros((1, *shape)),
+                             train=False)
+  elif source != 'finetune':
+    raise ConfigError(f"teacher.source must be 'finetune' or 'scratch', got {source!r}")
+  return train_stage(ctx, 'teacher', config.teacher, recipe_for(config.teacher), student,
+                     *clean_data(ctx), None)
+
+
 def run(config, workdir: str) -> dict:
   """Runs (or resumes) every stage and writes `workdir/results.json`."""
   ctx = setup(config, workdir)
-  ds = ctx.dataset
-  seed = config.seed
-  poisoned = attacks_lib.poison_mask(ds.train_labels, ctx.attack, config.attack.poison_rate,
-                                     np.random.default_rng([seed, 2]))
-  clean = data_lib.clean_subset(len(ds.train_images), config.data.clean_fraction, seed)
-  clean_images, clean_labels = ds.train_images[clean], ds.train_labels[clean]
-  no_poison = np.zeros(len(clean), bool)
-  log(f'{len(ds.train_images)} training images ({poisoned.sum()} poisoned by '
-      f'{ctx.attack.name}), {len(clean)} clean for the defense, {len(ds.test_images)} test; '
-      f'{jax.device_count()} {jax.default_backend()} device(s)')
-
-  stages = {}
-  if config.student.checkpoint:
-    stages['backdoored'] = pretrained(ctx, config.student.checkpoint, 'backdoored')
-  else:
-    init = ctx.model.init(jax.random.key(seed), jnp.zeros((1, *ds.train_images.shape[1:])),
-                          train=False)
-    victim_set = attacks_lib.prepare(ctx.attack, ds.train_images, ds.train_labels, poisoned, seed)
-    stages['backdoored'] = train_stage(
-        ctx, 'backdoored', config.backdoor_training, recipe_for(config.backdoor_training), init,
-        *victim_set, ctx.attack)
+  clean_images, clean_labels, no_poison = clean_data(ctx)
+  stages = {'backdoored': backdoored_stage(ctx)}
   student = stages['backdoored'][0]
-
-  if config.teacher.checkpoint:
-    stages['teacher'] = pretrained(ctx, config.teacher.checkpoint, 'teacher')
-  else:
-    stages['teacher'] = train_stage(ctx, 'teacher', config.teacher, recipe_for(config.teacher),
-                                    student, clean_images, clean_labels, no_poison, None)
+  stages['teacher'] = teacher_stage(ctx, student)
 
   nad_recipe = recipe_for(config.nad, config.nad.betas, distill_layers(config), config.nad.p)
   stages['nad'] = train_stage(ctx, 'nad', config.nad, nad_recipe, student, clean_images,

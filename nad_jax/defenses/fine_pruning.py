@@ -1,0 +1,150 @@
+"""Fine-pruning (FP; Liu, Dolan-Gavitt & Garg, "Fine-Pruning", RAID 2018).
+
+Prune the channels of the last convolutional layer in order of increasing mean
+activation on clean data, until clean accuracy falls by a margin; then fine-tune
+with the pruned channels kept pruned.
+
+Which activation is pruned. In the pre-activation networks here (WRN, the tiny
+net; PreAct-ResNet with `head_norm`) the last convolution's output (the sum of
+the last residual block, sown as the last group) goes through the final
+BN-ReLU and the global average pool into the classifier. The activation of that
+layer is the post-ReLU map, and its spatial mean is exactly the classifier's
+input. So a channel's mean activation is the mean of its classifier input over
+the clean images, and pruning it means removing it from the classifier's input.
+
+How it is removed. `PrunedModel` multiplies the rows of the head's kernel that
+read the pruned channels by 0 inside `apply`, which is the same as multiplying
+the head's input by a 0/1 channel mask. The logits then do not depend on those
+channels at all, in training and in inference (masking the group output before
+the final BatchNorm would not do: a zeroed channel comes out of BN as a
+constant, its bias). The masked rows get zero gradient, so fine-tuning can not
+bring the channels back; the returned variables have those rows zeroed, so the
+plain model computes the pruned network.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nad_jax import pipeline
+from nad_jax import train as train_lib
+
+
+def mask_head(variables, head: str, keep) -> dict:
+  """`variables` with the head kernel's input rows multiplied by `keep` (C,) of 0/1."""
+  params = variables['params']
+  kernel = params[head]['kernel']
+  kernel = kernel * jnp.asarray(keep, kernel.dtype)[:, None]
+  return {**variables, 'params': {**params, head: {**params[head], 'kernel': kernel}}}
+
+
+class PrunedModel:
+  """A model whose head ignores the input channels where `keep` is 0 (see the module doc).
+
+  It has the wrapped model's variables and its `apply`/`init` signature, so the
+  training loop and the evaluation take it in place of the model.
+  """
+
+  def __init__(self, model: nn.Module, head: str, keep: np.ndarray):
+    self.model, self.head, self.keep = model, head, np.asarray(keep, np.float32)
+
+  def apply(self, variables, *args, **kwargs):
+    return self.model.apply(mask_head(variables, self.head, self.keep), *args, **kwargs)
+
+  def init(self, *args, **kwargs):
+    return self.model.init(*args, **kwargs)
+
+  def __getattr__(self, name):  # distill_layers, num_classes, ...
+    return getattr(self.model, name)
+
+
+def _capture_head(store: list):
+  """An interceptor that records (name, input) of every Dense layer called."""
+  def interceptor(next_fun, args, kwargs, context):
+    if context.method_name == '__call__' and isinstance(context.module, nn.Dense):
+      store.append((context.module.name, args[0]))
+    return next_fun(*args, **kwargs)
+  return interceptor
+
+
+def head_features(model: nn.Module, variables, images, normalize, batch_size: int = 500):
+  """(head name, the head's input features (N, C), logits (N, K)) on uint8 `images`.
+
+  The head is the last Dense layer the model calls (WRN's `fc`).
+  """
+  names = []
+
+  def forward(variables, x):
+    store = []
+    with nn.intercept_methods(_capture_head(store)):
+      logits = model.apply(variables, normalize(x.astype(jnp.float32)), train=False)
+    names.append(store[-1][0])
+    return store[-1][1].astype(jnp.float32), logits
+
+  forward = jax.jit(forward)
+  chunks = np.array_split(np.asarray(images), max(1, -(-len(images) // batch_size)))
+  outs = [jax.device_get(forward(variables, chunk)) for chunk in chunks if len(chunk)]
+  head = names[0]
+  if head not in variables['params']:
+    raise ValueError(f'fine-pruning: the head {head!r} is not a top-level layer of the model')
+  return head, np.concatenate([o[0] for o in outs]), np.concatenate([o[1] for o in outs])
+
+
+def prune_plan(features_rank: np.ndarray, features_hold: np.ndarray, labels_hold: np.ndarray,
+               kernel: np.ndarray, bias: np.ndarray, acc_drop: float) -> dict:
+  """Channel order by increasing mean activation, held-out accuracy after pruning the first
+  k (k = 0..C-1), and how many to prune: the largest k with every accuracy up to it at
+  least the unpruned one minus `acc_drop` (percentage points)."""
+  activation = features_rank.mean(axis=0)
+  order = np.argsort(activation, kind='stable')
+  num = len(order)
+  keep = np.ones((num, num), np.float32)  # row k: the first k channels of `order` pruned
+  for k in range(1, num):
+    keep[k:, order[k - 1]] = 0.0
+  logits = np.einsum('nc,kc,cj->knj', features_hold, keep, kernel) + bias
+  accuracy = 100.0 * (logits.argmax(-1) == labels_hold[None]).mean(axis=1)
+  ok = accuracy >= accuracy[0] - acc_drop
+  count = int(np.argmin(ok)) - 1 if not ok.all() else num - 1
+  return {'order': order.tolist(), 'mean_activation': activation.tolist(),
+          'holdout_acc': accuracy.round(2).tolist(), 'pruned': max(count, 0),
+          'keep': keep[max(count, 0)]}
+
+
+def fine_prune(ctx: pipeline.Context, student, clean, name: str = 'fp'):
+  """Prunes `student` on the clean subset, then fine-tunes it with `config.fp`.
+
+  `clean` is (images, labels, mask) of the clean subset. A seeded
+  `fp.holdout_fraction` of it is held out: the channels are ranked on the rest
+  and the accuracy criterion (`fp.acc_drop` points) is read on the held-out
+  part; the fine-tuning uses the whole subset, with NAD's batches.
+  Returns (variables, history, timing, info); history's epoch 0 is the pruned
+  model before fine-tuning.
+  """
+  config = ctx.config
+  cfg = config.fp
+  images, labels, _ = clean
+  order = np.random.default_rng([config.seed, 5]).permutation(len(images))
+  holdout = max(1, int(round(cfg.holdout_fraction * len(images))))
+  hold, rank = order[:holdout], order[holdout:]
+  if not len(rank):
+    rank = hold
+  batch = config.data.eval_batch_size
+  head, f_rank, _ = head_features(ctx.model, student, images[rank], ctx.normalize, batch)
+  _, f_hold, _ = head_features(ctx.model, student, images[hold], ctx.normalize, batch)
+  params = jax.device_get(student['params'][head])
+  plan = prune_plan(f_rank, f_hold, labels[hold], np.asarray(params['kernel'], np.float32),
+                    np.asarray(params['bias'], np.float32), cfg.acc_drop)
+  keep = plan.pop('keep')
+  pipeline.log(f'[{name}] pruning {plan["pruned"]} of {len(keep)} channels of {head!r} input '
+               f'(held-out acc {plan["holdout_acc"][0]:.1f} -> '
+               f'{plan["holdout_acc"][plan["pruned"]]:.1f})')
+  model = PrunedModel(ctx.model, head, keep)
+  pruned_ctx = ctx._replace(model=model, evaluate=train_lib.make_evaluate(
+      model, ctx.mesh, ctx.normalize, ctx.attack, config.get('scan_epoch')))
+  variables, history, timing = pipeline.train_stage(
+      pruned_ctx, name, cfg, pipeline.recipe_for(cfg), mask_head(student, head, keep),
+      *clean, None, key_stage='nad')
+  info = {'head': head, 'channels': len(keep), **plan,
+          'pruned_channels': plan['order'][:plan['pruned']]}
+  return mask_head(variables, head, keep), history, timing, info

@@ -1,0 +1,231 @@
+"""Baseline defenses (FT, FP, MCR), the Table 1 runner and its figures, on tiny configs."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import ablations, common, table1
+from nad_jax import data as data_lib
+from nad_jax import models, pipeline
+from nad_jax import train as train_lib
+from nad_jax.defenses import fine_pruning, mcr, table
+
+
+def tiny_table_config(attacks=('badnets',)):
+  """configs/table1.py shrunk: tiny net, 512 synthetic images, 1 or 2 epochs a stage."""
+  config = table1.get_config(','.join(attacks))
+  config.model.name = 'tiny'
+  config.data.update(dict(train_size=512, test_size=256, clean_fraction=0.25,
+                          eval_batch_size=128))
+  config.backdoor_training.update(dict(epochs=2, batch_size=32, learning_rate=0.05,
+                                       lr_boundaries=()))
+  for stage in ('teacher', 'nad', 'fp', 'mcr'):
+    config[stage].update(dict(epochs=1, batch_size=32, lr_boundaries=()))
+  config.teacher.learning_rate = 0.05
+  config.mcr.points = 3
+  config.table.attention_images = 2
+  return config
+
+
+@pytest.fixture(scope='module')
+def table_run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('table'))
+  return workdir, table.run(tiny_table_config(), workdir)
+
+
+def test_table_end_to_end(table_run):
+  workdir, results = table_run
+  for name in ('table1.md', 'table1.csv', 'table1.json'):
+    assert os.path.getsize(os.path.join(workdir, name)) > 0
+  with open(os.path.join(workdir, 'table1.json')) as f:
+    saved = json.load(f)
+  assert saved['table'] == results['table']
+  cells = saved['table']['badnets']
+  assert set(cells) == {'none', 'ft', 'fp', 'mcr', 'nad'}
+  for metrics in cells.values():
+    assert set(metrics) == {'acc', 'acc_nontarget', 'asr'}
+    assert all(0 <= v <= 100 for v in metrics.values())
+  assert saved['average']['nad'] == {k: round(v, 2) for k, v in cells['nad'].items()}
+  with open(os.path.join(workdir, 'table1.md')) as f:
+    text = f.read()
+  assert '| badnets |' in text and '**Average**' in text
+  for stage in ('backdoored', 'ft', 'fp', 'mcr', 'teacher', 'nad'):
+    assert os.path.isdir(os.path.join(workdir, 'badnets', stage))
+  for figure in saved['figures']:
+    assert os.path.getsize(os.path.join(workdir, figure)) > 1000
+  assert {os.path.basename(f) for f in saved['figures']} == {
+      'badnets_defense_curves.png', 'badnets_attention.png', 'mcr_curves.png'}
+  # MCR's figure is the curve at t = mcr.t, which ends the per-epoch history too.
+  curve = saved['details']['badnets']['mcr']['curve']
+  assert [c['t'] for c in curve] == [0.0, 0.3, 0.5, 1.0]
+  last = saved['details']['badnets']['history']['mcr'][-1]
+  assert {k: last[k] for k in cells['mcr']} == cells['mcr']
+
+
+def test_table_rerun_trains_nothing(table_run):
+  workdir, results = table_run
+  config = tiny_table_config()
+  config.table.figures = False
+  again = table.run(config, workdir)
+  assert again['table'] == results['table']
+  for stages in again['details']['badnets']['stage_timing'].values():
+    assert not stages.get('img_per_s')
+
+
+def test_finetuning_is_nad_with_zero_betas(table_run, tmp_path):
+  """FT of the table == the NAD stage of pipeline.run with betas 0, number for number."""
+  workdir, results = table_run
+  config = tiny_table_config()
+  config.student.checkpoint = os.path.join(workdir, 'badnets', 'backdoored')
+  config.teacher.epochs = 0
+  config.nad.betas = (0.0, 0.0, 0.0)
+  nad = pipeline.run(config, str(tmp_path))
+  ft = results['details']['badnets']['history']['ft']
+  assert nad['history']['nad'] == ft
+
+
+# ------------------------------------------------------------------------------ fine-pruning
+
+@pytest.fixture(scope='module')
+def tiny_model():
+  model = models.build_model('tiny', 10)
+  variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
+  ds = data_lib.synthetic(0, 64, 32)
+  return model, variables, ds
+
+
+def test_pruning_ranks_channels_by_mean_activation(tiny_model):
+  model, variables, ds = tiny_model
+  normalize = train_lib.normalizer(None, None)
+  head, features, logits = fine_pruning.head_features(model, variables, ds.train_images,
+                                                      normalize, batch_size=24)
+  assert head == 'fc' and features.shape == (64, 32)
+  np.testing.assert_allclose(logits, model.apply(variables, normalize(
+      jnp.asarray(ds.train_images, jnp.float32)), train=False), rtol=1e-5, atol=1e-5)
+  kernel = np.asarray(variables['params']['fc']['kernel'])
+  bias = np.asarray(variables['params']['fc']['bias'])
+  labels = np.argmax(logits, -1)  # held-out 'labels': the unpruned model is 100% right
+  plan = fine_pruning.prune_plan(features, features, labels, kernel, bias, acc_drop=30.0)
+  activation = features.mean(axis=0)
+  assert np.all(np.diff(activation[plan['order']]) >= 0)
+  assert plan['holdout_acc'][0] == 100.0
+  count = plan['pruned']
+  assert 0 < count < 32
+  assert min(plan['holdout_acc'][:count + 1]) >= 70.0
+  assert count == 31 or plan['holdout_acc'][count + 1] < 70.0
+  pruned = set(plan['order'][:count])
+  assert np.max(activation[list(pruned)]) <= np.min(np.delete(activation, list(pruned)))
+  assert set(np.flatnonzero(plan['keep'] == 0)) == pruned
+
+
+def test_pruned_channels_are_removed(tiny_model):
+  """The outputs do not depend on the pruned channels, in training and in inference."""
+  model, variables, ds = tiny_model
+  keep = np.ones(32, np.float32)
+  pruned = [3, 7, 20]
+  keep[pruned] = 0
+  pruned_model = fine_pruning.PrunedModel(model, 'fc', keep)
+  x = jnp.asarray(ds.train_images[:16], jnp.float32) / 255
+
+  def changed(channels):
+    """The final BN's scale and shift at `channels` replaced: only those channels change."""
+    params = jax.tree.map(lambda v: v, variables['params'])
+    bn = dict(params['bn'])
+    bn['scale'] = bn['scale'].at[np.asarray(channels)].set(5.0)
+    bn['bias'] = bn['bias'].at[np.asarray(channels)].set(3.0)
+    return {**variables, 'params': {**params, 'bn': bn}}
+
+  for train in (False, True):
+    apply = lambda m, v: m.apply(v, x, train=train, mutable=['batch_stats'] if train else False)
+    out = lambda m, v: apply(m, v)[0] if train else apply(m, v)
+    base = out(pruned_model, variables)
+    np.testing.assert_array_equal(out(pruned_model, changed(pruned)), base)
+    assert not np.allclose(out(pruned_model, changed([4])), base)
+    # The baked variables compute the same network with the plain model.
+    baked = fine_pruning.mask_head(variables, 'fc', keep)
+    np.testing.assert_allclose(out(model, baked), base, rtol=1e-6, atol=1e-6)
+  # No gradient reaches the pruned rows: fine-tuning cannot bring them back.
+  grads = jax.grad(lambda p: jnp.sum(pruned_model.apply({**variables, 'params': p}, x)))(
+      variables['params'])
+  assert np.all(np.asarray(grads['fc']['kernel'])[pruned] == 0)
+  assert np.all(np.asarray(grads['bn']['scale'])[pruned] == 0)
+
+
+def test_fine_pruned_model_keeps_channels_pruned(table_run):
+  workdir, results = table_run
+  info = results['details']['badnets']['fine_pruning']
+  assert info['pruned'] == len(info['pruned_channels'])
+  config = tiny_table_config()
+  ctx = pipeline.setup(config, os.path.join(workdir, 'badnets'))
+  from nad_jax import checkpoint as ckpt_lib
+  fp = ckpt_lib.load_variables(os.path.join(workdir, 'badnets', 'fp'), ctx.abstract_variables)
+  kernel = np.asarray(fine_pruning.mask_head(fp, 'fc', np.asarray(
+      [0.0 if c in info['pruned_channels'] else 1.0 for c in range(info['channels'])]))[
+          'params']['fc']['kernel'])
+  assert np.all(kernel[info['pruned_channels']] == 0)
+
+
+# ------------------------------------------------------------------------------------- MCR
+
+def test_bezier_end_points_are_the_two_models(tiny_model):
+  model, start, ds = tiny_model
+  end = model.init(jax.random.key(1), jnp.zeros((1, 32, 32, 3)), train=False)
+  middle = model.init(jax.random.key(2), jnp.zeros((1, 32, 32, 3)), train=False)['params']
+  for t, expected in ((0.0, start), (1.0, end)):
+    params = mcr.bezier(t, start['params'], middle, end['params'])
+    jax.tree.map(np.testing.assert_array_equal, params, expected['params'])
+  half = mcr.bezier(0.5, start['params'], middle, end['params'])
+  jax.tree.map(lambda h, a, b, c: np.testing.assert_allclose(h, (a + 2 * b + c) / 4, atol=1e-6),
+               half, start['params'], middle, end['params'])
+
+
+def test_recomputed_batch_stats_are_the_data_statistics(tiny_model):
+  model, variables, ds = tiny_model
+  normalize = train_lib.normalizer(None, None)
+  images = ds.train_images[:40]
+  stats = mcr.recompute_batch_stats(model, variables['params'], variables['batch_stats'],
+                                    images, normalize, batch_size=40)
+  x = normalize(jnp.asarray(images, jnp.float32))
+  # The first BN of block1 sees conv1's output: its exact mean and (biased) variance.
+  conv = jax.lax.conv_general_dilated(
+      x, variables['params']['conv1']['kernel'], (1, 1), ((1, 1), (1, 1)),
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  bn = stats['block1']['bn1']
+  np.testing.assert_allclose(bn['mean'], conv.mean(axis=(0, 1, 2)), rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(bn['var'], conv.var(axis=(0, 1, 2)), rtol=1e-3, atol=1e-4)
+
+
+# ------------------------------------------------------------------------- configs
+
+def test_ablation_variants():
+  for fraction in ('0.01', '0.05', '0.1', '0.2'):
+    config = ablations.get_config(f'fraction_{fraction}')
+    assert config.data.clean_fraction == float(fraction)
+    count = pipeline.clean_count(config, data_lib.Dataset(
+        np.zeros((config.data.train_size, 1, 1, 3)), None, None, None, 10))
+    assert config.nad.batch_size <= count and config.teacher.batch_size <= count
+  assert ablations.get_config('teacher_scratch').teacher.source == 'scratch'
+  assert ablations.get_config('teacher_finetune').teacher.source == 'finetune'
+  for group in (1, 2, 3):
+    config = ablations.get_config(f'layers_group{group}')
+    assert tuple(config.nad.layers) == (f'group{group}',) and len(config.nad.betas) == 1
+  assert ablations.get_config('layers_all').nad.betas == (500.0, 1000.0, 1000.0)
+  with pytest.raises(ValueError, match='fraction_0.3'):
+    ablations.get_config('fraction_0.3')
+
+
+def test_table_config_variants_and_errors(tmp_path):
+  assert table1.get_config().table.attacks == ('badnets', 'blend')
+  assert table1.get_config('all').table.attacks == common.ATTACK_VARIANTS
+  assert table1.get_config('sig').table.attack_configs.sig.poison_rate == common.CLEAN_LABEL_RATE
+  assert table1.get_config('cifar').data.source == 'tfds'
+  with pytest.raises(ValueError, match='nope'):
+    table1.get_config('nope')
+  config = tiny_table_config()
+  config.table.defenses = ('none', 'magic')
+  with pytest.raises(pipeline.ConfigError, match='magic'):
+    table.run(config, str(tmp_path))
