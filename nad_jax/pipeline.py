@@ -20,6 +20,7 @@ from nad_jax import attacks as attacks_lib
 from nad_jax import checkpoint as ckpt_lib
 from nad_jax import data as data_lib
 from nad_jax import models
+from nad_jax import torch_io
 from nad_jax import train as train_lib
 
 STAGES = ('backdoored', 'teacher', 'nad')
@@ -187,7 +188,10 @@ def train_stage(ctx: Context, name: str, stage_cfg, recipe: train_lib.Recipe, in
 def pretrained(ctx: Context, path: str, name: str):
   """Variables from a checkpoint path, evaluated once; returns (variables, history, timing)."""
   try:
-    variables = ckpt_lib.load_variables(path, ctx.abstract_variables)
+    if os.path.isfile(path) and path.endswith(torch_io.SUFFIXES):  # a PyTorch checkpoint
+      variables = torch_io.load(path, ctx.abstract_variables)
+    else:
+      variables = ckpt_lib.load_variables(path, ctx.abstract_variables)
   except ckpt_lib.CheckpointError as e:
     raise ConfigError(f'{name}: {e}') from None
   variables = train_lib.replicate(variables, ctx.mesh)

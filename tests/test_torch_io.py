@@ -1,0 +1,273 @@
+"""PyTorch checkpoint import/export (nad_jax.torch_io) against PyTorch reference models."""
+
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import common
+from nad_jax import attacks, models, pipeline, torch_io, train
+from nad_jax.checkpoint import CheckpointError
+from nad_jax.models.preact_resnet import PreActResNet18
+
+torch = pytest.importorskip('torch', reason="torch is not installed (pip install 'nad-jax[torch]')")
+nn, F = torch.nn, torch.nn.functional
+
+DATA = Path(__file__).parents[1] / '..' / 'shared' / 'data'
+
+
+# ------------------------------------------------------------------ PyTorch references
+
+class TorchWideBlock(nn.Module):
+  """xternalz/WideResNet-pytorch BasicBlock (no dropout)."""
+
+  def __init__(self, cin, cout, stride):
+    super().__init__()
+    self.bn1, self.bn2 = nn.BatchNorm2d(cin), nn.BatchNorm2d(cout)
+    self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+    self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+    self.equal = cin == cout
+    self.convShortcut = None if self.equal else nn.Conv2d(cin, cout, 1, stride, 0, bias=False)
+
+  def forward(self, x):
+    out = F.relu(self.bn1(x))
+    shortcut = x if self.equal else self.convShortcut(out)
+    return shortcut + self.conv2(F.relu(self.bn2(self.conv1(out))))
+
+
+class TorchGroup(nn.Module):
+  def __init__(self, cin, cout, stride, n):
+    super().__init__()
+    self.layer = nn.Sequential(*[TorchWideBlock(cin if i == 0 else cout, cout, stride if i == 0 else 1)
+                                 for i in range(n)])
+
+  def forward(self, x):
+    return self.layer(x)
+
+
+class TorchWideResNet(nn.Module):
+  def __init__(self, depth, k, num_classes=10):
+    super().__init__()
+    n, widths = (depth - 4) // 6, (16, 16 * k, 32 * k, 64 * k)
+    self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
+    self.block1 = TorchGroup(widths[0], widths[1], 1, n)
+    self.block2 = TorchGroup(widths[1], widths[2], 2, n)
+    self.block3 = TorchGroup(widths[2], widths[3], 2, n)
+    self.bn1, self.fc = nn.BatchNorm2d(widths[3]), nn.Linear(widths[3], num_classes)
+
+  def forward(self, x):
+    x = self.block3(self.block2(self.block1(self.conv1(x))))
+    return self.fc(F.adaptive_avg_pool2d(F.relu(self.bn1(x)), 1).flatten(1))
+
+
+class TorchPreActBlock(nn.Module):
+  """BackdoorBench models/preact_resnet.py PreActBlock."""
+
+  def __init__(self, cin, cout, stride):
+    super().__init__()
+    self.bn1, self.bn2 = nn.BatchNorm2d(cin), nn.BatchNorm2d(cout)
+    self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+    self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+    if stride != 1 or cin != cout:
+      self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False))
+
+  def forward(self, x):
+    out = F.relu(self.bn1(x))
+    shortcut = self.shortcut(out) if hasattr(self, 'shortcut') else x
+    return self.conv2(F.relu(self.bn2(self.conv1(out)))) + shortcut
+
+
+class TorchPreActResNet18(nn.Module):
+  def __init__(self, num_classes=10, head_norm=False):
+    super().__init__()
+    self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+    cin = 64
+    for i, (width, stride) in enumerate(zip((64, 128, 256, 512), (1, 2, 2, 2)), start=1):
+      setattr(self, f'layer{i}', nn.Sequential(TorchPreActBlock(cin, width, stride),
+                                               TorchPreActBlock(width, width, 1)))
+      cin = width
+    if head_norm:
+      self.bn = nn.BatchNorm2d(512)
+    self.linear = nn.Linear(512, num_classes)
+
+  def forward(self, x):
+    x = self.layer4(self.layer3(self.layer2(self.layer1(self.conv1(x)))))
+    if hasattr(self, 'bn'):
+      x = F.relu(self.bn(x))
+    return self.linear(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+def randomize(module, seed=0):
+  """Random weights and random BatchNorm statistics, in eval mode."""
+  torch.manual_seed(seed)
+  for m in module.modules():
+    if isinstance(m, nn.BatchNorm2d):
+      for t, (lo, hi) in ((m.weight, (0.5, 1.5)), (m.bias, (-0.2, 0.2)),
+                          (m.running_mean, (-0.2, 0.2)), (m.running_var, (0.5, 1.5))):
+        t.data.uniform_(lo, hi)
+      m.num_batches_tracked.fill_(7)
+    elif isinstance(m, nn.Linear):
+      m.weight.data.normal_()  # logits of order 1, so that 1e-4 is a tight bound
+  return module.eval()
+
+
+PAIRS = {  # name: (Flax module, PyTorch reference)
+    'wrn16_1': (lambda: models.build_model('wrn16_1', 10), lambda: TorchWideResNet(16, 1)),
+    'wrn16_2': (lambda: models.build_model('wrn16_2', 10), lambda: TorchWideResNet(16, 2)),
+    'preact_resnet18': (lambda: PreActResNet18(), lambda: TorchPreActResNet18()),
+    'preact_resnet18_bn': (lambda: PreActResNet18(head_norm=True),
+                           lambda: TorchPreActResNet18(head_norm=True)),
+}
+
+
+def abstract_of(model):
+  return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
+
+
+def logits(model, variables, x_nchw):
+  flax_out = model.apply(variables, jnp.asarray(x_nchw.transpose(0, 2, 3, 1)), train=False)
+  return np.asarray(flax_out)
+
+
+# ------------------------------------------------------------------------------ tests
+
+@pytest.mark.parametrize('name', sorted(PAIRS))
+def test_imported_logits_match_pytorch(name, tmp_path):
+  flax_model, torch_model = PAIRS[name][0](), randomize(PAIRS[name][1]())
+  path = tmp_path / 'model.pth'
+  torch.save({'state_dict': torch_model.state_dict(), 'epoch': 3}, path)
+  variables = torch_io.load(str(path), abstract_of(flax_model))
+  x = np.random.default_rng(0).uniform(size=(4, 3, 32, 32)).astype(np.float32)
+  with torch.no_grad():
+    expected = torch_model(torch.from_numpy(x)).numpy()
+  np.testing.assert_allclose(logits(flax_model, variables, x), expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize('name', ['wrn16_1', 'preact_resnet18_bn'])
+def test_flax_to_pytorch_to_flax_is_exact(name, tmp_path):
+  flax_model, torch_model = PAIRS[name][0](), PAIRS[name][1]()
+  variables = flax_model.init(jax.random.key(1), jnp.zeros((1, 32, 32, 3)))
+  rng = np.random.default_rng(2)  # random BatchNorm statistics (init gives 0 and 1)
+  variables = jax.tree.map(np.asarray, variables)
+  variables['batch_stats'] = jax.tree.map(
+      lambda v: rng.uniform(0.5, 1.5, v.shape).astype(np.float32), variables['batch_stats'])
+  path = tmp_path / 'exported.pth'
+  torch_io.save(variables, str(path))
+  back = torch_io.load(str(path), abstract_of(flax_model))
+  assert jax.tree.structure(back) == jax.tree.structure(variables)
+  jax.tree.map(np.testing.assert_array_equal, back, variables)
+  # The export is a complete PyTorch state_dict that computes the same function.
+  torch_model.load_state_dict(torch.load(path, weights_only=True), strict=True)
+  x = np.random.default_rng(1).uniform(size=(2, 3, 32, 32)).astype(np.float32)
+  with torch.no_grad():
+    expected = torch_model.eval()(torch.from_numpy(x)).numpy()
+  np.testing.assert_allclose(logits(flax_model, variables, x), expected,
+                             atol=1e-4 * np.abs(expected).max(), rtol=0)
+
+
+def test_dataparallel_prefix_and_plain_dict(tmp_path):
+  torch_model = randomize(TorchWideResNet(16, 1))
+  path = tmp_path / 'dp.pt'
+  torch.save({f'module.{k}': v for k, v in torch_model.state_dict().items()}, path)
+  variables = torch_io.load(str(path), abstract_of(models.build_model('wrn16_1', 10)))
+  np.testing.assert_array_equal(variables['params']['fc']['bias'],
+                                torch_model.fc.bias.detach().numpy())
+
+
+def test_bad_keys_and_shapes_name_them():
+  abstract = abstract_of(models.build_model('wrn16_1', 10))
+  state = {k: v.numpy() for k, v in TorchWideResNet(16, 1).state_dict().items()}
+  del state['block2.layer.0.convShortcut.weight']
+  state['block9.extra.weight'] = np.zeros(3)
+  state['fc.weight'] = np.zeros((7, 64))
+  with pytest.raises(CheckpointError) as error:
+    torch_io.from_state_dict(state, abstract, 'bad.pth')
+  message = str(error.value)
+  for part in ('bad.pth', 'missing (1): block2.layer.0.convShortcut.weight',
+               'unexpected (1): block9.extra.weight', 'fc.weight (7, 64) (expected (10, 64))'):
+    assert part in message
+  # A PreAct-ResNet checkpoint for a WideResNet config: the error says so, briefly.
+  preact = {k: v.numpy() for k, v in TorchPreActResNet18().state_dict().items()}
+  with pytest.raises(CheckpointError, match=r'unexpected \(\d+\): .*\.\.\. and \d+ more'):
+    torch_io.from_state_dict(preact, abstract)
+
+
+def test_unreadable_file_is_a_checkpoint_error(tmp_path):
+  path = tmp_path / 'junk.pth'
+  path.write_bytes(b'not a checkpoint')
+  abstract = abstract_of(models.build_model('wrn16_1', 10))
+  with pytest.raises(CheckpointError, match='cannot read PyTorch checkpoint .*junk.pth'):
+    torch_io.load(str(path), abstract)
+  torch.save([1, 2], path)
+  with pytest.raises(CheckpointError, match='holds no state_dict'):
+    torch_io.load(str(path), abstract)
+
+
+def test_pipeline_pretrained_reads_pth(tmp_path):
+  """pipeline.pretrained() takes a .pth file through torch_io; a bad one is a ConfigError."""
+  model = models.build_model('tiny', 10)
+  variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+  torch_io.save(variables, str(tmp_path / 'tiny.pth'))
+  config = common.paper_config()
+  mesh = train.make_mesh()
+  attack = attacks.build_attack(config.attack, 10, (32, 32, 3))
+  count = 4 * jax.device_count()
+  images = np.random.default_rng(0).integers(0, 256, (count, 32, 32, 3), dtype=np.uint8)
+  ctx = pipeline.Context(
+      config, str(tmp_path), model, mesh, train.normalizer(None, None), attack, None,
+      train.make_test_set(images, np.arange(count, dtype=np.int32) % 10, count, mesh),
+      train.make_evaluate(model, mesh, train.normalizer(None, None), attack),
+      abstract_of(model))
+  loaded, history, _ = pipeline.pretrained(ctx, str(tmp_path / 'tiny.pth'), 'teacher')
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(loaded), jax.device_get(variables))
+  assert set(history[0]) >= {'acc', 'asr', 'checkpoint'}
+  torch.save({'conv1.weight': torch.zeros(1)}, tmp_path / 'bad.pth')
+  with pytest.raises(pipeline.ConfigError, match='teacher: .*bad.pth.*missing'):
+    pipeline.pretrained(ctx, str(tmp_path / 'bad.pth'), 'teacher')
+
+
+def read_test_split(root: Path):
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  classes = sorted(d.name for d in os.scandir(root) if d.is_dir())
+  files = [(f, label) for label, c in enumerate(classes) for f in sorted((root / c).iterdir())]
+  images = np.stack([np.asarray(Image.open(f).convert('RGB')) for f, _ in files])
+  return images, np.asarray([label for _, label in files], np.int32)
+
+
+def test_authors_backdoored_model_on_jpeg_cifar10():
+  """The authors' S checkpoint: 75.75 % clean accuracy, 100.00 % ASR (shared/data/README.md)."""
+  checkpoint = DATA / 'nad-official' / 'WRN-16-1-S-model_best.pth.tar'
+  test_dir = DATA / 'cifar10-jpeg' / 'test'
+  if not checkpoint.is_file() or not test_dir.is_dir():
+    pytest.skip(f'needs {checkpoint} and {test_dir} (../shared/data is absent)')
+  model = models.build_model('wrn16_1', 10)
+  variables = torch_io.load(str(checkpoint), abstract_of(model))
+  images, labels = read_test_split(test_dir)
+  assert images.shape == (10_000, 32, 32, 3)
+  mesh = train.make_mesh()
+  attack = attacks.build_attack(common.paper_config().attack, 10, (32, 32, 3))
+  evaluate = train.make_evaluate(model, mesh, train.normalizer(None, None), attack)
+  metrics = jax.device_get(evaluate(variables, train.make_test_set(images, labels, 1000, mesh),
+                                    jax.random.key(0)))
+  assert abs(float(metrics['acc']) - 75.75) <= 0.05
+  assert abs(float(metrics['asr']) - 100.00) <= 0.05
+
+
+def test_export_cli_writes_a_stage_as_pth(tmp_path):
+  """python -m nad_jax.torch_io export WORKDIR/nad OUT.pth, on a stage the pipeline wrote."""
+  import optax  # pylint: disable=g-import-not-at-top
+  from nad_jax.checkpoint import StageCheckpoints  # pylint: disable=g-import-not-at-top
+  model = models.build_model('tiny', 10)
+  variables = jax.device_get(model.init(jax.random.key(3), jnp.zeros((1, 32, 32, 3))))
+  stage = StageCheckpoints(str(tmp_path / 'nad'))
+  stage.save(1, train.state_from_variables(variables, optax.sgd(0.1)), [])
+  stage.close()
+  torch_io.main(['export', str(tmp_path / 'nad'), str(tmp_path / 'nad_model.pth'),
+                 '--model', 'tiny'])
+  back = torch_io.load(str(tmp_path / 'nad_model.pth'), abstract_of(model))
+  jax.tree.map(np.testing.assert_array_equal, back, variables)
+  with pytest.raises(SystemExit, match='error: .*does not fit'):
+    torch_io.main(['export', str(tmp_path / 'nad'), str(tmp_path / 'x.pth'), '--model', 'wrn16_1'])
