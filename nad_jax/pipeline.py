@@ -300,7 +300,7 @@ def evaluate_only(config, workdir: str) -> dict:
              'nad': os.path.join(workdir, 'nad')}
   stages = {}
   for name, path in sources.items():
-    if not os.path.isdir(path):
+    if not os.path.exists(path):  # a stage folder, or a PyTorch file
       raise ConfigError(f'eval_only: no checkpoint for stage {name!r} at {path}')
     stages[name] = pretrained(ctx, path, name)[1][-1]
   results = {'stages': {n: {k: m[k] for k in METRICS} for n, m in stages.items()},
