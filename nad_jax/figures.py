@@ -69,7 +69,7 @@ def attention(path: str, model, models: dict, images, normalize, layers, p: floa
     ax.set_yticks([])
   if title:
     fig.suptitle(title, fontsize=8)
-  fig.tight_layout(pad=0.3)
+  fig.tight_layout(pad=0.3, rect=(0, 0, 1, 0.97 if title else 1))
   fig.savefig(path, dpi=80)
   plt.close(fig)
 
