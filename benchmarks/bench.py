@@ -1,0 +1,393 @@
+"""nad-jax speed benchmark, with a PyTorch eager reference run by the same command.
+
+Parts (images/second after warm-up; compile time reported separately):
+  train  one epoch of `--steps` steps of the backdoored model's training (TrainEpoch:
+         gather, BadNets poisoning of 10%, CE, SGD), no augmentation, as the official code;
+  nad    a NAD step: student forward+backward plus teacher forward, AT loss on 3 layers,
+         crop+flip+Cutout on the device (TrainEpoch with betas);
+  eval   make_evaluate: a clean and a triggered forward per test image; img/s counts forwards;
+  stage  the whole NAD stage as the official code runs it: 20 epochs on 2,500 images at
+         batch 64 with augmentation, plus an evaluation of the clean (10,000) and the
+         triggered test set after every epoch and once before. Wall time.
+
+Each device count in --devices runs in its own subprocess (XLA_FLAGS
+--xla_force_host_platform_device_count=N on CPU); the PyTorch reference (if torch
+imports) runs in another. Results: <out>.json and <out>.md.
+
+  python benchmarks/bench.py                      # everything, both models, 3 batches
+  python benchmarks/bench.py --models wrn16_1 --batches 128 --parts nad --devices 1,2,4
+"""
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+PARTS = ('train', 'nad', 'eval', 'stage')
+# XLA:CPU options found faster for these convnets (benchmarks/README.md): YNNPACK
+# fusions off, so convolutions and their gradients go to Eigen.
+CPU_XLA_FLAGS = '--xla_cpu_experimental_ynn_fusion_type='
+
+
+def parse(argv=None):
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  p.add_argument('--models', default='wrn16_1,preact_resnet18')
+  p.add_argument('--batches', default='64,128,512')
+  p.add_argument('--parts', default='train,nad,eval,stage')
+  p.add_argument('--devices', default='1', help='device counts, e.g. 1,2,4 (one subprocess each)')
+  p.add_argument('--steps', type=int, default=10, help='timed steps per part for wrn16_1')
+  p.add_argument('--preact-steps', type=int, default=2, help='timed steps for preact_resnet18')
+  p.add_argument('--repeats', type=int, default=2, help='timed repeats; the best is reported')
+  p.add_argument('--epochs', type=int, default=20, help='stage: NAD epochs (official: 20)')
+  p.add_argument('--stage-models', default='wrn16_1', help='models for the stage part')
+  p.add_argument('--eval-batch', type=int, default=1000, help='nad-jax stage eval batch')
+  p.add_argument('--torch-eval-batch', type=int, default=64,
+                 help='PyTorch stage eval batch (the official code: 64)')
+  p.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'))
+  p.add_argument('--scan', default='auto', choices=('auto', 'on', 'off'),
+                 help='one dispatch per epoch (lax.scan); auto: on GPU/TPU, off on CPU')
+  p.add_argument('--xla-flags', default=None,
+                 help=f'extra XLA_FLAGS; default on CPU: {CPU_XLA_FLAGS!r} ("" for none)')
+  p.add_argument('--compile-cache', default='',
+                 help='persistent compilation cache dir (reruns skip compiling)')
+  p.add_argument('--torch', default='auto', choices=('auto', 'on', 'off'))
+  p.add_argument('--torch-threads', type=int, default=os.cpu_count())
+  p.add_argument('--out', default=os.path.join(ROOT, 'benchmarks', 'results', 'latest'))
+  p.add_argument('--worker', default='', help=argparse.SUPPRESS)  # 'jax:N' or 'torch'
+  p.add_argument('--result', default='', help=argparse.SUPPRESS)
+  return p.parse_args(argv)
+
+
+def csv(s, cast=str):
+  return [cast(v) for v in s.split(',') if v]
+
+
+def steps_for(args, model):
+  return args.preact_steps if model == 'preact_resnet18' else args.steps
+
+
+def load():
+  with open('/proc/loadavg') as f:
+    return float(f.read().split()[0])
+
+
+# ------------------------------------------------------------------------ nad-jax worker
+
+def jax_worker(args, num_devices):
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  if args.compile_cache:
+    jax.config.update('jax_compilation_cache_dir', args.compile_cache)
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
+  import ml_collections
+  from nad_jax import attacks, data, models
+  from nad_jax import train as T
+
+  mesh = T.make_mesh(num_devices)
+  scan = {'auto': None, 'on': True, 'off': False}[args.scan]
+  normalize = T.normalizer(None, None)
+  attack_cfg = ml_collections.ConfigDict(dict(
+      name='badnets', target_label=5, poison_rate=0.1, mode='all_to_one', pattern='grid',
+      size=3, corner='bottom_right', seed=0))
+  rows = []
+
+  def stage_cfg(batch, lr_boundaries=()):
+    return ml_collections.ConfigDict(dict(
+        learning_rate=0.1, lr_boundaries=tuple(lr_boundaries), lr_decay=0.1, momentum=0.9,
+        nesterov=True, weight_decay=1e-4, batch_size=batch))
+
+  def row(**kw):
+    kw.update(framework='nad-jax', devices=num_devices, backend=jax.default_backend(),
+              dtype=args.dtype, load=load())
+    if 'img_per_s' in kw:
+      kw['img_per_s_per_device'] = round(kw['img_per_s'] / num_devices, 1)
+    print(json.dumps(kw), flush=True)
+    rows.append(kw)
+
+  for name in csv(args.models):
+    model = models.build_model(name, 10, args.dtype)
+    attack = attacks.build_attack(attack_cfg, 10, (32, 32, 3))
+    variables = jax.jit(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
+                                           train=False))()
+    for batch in csv(args.batches, int):
+      if batch % num_devices:
+        continue
+      steps = steps_for(args, name)
+      n = steps * batch
+      ds = data.synthetic(0, n, 0)
+      for part in csv(args.parts):
+        if part not in ('train', 'nad'):
+          continue
+        nad = part == 'nad'
+        recipe = T.Recipe(batch, crop_flip=nad, cutout=3 if nad else 0,
+                          betas=(500.0, 1000.0, 1000.0) if nad else (),
+                          layers=tuple(model.distill_layers) if nad else ())
+        tx = T.make_optimizer(stage_cfg(batch), steps)
+        state = T.replicate(T.state_from_variables(variables, tx), mesh)
+        teacher = T.replicate(variables, mesh) if nad else {}
+        poisoned = (np.zeros(n, bool) if nad else
+                    attacks.poison_mask(ds.train_labels, attack, 0.1, np.random.default_rng(0)))
+        on_device = T.replicate((ds.train_images, ds.train_labels, poisoned), mesh)
+        run = T.TrainEpoch(model, tx, mesh, recipe, normalize, None if nad else attack, scan)
+        start = time.perf_counter()
+        run.compile(state, teacher, *on_device)
+        compile_s = time.perf_counter() - start
+        start = time.perf_counter()
+        state, m = run(state, teacher, *on_device, jax.random.key(1))  # warm-up epoch
+        jax.block_until_ready(m)
+        warm_s = time.perf_counter() - start
+        best = float('inf')
+        for r in range(args.repeats):
+          start = time.perf_counter()
+          state, m = run(state, teacher, *on_device, jax.random.key(2 + r))
+          jax.block_until_ready(m)
+          best = min(best, time.perf_counter() - start)
+        row(model=name, part=part, batch=batch, steps=steps, img_per_s=round(n / best, 1),
+            step_ms=round(1e3 * best / steps, 2), compile_s=round(compile_s, 2),
+            warmup_epoch_s=round(warm_s, 2), scan=run.scan)
+        del state, on_device
+      if 'eval' in csv(args.parts):
+        test = T.make_test_set(ds.train_images, ds.train_labels, batch, mesh)
+        evaluate = T.make_evaluate(model, mesh, normalize, attack, scan)
+        v = T.replicate(variables, mesh)
+        start = time.perf_counter()
+        jax.block_until_ready(evaluate(v, test, jax.random.key(0)))
+        warm_s = time.perf_counter() - start
+        best = float('inf')
+        for _ in range(args.repeats):
+          start = time.perf_counter()
+          jax.block_until_ready(evaluate(v, test, jax.random.key(0)))
+          best = min(best, time.perf_counter() - start)
+        row(model=name, part='eval', batch=batch, steps=steps, img_per_s=round(2 * n / best, 1),
+            step_ms=round(1e3 * best / steps, 2), warmup_s=round(warm_s, 2))
+
+  if 'stage' in csv(args.parts):
+    ds = data.synthetic(0, 2500, 10_000)
+    for name in csv(args.stage_models):
+      model = models.build_model(name, 10, args.dtype)
+      attack = attacks.build_attack(attack_cfg, 10, (32, 32, 3))
+      variables = jax.jit(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
+                                             train=False))()
+      batch = 64 - 64 % num_devices
+      steps = 2500 // batch
+      recipe = T.Recipe(batch, crop_flip=True, cutout=3, betas=(500.0, 1000.0, 1000.0),
+                        layers=tuple(model.distill_layers))
+      tx = T.make_optimizer(stage_cfg(batch, (2,)), steps)
+      state = T.replicate(T.state_from_variables(variables, tx), mesh)
+      teacher = T.replicate(variables, mesh)
+      on_device = T.replicate((ds.train_images, ds.train_labels, np.zeros(2500, bool)), mesh)
+      eval_batch = args.eval_batch - args.eval_batch % num_devices
+      test = T.make_test_set(ds.test_images, ds.test_labels, eval_batch, mesh)
+      run = T.TrainEpoch(model, tx, mesh, recipe, normalize, None, scan)
+      evaluate = T.make_evaluate(model, mesh, normalize, attack, scan)
+      start = time.perf_counter()
+      run.compile(state, teacher, *on_device)
+      compile_s = time.perf_counter() - start
+      start = time.perf_counter()  # eval warm-up: compile + one whole evaluation
+      jax.device_get(evaluate(state.variables, test, jax.random.key(7)))
+      eval_warmup_s = time.perf_counter() - start
+      t_train = t_eval = 0.0
+      start = time.perf_counter()
+      metrics = jax.device_get(evaluate(state.variables, test, jax.random.key(7)))
+      t_eval += time.perf_counter() - start
+      for epoch in range(args.epochs):
+        s = time.perf_counter()
+        state, losses = run(state, teacher, *on_device, jax.random.fold_in(jax.random.key(3), epoch))
+        jax.device_get(losses)
+        t_train += time.perf_counter() - s
+        s = time.perf_counter()
+        metrics = jax.device_get(evaluate(state.variables, test, jax.random.key(7)))
+        t_eval += time.perf_counter() - s
+      row(model=name, part='stage', batch=batch, epochs=args.epochs, eval_batch=eval_batch,
+          wall_s=round(t_train + t_eval, 2), train_s=round(t_train, 2), eval_s=round(t_eval, 2),
+          compile_s=round(compile_s, 2), eval_warmup_s=round(eval_warmup_s, 2),
+          img_per_s=round(args.epochs * steps * batch / t_train, 1),
+          acc=round(float(metrics['acc']), 2), asr=round(float(metrics['asr']), 2))
+  return rows
+
+
+# ------------------------------------------------------------------------ PyTorch worker
+
+def torch_worker(args):
+  import numpy as np
+  import torch_reference as R
+  R.setup(args.torch_threads)
+  rows = []
+
+  def row(**kw):
+    kw.update(framework='pytorch', devices=1, backend='cpu', dtype='float32', load=load(),
+              threads=args.torch_threads)
+    print(json.dumps(kw), flush=True)
+    rows.append(kw)
+
+  for name in csv(args.models):
+    for batch in csv(args.batches, int):
+      steps = steps_for(args, name)
+      for part in csv(args.parts):
+        if part == 'stage':
+          continue
+        best = float('inf')
+        for _ in range(args.repeats):
+          sec, warm = R.time_steps(part, name, batch, steps)
+          best = min(best, sec)
+        img = batch / best * (2 if part == 'eval' else 1)  # eval: clean + triggered forwards
+        row(model=name, part=part, batch=batch, steps=steps, img_per_s=round(img, 1),
+            step_ms=round(1e3 * best, 2), warmup_s=round(warm, 2))
+  if 'stage' in csv(args.parts):
+    from nad_jax import data
+    ds = data.synthetic(0, 2500, 10_000)
+    for name in csv(args.stage_models):
+      r = R.nad_stage(name, ds.train_images, ds.train_labels, ds.test_images, ds.test_labels,
+                      epochs=args.epochs, eval_batch=args.torch_eval_batch, log=lambda *_: None)
+      row(model=name, part='stage', batch=64, epochs=args.epochs, eval_batch=args.torch_eval_batch,
+          wall_s=round(r['wall_s'], 2), train_s=round(r['train_s'], 2),
+          eval_s=round(r['eval_s'], 2), img_per_s=round(args.epochs * (2500 // 64) * 64
+                                                         / r['train_s'], 1),
+          acc=round(r['acc'], 2), asr=round(r['asr'], 2))
+  return rows
+
+
+# ---------------------------------------------------------------------------- driver
+
+def versions():
+  out = {'python': platform.python_version()}
+  for mod in ('jax', 'jaxlib', 'flax', 'optax', 'numpy', 'torch'):
+    try:
+      out[mod] = __import__(mod).__version__
+    except ImportError:
+      pass
+  return out
+
+
+def machine():
+  cpu = platform.processor()
+  try:
+    with open('/proc/cpuinfo') as f:
+      cpu = next(l.split(':', 1)[1].strip() for l in f if l.startswith('model name'))
+  except (OSError, StopIteration):
+    pass
+  return {'host': platform.node(), 'cpu': cpu, 'cores': os.cpu_count(),
+          'platform': platform.platform()}
+
+
+def spawn(args, worker, env_flags):
+  with tempfile.NamedTemporaryFile(suffix='.json', delete=False) as f:
+    result = f.name
+  env = dict(os.environ)
+  env['XLA_FLAGS'] = ' '.join(x for x in (env.get('XLA_FLAGS', ''), env_flags) if x).strip()
+  cmd = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], '--worker', worker,
+         '--result', result]
+  print(f'--- {worker}  XLA_FLAGS={env["XLA_FLAGS"]!r}  load {load():.2f}', flush=True)
+  proc = subprocess.run(cmd, env=env)
+  rows = []
+  if os.path.getsize(result):
+    with open(result) as f:
+      rows = json.load(f)
+  os.unlink(result)
+  if proc.returncode:
+    print(f'--- {worker} exited with {proc.returncode}', flush=True)
+  return rows, env['XLA_FLAGS']
+
+
+def table(rows):
+  """Markdown: one line per (model, part, batch); nad-jax per device count, PyTorch, ratio."""
+  jax_devices = sorted({r['devices'] for r in rows if r['framework'] == 'nad-jax'})
+  keys = []
+  for r in rows:
+    k = (r['model'], r['part'], r['batch'])
+    if k not in keys:
+      keys.append(k)
+  head = ['model', 'part', 'batch']
+  for d in jax_devices:
+    head.append(f'nad-jax {d} dev img/s' + (' (per dev)' if d > 1 else ''))
+  head += ['PyTorch img/s', 'nad-jax/PyTorch (1 dev)', 'compile s']
+  lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+  stage_lines = []
+  for model, part, batch in keys:
+    get = lambda fw, d=1: next((r for r in rows if r['framework'] == fw and r['model'] == model
+                                and r['part'] == part and r['batch'] == batch
+                                and r['devices'] == d), None)
+    cells = [model, part, str(batch)]
+    for d in jax_devices:
+      r = get('nad-jax', d)
+      cells.append('' if r is None else (f"{r['img_per_s']:.0f}" + (
+          f" ({r['img_per_s_per_device']:.0f})" if d > 1 else '')))
+    t, j = get('pytorch'), get('nad-jax', 1)
+    cells.append('' if t is None else f"{t['img_per_s']:.0f}")
+    cells.append('' if t is None or j is None else f"{j['img_per_s'] / t['img_per_s']:.2f}x")
+    cells.append('' if j is None or 'compile_s' not in j else f"{j['compile_s']:.1f}")
+    lines.append('| ' + ' | '.join(cells) + ' |')
+    if part == 'stage':
+      for fw, d in [('nad-jax', d) for d in jax_devices] + [('pytorch', 1)]:
+        r = get(fw, d)
+        if r:
+          stage_lines.append(
+              f"| {model} | {fw} | {d} | {r['wall_s']:.1f} | {r['train_s']:.1f} | "
+              f"{r['eval_s']:.1f} | {r['eval_batch']} | {r.get('compile_s', 0):.1f} | "
+              f"{r['acc']:.2f} | {r['asr']:.2f} |")
+  if stage_lines:
+    epochs = next(r['epochs'] for r in rows if r['part'] == 'stage')
+    lines += ['', f'Whole NAD stage ({epochs} epochs on 2,500 images at batch 64 with '
+              'augmentation; clean + triggered test set evaluated before and after every '
+              'epoch; wall s = train s + eval s, compile excluded):', '',
+              '| model | framework | devices | wall s | train s | eval s | eval batch | '
+              'compile s | final acc | final asr |', '|---|---|---|---|---|---|---|---|---|---|',
+              *stage_lines]
+  return '\n'.join(lines)
+
+
+def main(argv=None):
+  args = parse(argv)
+  if args.worker:
+    rows = torch_worker(args) if args.worker == 'torch' else jax_worker(
+        args, int(args.worker.split(':')[1]))
+    with open(args.result, 'w') as f:
+      json.dump(rows, f)
+    return
+  started = time.time()
+  load_before = os.getloadavg()
+  rows, flags_used = [], {}
+  for n in csv(args.devices, int):
+    extra = CPU_XLA_FLAGS if args.xla_flags is None else args.xla_flags
+    extra = (extra + f' --xla_force_host_platform_device_count={n}').strip()
+    got, flags_used[n] = spawn(args, f'jax:{n}', extra)
+    rows += got
+  have_torch = subprocess.run([sys.executable, '-c', 'import torch'],
+                              capture_output=True).returncode == 0
+  if args.torch == 'on' or (args.torch == 'auto' and have_torch):
+    got, _ = spawn(args, 'torch', '')
+    rows += got
+  import jax
+  backend = jax.default_backend()
+  meta = {'command': 'python ' + ' '.join([os.path.relpath(__file__, ROOT), *sys.argv[1:]]),
+          'date': time.strftime('%Y-%m-%d %H:%M:%S'), 'machine': machine(), 'backend': backend,
+          'versions': versions(), 'xla_flags': flags_used, 'load_before': load_before,
+          'load_after': os.getloadavg(), 'seconds': round(time.time() - started, 1),
+          'args': {k: v for k, v in vars(args).items() if k not in ('worker', 'result')}}
+  os.makedirs(os.path.dirname(args.out) or '.', exist_ok=True)
+  with open(args.out + '.json', 'w') as f:
+    json.dump({'meta': meta, 'rows': rows}, f, indent=1)
+  m = meta['machine']
+  md = (f"Command: `{meta['command']}`  \n"
+        f"Date: {meta['date']}; machine: {m['cpu']}, {m['cores']} cores; backend: {backend}; "
+        f"load average before/after: {load_before[0]:.2f} / {meta['load_after'][0]:.2f}  \n"
+        f"Versions: {', '.join(f'{k} {v}' for k, v in meta['versions'].items())}  \n"
+        f"XLA_FLAGS: {'; '.join(f'{k} dev: `{v}`' for k, v in flags_used.items())}  \n"
+        f"PyTorch threads: {args.torch_threads}; img/s after warm-up, best of {args.repeats}; "
+        "eval img/s counts forwards (clean + triggered).\n\n" + table(rows) + '\n')
+  with open(args.out + '.md', 'w') as f:
+    f.write(md)
+  print(md)
+
+
+if __name__ == '__main__':
+  main()
