@@ -85,12 +85,15 @@ def tfds_source(name: str, data_dir: str | None) -> Dataset:
   tf.config.set_visible_devices([], 'GPU')  # keep accelerators for JAX
   builder = tfds.builder(name, data_dir=data_dir)
   builder.download_and_prepare()
-  splits = tfds.as_numpy(builder.as_dataset(split=['train', 'test'], batch_size=-1,
-                                            as_supervised=True))
-  (train_x, train_y), (test_x, test_y) = splits
+
+  def read(split):
+    # Chunks of 10,000 (batch_size=-1 aborts inside TensorFlow 2.21 on some builders).
+    chunks = list(tfds.as_numpy(builder.as_dataset(split=split, as_supervised=True).batch(10_000)))
+    return (np.concatenate([x for x, _ in chunks]).astype(np.uint8),
+            np.concatenate([y for _, y in chunks]).astype(np.int32))
+
   num_classes = builder.info.features['label'].num_classes
-  return Dataset(train_x.astype(np.uint8), train_y.astype(np.int32),
-                 test_x.astype(np.uint8), test_y.astype(np.int32), num_classes)
+  return Dataset(*read('train'), *read('test'), num_classes)
 
 
 def folder(path: str) -> Dataset:
