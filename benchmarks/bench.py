@@ -218,7 +218,6 @@ def jax_worker(args, num_devices):
 # ------------------------------------------------------------------------ PyTorch worker
 
 def torch_worker(args):
-  import numpy as np
   import torch_reference as R
   R.setup(args.torch_threads)
   rows = []

@@ -9,7 +9,6 @@ with Nesterov momentum, and a clean plus a triggered test pass after every
 epoch and once before.
 """
 
-import os
 import time
 
 import numpy as np

@@ -8,7 +8,6 @@ is replicated, so XLA inserts the gradient all-reduce and BatchNorm sees the
 global batch, exactly as on one device.
 """
 
-import functools
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
