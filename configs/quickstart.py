@@ -14,4 +14,7 @@ def get_config(arg=None):
   config.backdoor_training = common.sgd_stage(5, 64, 0.05, lr_boundaries=(4,), crop_flip=False)
   config.teacher.epochs = 5
   # Attack variants: configs/quickstart.py:ATTACK (see configs/common.py ATTACK_VARIANTS).
-  return common.set_attack(config, arg, 'configs/quickstart.py')
+  config = common.set_attack(config, arg, 'configs/quickstart.py')
+  if arg == 'refool':  # synthetic images already mix two textures: stronger reflections
+    config.attack.reflection_strength = (0.2, 0.5)
+  return config
