@@ -32,9 +32,6 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 PARTS = ('train', 'nad', 'eval', 'stage')
-# XLA:CPU options found faster for these convnets (benchmarks/README.md): YNNPACK
-# fusions off, so convolutions and their gradients go to Eigen.
-CPU_XLA_FLAGS = '--xla_cpu_experimental_ynn_fusion_type='
 
 
 def parse(argv=None):
@@ -54,8 +51,8 @@ def parse(argv=None):
   p.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'))
   p.add_argument('--scan', default='auto', choices=('auto', 'on', 'off'),
                  help='one dispatch per epoch (lax.scan); auto: on GPU/TPU, off on CPU')
-  p.add_argument('--xla-flags', default=None,
-                 help=f'extra XLA_FLAGS; default on CPU: {CPU_XLA_FLAGS!r} ("" for none)')
+  p.add_argument('--xla-flags', default='',
+                 help='extra XLA_FLAGS (nad-jax already sets its CPU options per compile)')
   p.add_argument('--compile-cache', default='',
                  help='persistent compilation cache dir (reruns skip compiling)')
   p.add_argument('--torch', default='auto', choices=('auto', 'on', 'off'))
@@ -238,7 +235,7 @@ def torch_worker(args):
         for _ in range(args.repeats):
           sec, warm = R.time_steps(part, name, batch, steps)
           best = min(best, sec)
-        img = batch / best * (2 if part == 'eval' else 1)  # eval: clean + triggered forwards
+        img = batch / best  # eval: one forward per step
         row(model=name, part=part, batch=batch, steps=steps, img_per_s=round(img, 1),
             step_ms=round(1e3 * best, 2), warmup_s=round(warm, 2))
   if 'stage' in csv(args.parts):
@@ -356,8 +353,7 @@ def main(argv=None):
   load_before = os.getloadavg()
   rows, flags_used = [], {}
   for n in csv(args.devices, int):
-    extra = CPU_XLA_FLAGS if args.xla_flags is None else args.xla_flags
-    extra = (extra + f' --xla_force_host_platform_device_count={n}').strip()
+    extra = (args.xla_flags + f' --xla_force_host_platform_device_count={n}').strip()
     got, flags_used[n] = spawn(args, f'jax:{n}', extra)
     rows += got
   have_torch = subprocess.run([sys.executable, '-c', 'import torch'],

@@ -5,12 +5,16 @@ import ml_collections
 
 def sgd_stage(epochs: int, batch_size: int, learning_rate: float, lr_boundaries=(),
               lr_decay: float = 0.1, crop_flip: bool = True, cutout: int = 0,
-              **extra) -> ml_collections.ConfigDict:
-  """One training stage: SGD (Nesterov momentum 0.9, weight decay 1e-4), step decay by epoch."""
+              eval_every: int = 1, **extra) -> ml_collections.ConfigDict:
+  """One training stage: SGD (Nesterov momentum 0.9, weight decay 1e-4), step decay by epoch.
+
+  The stage evaluates (acc, acc_nontarget, asr) and checkpoints every `eval_every`
+  epochs and after the last (the paper: every epoch).
+  """
   return ml_collections.ConfigDict(dict(
       epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
       lr_boundaries=tuple(lr_boundaries), lr_decay=lr_decay, momentum=0.9, nesterov=True,
-      weight_decay=1e-4, crop_flip=crop_flip, cutout=cutout, **extra))
+      weight_decay=1e-4, crop_flip=crop_flip, cutout=cutout, eval_every=eval_every, **extra))
 
 
 def paper_config() -> ml_collections.ConfigDict:

@@ -75,10 +75,11 @@ def attention(path: str, model, models: dict, images, normalize, layers, p: floa
 
 
 def defense_curves(path: str, histories: dict, title: str = '') -> None:
-  """ACC (left) and ASR (right) per epoch, one line per defense ({name: history})."""
+  """ACC (left) and ASR (right) per evaluated epoch, one line per defense ({name: history})."""
   plt = _pyplot()
   fig, axes = plt.subplots(1, 2, figsize=(7.5, 2.8))
   for name, history in histories.items():
+    history = [h for h in history if 'acc' in h]
     epochs = [h['epoch'] for h in history]
     for ax, metric in zip(axes, ('acc', 'asr')):
       ax.plot(epochs, [h[metric] for h in history], marker='.', label=name)

@@ -74,6 +74,8 @@ def validate(config) -> None:
             f'{stage}.batch_size must be a positive multiple of the {devices} devices, '
             f'got {cfg.batch_size}')
     require(cfg.learning_rate > 0, f'{stage}.learning_rate must be > 0, got {cfg.learning_rate}')
+    require(cfg.get('eval_every', 1) >= 1,
+            f'{stage}.eval_every must be >= 1, got {cfg.get("eval_every")}')
   require(config.data.eval_batch_size % devices == 0,
           f'data.eval_batch_size must be a multiple of the {devices} devices')
   layers = distill_layers(config)
@@ -123,6 +125,12 @@ def evaluate(ctx: Context, variables) -> dict:
   return {k: round(float(v), 4) for k, v in metrics.items()}
 
 
+def evaluated_epoch(epoch: int, stage_cfg) -> bool:
+  """Whether the stage evaluates and checkpoints after `epoch` (1-based): every
+  `eval_every` epochs and after the last. A killed run resumes from the last one."""
+  return epoch % stage_cfg.get('eval_every', 1) == 0 or epoch == stage_cfg.epochs
+
+
 def recipe_for(stage_cfg, distill: tuple = (), layers: tuple = (), p: float = 2.0):
   return train_lib.Recipe(batch_size=stage_cfg.batch_size, crop_flip=stage_cfg.crop_flip,
                           cutout=stage_cfg.cutout, betas=tuple(distill), layers=tuple(layers),
@@ -168,19 +176,22 @@ def train_stage(ctx: Context, name: str, stage_cfg, recipe: train_lib.Recipe, in
       if not np.isfinite(losses['ce']) or not np.all(np.isfinite(losses['at'])):
         raise FloatingPointError(f'{name}: the loss became non-finite in epoch {epoch + 1}; '
                                  'lower its learning_rate')
-      entry = {'epoch': epoch + 1, **evaluate(ctx, state.variables),
-               'ce': round(float(losses['ce']), 5)}
-      if recipe.betas:
-        entry['at'] = [round(float(a), 7) for a in losses['at']]
-      history.append(entry)
       speed = steps_per_epoch * stage_cfg.batch_size / seconds
       timing['img_per_s'].append(round(speed, 1))
-      log(f'[{name}] epoch {epoch + 1}/{stage_cfg.epochs}  ce {entry["ce"]:.4f}'
-          + (f'  at {sum(b * a for b, a in zip(recipe.betas, entry["at"])):.4f}'
-             if recipe.betas else '')
-          + f'  acc {entry["acc"]:.2f}  acc_nontarget {entry["acc_nontarget"]:.2f}'
-          f'  asr {entry["asr"]:.2f}  ({speed:.0f} img/s)')
-      checkpoints.save(epoch + 1, state, history)
+      entry = {'epoch': epoch + 1, 'ce': round(float(losses['ce']), 5)}
+      if recipe.betas:
+        entry['at'] = [round(float(a), 7) for a in losses['at']]
+      message = (f'[{name}] epoch {epoch + 1}/{stage_cfg.epochs}  ce {entry["ce"]:.4f}'
+                 + (f'  at {sum(b * a for b, a in zip(recipe.betas, entry["at"])):.4f}'
+                    if recipe.betas else ''))
+      if evaluated_epoch(epoch + 1, stage_cfg):
+        entry.update(evaluate(ctx, state.variables))
+        message += (f'  acc {entry["acc"]:.2f}  acc_nontarget {entry["acc_nontarget"]:.2f}'
+                    f'  asr {entry["asr"]:.2f}')
+      history.append(entry)
+      log(f'{message}  ({speed:.0f} img/s)')
+      if evaluated_epoch(epoch + 1, stage_cfg):
+        checkpoints.save(epoch + 1, state, history)
   checkpoints.close()
   return state.variables, history, timing
 
@@ -218,7 +229,12 @@ def setup(config, workdir: str) -> Context:
   normalize = train_lib.normalizer(config.model.mean, config.model.std)
   image_shape = dataset.train_images.shape[1:]
   abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, *image_shape)),
-                                               train=False))
+                                               train=False, mutable=True))
+  sown = tuple(abstract.pop('intermediates', {}))
+  unknown = [layer for layer in distill_layers(config) if layer not in sown]
+  if unknown:
+    raise ConfigError(f'nad.layers {unknown} are not sown by {config.model.name}; '
+                      f'choose from {sown}')
   test_set = train_lib.make_test_set(dataset.test_images, dataset.test_labels,
                                      config.data.eval_batch_size, mesh)
   return Context(config, workdir, model, mesh, normalize, attack, dataset, test_set,

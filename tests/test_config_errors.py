@@ -16,6 +16,8 @@ CASES = [
     ('--config.data.source=folder', 'data.path'),
     ('--config.data.path=/nonexistent/cifar', 'data.path'),
     ('--config.nad.betas=(1.0,2.0)', 'nad.betas'),
+    ("--config.nad.layers=('group1','group2','block9')", 'nad.layers'),
+    ('--config.nad.eval_every=0', 'nad.eval_every'),
     ('--config.student.checkpoint=/nonexistent/model.pth', 'student.checkpoint'),
 ]
 

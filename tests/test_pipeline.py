@@ -73,6 +73,19 @@ def test_student_checkpoint_path_is_loaded_not_retrained(finished_run, tmp_path)
   assert not os.path.exists(tmp_path / 'backdoored')
 
 
+def test_eval_every_evaluates_and_saves_less_and_trains_the_same(finished_run, tmp_path):
+  workdir, results = finished_run
+  every_epoch = results['history']['nad']
+  sparse = pipeline.run(tiny_config(**{'nad.eval_every': 2, 'backdoor_training.eval_every': 2}),
+                        str(tmp_path))
+  history = sparse['history']['nad']
+  assert [h['epoch'] for h in history] == [0, 1, 2]
+  assert ['acc' in h for h in history] == [True, False, True]
+  assert history[1]['ce'] == every_epoch[1]['ce']  # evaluation does not touch training
+  assert sparse['stages'] == results['stages']
+  assert sorted(os.listdir(tmp_path / 'nad'), key=str)[:1] == ['2']
+
+
 def run_main(workdir, *flags):
   return subprocess.Popen(
       [sys.executable, 'main.py', '--config=configs/tiny.py', f'--workdir={workdir}', *flags],

@@ -154,15 +154,18 @@ def repair(ctx: pipeline.Context, start, end, clean, name: str = 'mcr'):
       if not np.isfinite(ce):
         raise FloatingPointError(f'{name}: the loss became non-finite in epoch {epoch + 1}; '
                                  'lower mcr.learning_rate')
-      entry = {'epoch': epoch + 1, 't': cfg.t, **pipeline.evaluate(ctx, point(state)),
-               'ce': round(ce, 5)}
-      history.append(entry)
       speed = steps_per_epoch * cfg.batch_size / seconds
       timing['img_per_s'].append(round(speed, 1))
-      pipeline.log(f'[{name}] epoch {epoch + 1}/{cfg.epochs}  ce {ce:.4f}  at t={cfg.t}: '
-                   f'acc {entry["acc"]:.2f}  acc_nontarget {entry["acc_nontarget"]:.2f}  '
-                   f'asr {entry["asr"]:.2f}  ({speed:.0f} img/s)')
-      checkpoints.save(epoch + 1, state, history)
+      message = f'[{name}] epoch {epoch + 1}/{cfg.epochs}  ce {ce:.4f}'
+      entry = {'epoch': epoch + 1, 't': cfg.t, 'ce': round(ce, 5)}
+      if pipeline.evaluated_epoch(epoch + 1, cfg):
+        entry.update(pipeline.evaluate(ctx, point(state)))
+        message += (f'  at t={cfg.t}: acc {entry["acc"]:.2f}  '
+                    f'acc_nontarget {entry["acc_nontarget"]:.2f}  asr {entry["asr"]:.2f}')
+      history.append(entry)
+      pipeline.log(f'{message}  ({speed:.0f} img/s)')
+      if pipeline.evaluated_epoch(epoch + 1, cfg):
+        checkpoints.save(epoch + 1, state, history)
   checkpoints.close()
 
   curve_file = os.path.join(ctx.workdir, f'{name}_curve.json')
