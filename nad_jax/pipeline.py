@@ -184,13 +184,14 @@ def train_stage(ctx: Context, name: str, stage_cfg, recipe: train_lib.Recipe, in
       message = (f'[{name}] epoch {epoch + 1}/{stage_cfg.epochs}  ce {entry["ce"]:.4f}'
                  + (f'  at {sum(b * a for b, a in zip(recipe.betas, entry["at"])):.4f}'
                     if recipe.betas else ''))
-      if evaluated_epoch(epoch + 1, stage_cfg):
+      evaluated = evaluated_epoch(epoch + 1, stage_cfg)
+      if evaluated:
         entry.update(evaluate(ctx, state.variables))
         message += (f'  acc {entry["acc"]:.2f}  acc_nontarget {entry["acc_nontarget"]:.2f}'
                     f'  asr {entry["asr"]:.2f}')
       history.append(entry)
       log(f'{message}  ({speed:.0f} img/s)')
-      if evaluated_epoch(epoch + 1, stage_cfg):
+      if evaluated:
         checkpoints.save(epoch + 1, state, history)
   checkpoints.close()
   return state.variables, history, timing

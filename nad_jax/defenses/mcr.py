@@ -158,13 +158,14 @@ def repair(ctx: pipeline.Context, start, end, clean, name: str = 'mcr'):
       timing['img_per_s'].append(round(speed, 1))
       message = f'[{name}] epoch {epoch + 1}/{cfg.epochs}  ce {ce:.4f}'
       entry = {'epoch': epoch + 1, 't': cfg.t, 'ce': round(ce, 5)}
-      if pipeline.evaluated_epoch(epoch + 1, cfg):
+      evaluated = pipeline.evaluated_epoch(epoch + 1, cfg)
+      if evaluated:
         entry.update(pipeline.evaluate(ctx, point(state)))
         message += (f'  at t={cfg.t}: acc {entry["acc"]:.2f}  '
                     f'acc_nontarget {entry["acc_nontarget"]:.2f}  asr {entry["asr"]:.2f}')
       history.append(entry)
       pipeline.log(f'{message}  ({speed:.0f} img/s)')
-      if pipeline.evaluated_epoch(epoch + 1, cfg):
+      if evaluated:
         checkpoints.save(epoch + 1, state, history)
   checkpoints.close()
 
