@@ -20,7 +20,8 @@ def get_config(arg=None):
   config = common.set_attack(config, arg, 'configs/quickstart.py')
   if arg in LONG_RECIPE_VARIANTS:
     # These triggers only pay once the net starts fitting its hard images: 5 epochs leave
-    # their ASR swinging between 5% and 90%; 15 (lr drops at 10, 13) settle it.
+    # their ASR swinging between 5% and 90%; 15 (lr drops at 10, 13) settle it (above 90%
+    # for CL and WaNet, not for SIG and Refool: README, Attacks).
     config.backdoor_training = common.sgd_stage(15, 64, 0.05, lr_boundaries=(10, 13),
                                                 crop_flip=False)
   if arg == 'refool':  # synthetic images already mix two textures: stronger reflections

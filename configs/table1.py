@@ -6,6 +6,8 @@ comma-separated list: attack variants (configs/common.py ATTACK_VARIANTS), 'all'
 for every one, 'cifar' for the paper's CIFAR-10 setting instead of quickstart's:
   configs/table1.py:all    configs/table1.py:badnets,sig    configs/table1.py:cifar,all
 Writes runs/table1/table1.{md,csv,json} and runs/table1/figures/*.png.
+Every attack trains on quickstart's 5-epoch backdoor recipe, including the variants that
+configs/quickstart.py trains for 15 epochs (LONG_RECIPE_VARIANTS): their rows are weaker backdoors.
 """
 
 import copy
