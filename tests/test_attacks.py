@@ -12,7 +12,7 @@ import pytest
 from configs import common, nad_cifar, quickstart
 from nad_jax import data as data_lib
 from nad_jax.attacks import build_attack, poison_mask, prepare
-from nad_jax.attacks import label_consistent, refool, trojan, wanet
+from nad_jax.attacks import label_consistent, refool, sig, trojan, wanet
 
 OFFICIAL = os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'data', 'nad-official')
 SHAPE = (32, 32, 3)
@@ -197,6 +197,14 @@ def test_sig_generated(images):
                              atol=1e-3)
 
 
+def test_sig_generated_blend_raw(images):
+  attack = build_attack(attack_config('sig', sig_mode='blend_raw', frequency=4.5), 10, SHAPE)
+  v = np.trunc(20 * np.sin(2 * np.pi * np.arange(32) * 4.5 / 32))
+  stored = np.where(v < 0, v + 256, v)  # as a uint8 file holds it
+  np.testing.assert_allclose(trigger(attack, images),
+                             0.8 * images + 0.2 * stored[None, None, :, None], atol=1e-3)
+
+
 def test_sig_official_mask(images):
   path = os.path.join(OFFICIAL, 'signal_cifar10_mask.npy')
   if not os.path.exists(path):
@@ -212,6 +220,11 @@ def test_sig_official_mask(images):
                                  10, SHAPE), images)
   np.testing.assert_allclose(raw_out, 0.8 * images + 0.2 * raw[None, :, :, None].astype(np.float32),
                              atol=1e-3)
+  # The released mask is the generated signal at the NAD code's frequency, truncated.
+  generated = trigger(build_attack(attack_config('sig', sig_mode='blend_raw',
+                                                 frequency=sig.NAD_CODE_FREQUENCY), 10, SHAPE),
+                      images)
+  np.testing.assert_array_equal(generated, raw_out)
 
 
 # ------------------------------------------------------------------------------------ CL

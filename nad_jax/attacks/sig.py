@@ -20,9 +20,15 @@ config.attack fields:
                     the NAD code, with the signal's signed values).
                     'blend_raw': the NAD code's exact arithmetic on the released
                     mask, which it reads as uint8, so its negative lobes act as
-                    237..255: (1 - alpha) * image + alpha * (v mod 256).
+                    237..255: (1 - alpha) * image + alpha * (v mod 256). With no
+                    pattern_path the generated signal is stored as that file
+                    stores it (truncated to integers) first.
   alpha             blend ratio for 'blend' / 'blend_raw' (the NAD code: 0.2).
   clean_label       None/True (default): clean-label; False: dirty-label variant.
+
+The released mask is exactly trunc(20 sin(0.8 j)) in every row, i.e. delta 20 and
+frequency NAD_CODE_FREQUENCY (0.8 rad per pixel on a 32-pixel width): sig_mode
+'blend_raw' with that frequency is the NAD code's SIG without the file.
 """
 
 import jax.numpy as jnp
@@ -31,6 +37,7 @@ import numpy as np
 from nad_jax.attacks.core import Attack, field, load_pattern, require
 
 MODES = ('add', 'blend', 'blend_raw')
+NAD_CODE_FREQUENCY = 0.8 * 32 / (2 * np.pi)  # cycles per width of the released mask
 
 
 def signal(delta: float, frequency: float, image_shape) -> np.ndarray:
@@ -63,9 +70,9 @@ def build(cfg, num_classes, image_shape, dataset=None) -> Attack:
     delta, frequency = float(field(cfg, 'delta', 20.0)), float(field(cfg, 'frequency', 6.0))
     require(delta > 0, f'attack.delta must be > 0, got {delta}')
     require(frequency > 0, f'attack.frequency must be > 0, got {frequency}')
-    require(mode != 'blend_raw', "attack.sig_mode 'blend_raw' needs attack.pattern_path "
-            '(the released uint8 mask)')
     pattern = signal(delta, frequency, image_shape)
+    if mode == 'blend_raw':
+      pattern = np.mod(np.trunc(pattern), 256.0)
   pattern = jnp.asarray(pattern, jnp.float32)
 
   def trigger(images, key):
