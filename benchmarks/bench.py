@@ -49,6 +49,8 @@ def parse(argv=None):
   p.add_argument('--torch-eval-batch', type=int, default=64,
                  help='PyTorch stage eval batch (the official code: 64)')
   p.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'))
+  p.add_argument('--conv', default='xla', choices=('xla', 'onednn'),
+                 help="nad-jax's convolutions (model.conv): XLA's or oneDNN's (CPU)")
   p.add_argument('--scan', default='auto', choices=('auto', 'on', 'off'),
                  help='one dispatch per epoch (lax.scan); auto: on GPU/TPU, off on CPU')
   p.add_argument('--xla-flags', default='',
@@ -104,14 +106,14 @@ def jax_worker(args, num_devices):
 
   def row(**kw):
     kw.update(framework='nad-jax', devices=num_devices, backend=jax.default_backend(),
-              dtype=args.dtype, load=load())
+              dtype=args.dtype, conv=args.conv, load=load())
     if 'img_per_s' in kw:
       kw['img_per_s_per_device'] = round(kw['img_per_s'] / num_devices, 1)
     print(json.dumps(kw), flush=True)
     rows.append(kw)
 
   for name in csv(args.models):
-    model = models.build_model(name, 10, args.dtype)
+    model = models.build_model(name, 10, args.dtype, args.conv)
     attack = attacks.build_attack(attack_cfg, 10, (32, 32, 3))
     variables = jax.jit(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
                                            train=False))()
@@ -170,7 +172,7 @@ def jax_worker(args, num_devices):
   if 'stage' in csv(args.parts):
     ds = data.synthetic(0, 2500, 10_000)
     for name in csv(args.stage_models):
-      model = models.build_model(name, 10, args.dtype)
+      model = models.build_model(name, 10, args.dtype, args.conv)
       attack = attacks.build_attack(attack_cfg, 10, (32, 32, 3))
       variables = jax.jit(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
                                              train=False))()

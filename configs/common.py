@@ -29,6 +29,8 @@ def paper_config() -> ml_collections.ConfigDict:
 
   config.model = ml_collections.ConfigDict(dict(
       name='wrn16_1', dtype='float32',
+      # 'onednn': oneDNN's convolutions on one CPU device (pip install -e '.[onednn]').
+      conv='xla',
       # Input scaling: pixels / 255, then (x - mean) / std when both are set.
       mean=ml_collections.config_dict.placeholder(tuple),
       std=ml_collections.config_dict.placeholder(tuple)))

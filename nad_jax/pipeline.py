@@ -22,6 +22,7 @@ from nad_jax import data as data_lib
 from nad_jax import models
 from nad_jax import torch_io
 from nad_jax import train as train_lib
+from nad_jax.kernels import onednn
 
 STAGES = ('backdoored', 'teacher', 'nad')
 METRICS = ('acc', 'acc_nontarget', 'asr')
@@ -56,6 +57,16 @@ def validate(config) -> None:
           f'model.name {config.model.name!r} is unknown; choose one of {sorted(models.MODELS)}')
   require(config.model.dtype in models.DTYPES,
           f'model.dtype {config.model.dtype!r} is unknown; choose one of {sorted(models.DTYPES)}')
+  require(config.model.conv in models.CONVS,
+          f'model.conv {config.model.conv!r} is unknown; choose one of {models.CONVS}')
+  if config.model.conv == 'onednn':
+    require(jax.default_backend() == 'cpu' and jax.device_count() == 1,
+            "model.conv 'onednn' runs on one CPU device; this run has "
+            f'{jax.device_count()} {jax.default_backend()} device(s)')
+    try:
+      onednn.load()
+    except onednn.OnednnUnavailable as e:
+      raise ConfigError(f"model.conv 'onednn': {e}") from None
   require(config.attack.name in attacks_lib.ATTACKS,
           f'attack.name {config.attack.name!r} is unknown; '
           f'choose one of {sorted(attacks_lib.ATTACKS)}')
@@ -225,7 +236,8 @@ def setup(config, workdir: str) -> Context:
                                       dataset.train_images.shape[1:], dataset)
   except ValueError as e:
     raise ConfigError(str(e)) from None
-  model = models.build_model(config.model.name, dataset.num_classes, config.model.dtype)
+  model = models.build_model(config.model.name, dataset.num_classes, config.model.dtype,
+                             config.model.conv)
   mesh = train_lib.make_mesh()
   normalize = train_lib.normalizer(config.model.mean, config.model.std)
   image_shape = dataset.train_images.shape[1:]

@@ -10,6 +10,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 CASES = [
     ('--config.model.name=resnet999', 'model.name'),
+    ('--config.model.conv=cudnn', 'model.conv'),
+    ('--config.model.conv=onednn', 'model.conv'),  # the tests' 4 forced devices
     ('--config.attack.name=nosuchattack', 'attack.name'),
     ('--config.attack.poison_rate=1.5', 'attack.poison_rate'),
     ('--config.attack.target_label=10', 'attack.target_label'),

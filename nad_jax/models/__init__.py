@@ -9,6 +9,7 @@ import functools
 
 import jax.numpy as jnp
 
+from nad_jax.kernels import onednn
 from nad_jax.models.preact_resnet import PreActResNet18
 from nad_jax.models.tiny import TinyNet
 from nad_jax.models.wide_resnet import WideResNet
@@ -23,12 +24,17 @@ MODELS = {
 }
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+# Convolution implementations: XLA's own, or oneDNN's on CPU (nad_jax/kernels/onednn.py).
+CONVS = ('xla', 'onednn')
 
 
-def build_model(name: str, num_classes: int, dtype: str = 'float32'):
+def build_model(name: str, num_classes: int, dtype: str = 'float32', conv: str = 'xla'):
   """Returns the Flax module registered as `name`; KeyError names the choices."""
   if name not in MODELS:
     raise KeyError(f'unknown model {name!r}; choose one of {sorted(MODELS)}')
   if dtype not in DTYPES:
     raise KeyError(f'unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}')
-  return MODELS[name](num_classes=num_classes, dtype=DTYPES[dtype])
+  if conv not in CONVS:
+    raise KeyError(f'unknown conv {conv!r}; choose one of {CONVS}')
+  conv_fn = onednn.conv_general_dilated if conv == 'onednn' else None
+  return MODELS[name](num_classes=num_classes, dtype=DTYPES[dtype], conv=conv_fn)

@@ -7,6 +7,7 @@ the 'intermediates' collection; they are what attention distillation aligns.
 """
 
 import functools
+from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -15,10 +16,10 @@ import jax.numpy as jnp
 BatchNorm = functools.partial(nn.BatchNorm, momentum=0.9, epsilon=1e-5)
 
 
-def conv3x3(features: int, stride: int, name: str, dtype) -> nn.Conv:
+def conv3x3(features: int, stride: int, name: str, dtype, conv=None) -> nn.Conv:
   # Explicit symmetric padding: 'SAME' pads stride-2 convs asymmetrically, unlike PyTorch.
   return nn.Conv(features, (3, 3), strides=stride, padding=((1, 1), (1, 1)),
-                 use_bias=False, name=name, dtype=dtype)
+                 use_bias=False, name=name, dtype=dtype, conv_general_dilated=conv)
 
 
 class WideBasicBlock(nn.Module):
@@ -26,6 +27,7 @@ class WideBasicBlock(nn.Module):
   features: int
   stride: int
   dtype: jnp.dtype = jnp.float32
+  conv: Any = None  # a lax.conv_general_dilated replacement; None: XLA's
 
   @nn.compact
   def __call__(self, x, train: bool):
@@ -36,10 +38,11 @@ class WideBasicBlock(nn.Module):
     # pre-activated input, an unchanged one from the raw input.
     shortcut = x if same_shape else nn.Conv(
         self.features, (1, 1), strides=self.stride, padding='VALID',
-        use_bias=False, name='convShortcut', dtype=self.dtype)(pre)
-    y = conv3x3(self.features, self.stride, 'conv1', self.dtype)(pre)
+        use_bias=False, name='convShortcut', dtype=self.dtype,
+        conv_general_dilated=self.conv)(pre)
+    y = conv3x3(self.features, self.stride, 'conv1', self.dtype, self.conv)(pre)
     y = nn.relu(norm(name='bn2')(y))
-    y = conv3x3(self.features, 1, 'conv2', self.dtype)(y)
+    y = conv3x3(self.features, 1, 'conv2', self.dtype, self.conv)(y)
     return shortcut + y
 
 
@@ -48,6 +51,7 @@ class WideResNet(nn.Module):
   widen_factor: int = 1
   num_classes: int = 10
   dtype: jnp.dtype = jnp.float32
+  conv: Any = None
 
   distill_layers = ('group1', 'group2', 'group3')
 
@@ -57,9 +61,9 @@ class WideResNet(nn.Module):
       raise ValueError(f'WideResNet depth must be 6n+4, got {self.depth}')
     blocks_per_group = (self.depth - 4) // 6
     widths = [16 * self.widen_factor, 32 * self.widen_factor, 64 * self.widen_factor]
-    x = conv3x3(16, 1, 'conv1', self.dtype)(x.astype(self.dtype))
+    x = conv3x3(16, 1, 'conv1', self.dtype, self.conv)(x.astype(self.dtype))
     for group, (width, stride) in enumerate(zip(widths, (1, 2, 2)), start=1):
-      x = WideResNetGroup(width, stride, blocks_per_group, self.dtype,
+      x = WideResNetGroup(width, stride, blocks_per_group, self.dtype, self.conv,
                           name=f'block{group}')(x, train)
       self.sow('intermediates', f'group{group}', x)
     x = nn.relu(BatchNorm(use_running_average=not train, dtype=self.dtype, name='bn1')(x))
@@ -72,10 +76,11 @@ class WideResNetGroup(nn.Module):
   stride: int
   num_blocks: int
   dtype: jnp.dtype = jnp.float32
+  conv: Any = None
 
   @nn.compact
   def __call__(self, x, train: bool):
     for i in range(self.num_blocks):
-      x = WideBasicBlock(self.features, self.stride if i == 0 else 1, self.dtype,
+      x = WideBasicBlock(self.features, self.stride if i == 0 else 1, self.dtype, self.conv,
                          name=f'layer_{i}')(x, train)
     return x
