@@ -42,6 +42,7 @@ def values_and_grads(conv, x, w, strides, padding):
     (4, 16, 16, 32, 1, 2, 'VALID'),           # the 1x1 shortcut
     (3, 9, 8, 8, 3, 2, 'SAME'),               # odd size: asymmetric padding
     (2, 8, 8, 4, 3, 1, ((0, 2), (1, 0))),     # uneven explicit padding
+    (2, 9, 4, 4, 3, 2, ((1, 0), (0, 1))),     # stride 2 leaving the last row unread
 ])
 def test_conv_matches_xla(batch, size, cin, cout, kernel, stride, padding):
   rng = np.random.default_rng(0)

@@ -65,8 +65,9 @@ def load() -> None:
 
 
 def _attributes(strides, pads) -> dict:
-  return dict(sh=np.int64(strides[0]), sw=np.int64(strides[1]),
-              pt=np.int64(pads[0][0]), pl=np.int64(pads[1][0]))
+  (top, bottom), (left, right) = pads
+  return {name: np.int64(value) for name, value in dict(
+      sh=strides[0], sw=strides[1], pt=top, pb=bottom, pl=left, pr=right).items()}
 
 
 def _float32(shape) -> jax.ShapeDtypeStruct:
@@ -109,7 +110,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
     return xla()
   undilated = all(d == 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
   if (lhs.dtype != jnp.float32 or rhs.dtype != jnp.float32 or not undilated
-      or feature_group_count != 1 or batch_group_count != 1):
+      or feature_group_count != 1 or batch_group_count != 1
+      or preferred_element_type not in (None, jnp.float32)):
     return xla()
   if isinstance(padding, str):
     padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)

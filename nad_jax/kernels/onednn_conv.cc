@@ -1,8 +1,8 @@
 // oneDNN convolutions (NHWC activations, HWIO kernels, float32) as XLA FFI handlers:
 // the forward pass, the input gradient and the kernel gradient. Built and loaded by
-// nad_jax/kernels/onednn.py. Padding is given as top/left; bottom/right follow from
-// the output shape.
+// nad_jax/kernels/onednn.py. A oneDNN error comes back as an XLA error, not a crash.
 #include <cstdint>
+#include <string>
 
 #include "oneapi/dnnl/dnnl.hpp"
 #include "xla/ffi/api/ffi.h"
@@ -24,15 +24,19 @@ struct Geometry {
 };
 
 // oneDNN's logical dims (N, C, H, W) / (O, I, H, W) of x: NHWC, w: HWIO, y: NHWC.
+struct Attributes {
+  int64_t sh, sw, pt, pb, pl, pr;
+};
+
 Geometry Shapes(ffi::Span<const int64_t> x, ffi::Span<const int64_t> w,
-                ffi::Span<const int64_t> y, int64_t sh, int64_t sw, int64_t pt, int64_t pl) {
+                ffi::Span<const int64_t> y, const Attributes& a) {
   Geometry g;
   g.src = {x[0], x[3], x[1], x[2]};
   g.weights = {w[3], w[2], w[0], w[1]};
   g.dst = {y[0], y[3], y[1], y[2]};
-  g.strides = {sh, sw};
-  g.pad_l = {pt, pl};
-  g.pad_r = {(y[1] - 1) * sh + w[0] - x[1] - pt, (y[2] - 1) * sw + w[1] - x[2] - pl};
+  g.strides = {a.sh, a.sw};
+  g.pad_l = {a.pt, a.pl};
+  g.pad_r = {a.pb, a.pr};
   return g;
 }
 
@@ -56,10 +60,9 @@ memory WeightsFor(const memory::desc& wanted, memory& hwio, dnnl::stream& s) {
   return out;
 }
 
-ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                   ffi::ResultBuffer<ffi::F32> y, int64_t sh, int64_t sw, int64_t pt,
-                   int64_t pl) {
-  Geometry g = Shapes(x.dimensions(), w.dimensions(), y->dimensions(), sh, sw, pt, pl);
+void Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> y,
+             const Attributes& a) {
+  Geometry g = Shapes(x.dimensions(), w.dimensions(), y->dimensions(), a);
   auto pd = ForwardPd(g);
   dnnl::stream s(Engine());
   memory hwio = Plain(g.weights, tag::hwio, w.typed_data());
@@ -69,13 +72,11 @@ ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
           {DNNL_ARG_WEIGHTS, weights},
           {DNNL_ARG_DST, Plain(g.dst, tag::nhwc, y->typed_data())}});
   s.wait();
-  return ffi::Error::Success();
 }
 
-ffi::Error BackwardData(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w,
-                        ffi::ResultBuffer<ffi::F32> dx, int64_t sh, int64_t sw, int64_t pt,
-                        int64_t pl) {
-  Geometry g = Shapes(dx->dimensions(), w.dimensions(), dy.dimensions(), sh, sw, pt, pl);
+void BackwardData(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w,
+                  ffi::ResultBuffer<ffi::F32> dx, const Attributes& a) {
+  Geometry g = Shapes(dx->dimensions(), w.dimensions(), dy.dimensions(), a);
   auto pd = dnnl::convolution_backward_data::primitive_desc(
       Engine(), dnnl::algorithm::convolution_direct, memory::desc(g.src, dt::f32, tag::nhwc),
       memory::desc(g.weights, dt::f32, tag::any), memory::desc(g.dst, dt::f32, tag::nhwc),
@@ -88,13 +89,11 @@ ffi::Error BackwardData(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w,
           {DNNL_ARG_WEIGHTS, weights},
           {DNNL_ARG_DIFF_SRC, Plain(g.src, tag::nhwc, dx->typed_data())}});
   s.wait();
-  return ffi::Error::Success();
 }
 
-ffi::Error BackwardWeights(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
-                           ffi::ResultBuffer<ffi::F32> dw, int64_t sh, int64_t sw, int64_t pt,
-                           int64_t pl) {
-  Geometry g = Shapes(x.dimensions(), dw->dimensions(), dy.dimensions(), sh, sw, pt, pl);
+void BackwardWeights(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
+                     ffi::ResultBuffer<ffi::F32> dw, const Attributes& a) {
+  Geometry g = Shapes(x.dimensions(), dw->dimensions(), dy.dimensions(), a);
   auto pd = dnnl::convolution_backward_weights::primitive_desc(
       Engine(), dnnl::algorithm::convolution_direct, memory::desc(g.src, dt::f32, tag::nhwc),
       memory::desc(g.weights, dt::f32, tag::any), memory::desc(g.dst, dt::f32, tag::nhwc),
@@ -109,22 +108,30 @@ ffi::Error BackwardWeights(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
           {DNNL_ARG_DIFF_WEIGHTS, diff}});
   if (!direct) dnnl::reorder(diff, hwio).execute(s, diff, hwio);
   s.wait();
+}
+
+// The FFI entry points: two float32 operands, one result, strides and paddings.
+template <void (*Kernel)(ffi::Buffer<ffi::F32>, ffi::Buffer<ffi::F32>,
+                         ffi::ResultBuffer<ffi::F32>, const Attributes&)>
+ffi::Error Call(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
+                ffi::ResultBuffer<ffi::F32> out, int64_t sh, int64_t sw, int64_t pt,
+                int64_t pb, int64_t pl, int64_t pr) {
+  try {
+    Kernel(a, b, out, Attributes{sh, sw, pt, pb, pl, pr});
+  } catch (const dnnl::error& e) {
+    return ffi::Error(ffi::ErrorCode::kInternal, std::string("oneDNN: ") + e.what());
+  }
   return ffi::Error::Success();
 }
 
 }  // namespace
 
-#define CONV_ATTRS .Attr<int64_t>("sh").Attr<int64_t>("sw").Attr<int64_t>("pt").Attr<int64_t>("pl")
+#define CONV_BINDING                                                                     \
+  ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::F32>>()             \
+      .Ret<ffi::Buffer<ffi::F32>>().Attr<int64_t>("sh").Attr<int64_t>("sw")              \
+      .Attr<int64_t>("pt").Attr<int64_t>("pb").Attr<int64_t>("pl").Attr<int64_t>("pr")
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    NadOnednnConvForward, Forward,
-    ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::F32>>()
-        .Ret<ffi::Buffer<ffi::F32>>() CONV_ATTRS);
-XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    NadOnednnConvBackwardData, BackwardData,
-    ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::F32>>()
-        .Ret<ffi::Buffer<ffi::F32>>() CONV_ATTRS);
-XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    NadOnednnConvBackwardWeights, BackwardWeights,
-    ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::F32>>()
-        .Ret<ffi::Buffer<ffi::F32>>() CONV_ATTRS);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NadOnednnConvForward, Call<Forward>, CONV_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NadOnednnConvBackwardData, Call<BackwardData>, CONV_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NadOnednnConvBackwardWeights, Call<BackwardWeights>,
+                              CONV_BINDING);
