@@ -3,8 +3,10 @@
 python main.py --config=configs/quickstart.py --workdir=runs/q
 """
 
+import os
 import sys
 
+import jax
 from absl import app
 from absl import flags
 from absl import logging
@@ -26,9 +28,10 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   logging.set_verbosity(logging.WARNING)  # orbax and XLA are chatty at INFO
   config = flags.FLAGS.config
+  if config.compilation_cache:
+    jax.config.update('jax_compilation_cache_dir', os.path.expanduser(config.compilation_cache))
   try:
     if config.distributed:
-      import jax  # pylint: disable=g-import-not-at-top
       jax.distributed.initialize()
     run = pipeline.evaluate_only if config.eval_only else RUNNERS.get(config.runner)
     if run is None:

@@ -24,6 +24,9 @@ def paper_config() -> ml_collections.ConfigDict:
   config.eval_only = False
   config.runner = 'nad'  # 'nad': pipeline.run; 'table1': the defense comparison (configs/table1.py)
   config.distributed = False  # True: jax.distributed.initialize() (multi-host TPU/GPU)
+  # JAX's persistent compilation cache: a rerun or a resumed run loads its compiled steps
+  # instead of compiling them again. '' turns it off.
+  config.compilation_cache = '~/.cache/nad_jax/xla'
   # One dispatch per epoch (lax.scan over steps): None picks it on GPU/TPU, not on CPU.
   config.scan_epoch = ml_collections.config_dict.placeholder(bool)
 

@@ -94,8 +94,10 @@ def run_main(workdir, *flags):
 
 def test_sigkill_mid_stage_then_resume_gives_same_results(finished_run, tmp_path):
   _, uninterrupted = finished_run
-  workdir = str(tmp_path)
-  process = run_main(workdir)
+  workdir = str(tmp_path / 'run')
+  # The resumed run loads the steps the killed one compiled: same numbers from them too.
+  cache = f'--config.compilation_cache={tmp_path / "xla_cache"}'
+  process = run_main(workdir, cache)
   first_epoch = os.path.join(workdir, 'teacher', '1')
   deadline = time.time() + 240
   while not os.path.isdir(first_epoch) and time.time() < deadline and process.poll() is None:
@@ -104,7 +106,8 @@ def test_sigkill_mid_stage_then_resume_gives_same_results(finished_run, tmp_path
   process.send_signal(signal.SIGKILL)
   process.wait()
   assert not os.path.exists(os.path.join(workdir, 'results.json'))
-  resumed = run_main(workdir)
+  assert os.listdir(tmp_path / 'xla_cache')
+  resumed = run_main(workdir, cache)
   out, err = resumed.communicate(timeout=300)
   assert resumed.returncode == 0, err
   assert '[teacher] resumed from epoch' in out
