@@ -1,0 +1,90 @@
+"""Where a training or NAD gradient's time goes on CPU: XLA's profiler, summed per HLO op kind.
+
+  python benchmarks/profile_step.py [--conv onednn] [--batch 64] [--part nad|ce]
+
+Traces 5 calls of the jitted gradient (student forward + backward; for `nad` also the
+frozen teacher's forward and the AT loss) and prints the time per op kind, e.g. `ffi_call`
+(oneDNN convolutions), `ynn_fusion` (YNNPACK reductions), `*_fusion` (XLA element-wise).
+"""
+
+import argparse
+import collections
+import glob
+import os
+import re
+import sys
+import tempfile
+
+os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '')
+                           + ' --xla_cpu_enable_xprof_traceme=true').strip()
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # pylint: disable=wrong-import-position
+import jax.numpy as jnp  # pylint: disable=wrong-import-position
+import optax  # pylint: disable=wrong-import-position
+from jax._src.lib import _profile_data  # pylint: disable=wrong-import-position
+
+from nad_jax import data, models  # pylint: disable=wrong-import-position
+from nad_jax import train as T  # pylint: disable=wrong-import-position
+from nad_jax.attention import distillation_losses  # pylint: disable=wrong-import-position
+
+CALLS = 5
+
+
+def gradient(model, part):
+  betas = jnp.asarray((500.0, 1000.0, 1000.0))
+
+  def loss(params, batch_stats, teacher, x, y):
+    logits, new = model.apply({'params': params, 'batch_stats': batch_stats}, x, train=True,
+                              mutable=['batch_stats', 'intermediates'])
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    if part == 'ce':
+      return ce
+    _, sown = model.apply(teacher, x, train=False, mutable=['intermediates'])
+    first = lambda tree: {k: v[0] for k, v in tree['intermediates'].items()}
+    at = distillation_losses(first(new), first(sown), model.distill_layers, 2.0)
+    return ce + jnp.sum(betas * at)
+  return jax.jit(jax.grad(loss), compiler_options=T.cpu_compiler_options(training=True))
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  p.add_argument('--model', default='wrn16_1')
+  p.add_argument('--conv', default='xla', choices=('xla', 'onednn'))
+  p.add_argument('--batch', type=int, default=64)
+  p.add_argument('--part', default='nad', choices=('nad', 'ce'))
+  args = p.parse_args()
+
+  model = models.build_model(args.model, 10, 'float32', args.conv)
+  variables = jax.jit(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
+                                         train=False))()
+  ds = data.synthetic(0, args.batch, 0)
+  inputs = (variables['params'], variables['batch_stats'], variables,
+            jnp.asarray(ds.train_images, jnp.float32) / 255, jnp.asarray(ds.train_labels))
+  grad = gradient(model, args.part)
+  for _ in range(3):  # compile and warm up
+    jax.block_until_ready(grad(*inputs))
+  with tempfile.TemporaryDirectory() as trace_dir:
+    with jax.profiler.trace(trace_dir):
+      for _ in range(CALLS):
+        jax.block_until_ready(grad(*inputs))
+    trace = glob.glob(os.path.join(trace_dir, '**', '*.xplane.pb'), recursive=True)[0]
+    profile = _profile_data.ProfileData.from_file(trace)
+
+  per_kind = collections.Counter()
+  for plane in profile.planes:
+    for line in plane.lines:
+      for event in line.events:
+        name = event.name
+        if name.startswith(('$', 'Pjit', 'ThunkExecutor')):  # Python frames, whole-call spans
+          continue
+        per_kind[re.sub(r'\.\d+$', '', name)] += event.duration_ns
+  print(f'{args.model} {args.part} gradient, batch {args.batch}, conv {args.conv}: '
+        f'ms per call by op kind')
+  for name, ns in per_kind.most_common(12):
+    print(f'{ns / CALLS / 1e6:8.2f}  {name}')
+  print(f'{sum(per_kind.values()) / CALLS / 1e6:8.2f}  total (concurrent ops overlap)')
+
+
+if __name__ == '__main__':
+  main()
