@@ -21,30 +21,22 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # pylint: disable=wrong-import-position
 import jax.numpy as jnp  # pylint: disable=wrong-import-position
-import optax  # pylint: disable=wrong-import-position
 from jax._src.lib import _profile_data  # pylint: disable=wrong-import-position
 
 from nad_jax import data, models  # pylint: disable=wrong-import-position
 from nad_jax import train as T  # pylint: disable=wrong-import-position
-from nad_jax.attention import distillation_losses  # pylint: disable=wrong-import-position
 
 CALLS = 5
 
 
 def gradient(model, part):
-  betas = jnp.asarray((500.0, 1000.0, 1000.0))
-
-  def loss(params, batch_stats, teacher, x, y):
-    logits, new = model.apply({'params': params, 'batch_stats': batch_stats}, x, train=True,
-                              mutable=['batch_stats', 'intermediates'])
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-    if part == 'ce':
-      return ce
-    _, sown = model.apply(teacher, x, train=False, mutable=['intermediates'])
-    first = lambda tree: {k: v[0] for k, v in tree['intermediates'].items()}
-    at = distillation_losses(first(new), first(sown), model.distill_layers, 2.0)
-    return ce + jnp.sum(betas * at)
-  return jax.jit(jax.grad(loss), compiler_options=T.cpu_compiler_options(training=True))
+  """The jitted gradient of the loss the project trains with (train.make_loss)."""
+  nad = part == 'nad'
+  recipe = T.Recipe(batch_size=0, betas=(500.0, 1000.0, 1000.0) if nad else (),
+                    layers=tuple(model.distill_layers) if nad else ())
+  grad = jax.grad(T.make_loss(model, recipe), has_aux=True)
+  return jax.jit(lambda *inputs: grad(*inputs)[0],
+                 compiler_options=T.cpu_compiler_options(training=True))
 
 
 def main():

@@ -78,6 +78,7 @@ def paper_config() -> ml_collections.ConfigDict:
 
 ATTACK_VARIANTS = ('badnets', 'all2all', 'trojan', 'blend', 'sig', 'cl', 'refool', 'wanet')
 CLEAN_LABEL_RATE = 0.8  # share of the target class, as the NAD code's SIG (8% of CIFAR-10)
+CLEAN_LABEL_VARIANTS = ('sig', 'cl', 'refool')
 
 
 def set_attack(config: ml_collections.ConfigDict, variant: str | None,
@@ -95,6 +96,6 @@ def set_attack(config: ml_collections.ConfigDict, variant: str | None,
     config.attack.name, config.attack.mode = 'badnets', 'all_to_all'
   else:
     config.attack.name = variant
-  if variant in ('sig', 'cl', 'refool'):
+  if variant in CLEAN_LABEL_VARIANTS:
     config.attack.poison_rate = CLEAN_LABEL_RATE
   return config

@@ -7,7 +7,6 @@ from configs import common
 
 # Triggers learnt late: the clean-label ones and WaNet's subtle warp.
 LONG_RECIPE_VARIANTS = ('sig', 'cl', 'refool', 'wanet')
-CLEAN_LABEL_VARIANTS = ('sig', 'cl', 'refool')
 
 
 def get_config(arg=None):
@@ -25,7 +24,7 @@ def get_config(arg=None):
     # for CL and WaNet, not for SIG and Refool: README, Attacks).
     config.backdoor_training = common.sgd_stage(15, 64, 0.05, lr_boundaries=(10, 13),
                                                 crop_flip=False)
-  if arg in CLEAN_LABEL_VARIANTS:
+  if arg in common.CLEAN_LABEL_VARIANTS:
     # The teacher's 5 epochs of 3 batches are 15 SGD steps (the paper's: 390). Whether they
     # remove a clean-label backdoor from the teacher is chance, and NAD keeps what its teacher
     # keeps; 75 steps (batch 16, lr scaled by 16/64) remove it far more often (README, Attacks).

@@ -121,6 +121,27 @@ def cpu_compiler_options(training: bool) -> dict[str, str]:
   return {'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_REDUCE' if training else ''}
 
 
+def make_loss(model: nn.Module, recipe: Recipe):
+  """loss(params, batch_stats, teacher, x, y) -> (total, (batch_stats, ce, at per layer)).
+
+  Cross-entropy, plus sum(betas * AT) against the frozen teacher when a beta is non-zero.
+  """
+  distill = any(recipe.betas)
+  betas = jnp.asarray(recipe.betas, jnp.float32)
+
+  def loss(params, batch_stats, teacher, x, y):
+    logits, new = model.apply({'params': params, 'batch_stats': batch_stats}, x, train=True,
+                              mutable=['batch_stats', 'intermediates'])
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    if not distill:
+      return ce, (new['batch_stats'], ce, jnp.zeros(len(recipe.betas), jnp.float32))
+    _, sown = model.apply(teacher, x, train=False, mutable=['intermediates'])
+    first = lambda tree: {k: v[0] for k, v in tree['intermediates'].items()}
+    at = distillation_losses(first(new), first(sown), recipe.layers, recipe.p)
+    return ce + jnp.sum(betas * at), (new['batch_stats'], ce, at)
+  return loss
+
+
 class TrainEpoch:
   """One epoch of training: epoch(state, teacher, images, labels, poisoned, key) -> (state, metrics).
 
@@ -134,19 +155,7 @@ class TrainEpoch:
     self.recipe = recipe
     self.scan = scan_by_default() if scan is None else scan
     batch_sharding = NamedSharding(mesh, P('data'))
-    distill = any(recipe.betas)
-    betas = jnp.asarray(recipe.betas, jnp.float32)
-
-    def loss_fn(params, batch_stats, teacher, x, y):
-      logits, new = model.apply({'params': params, 'batch_stats': batch_stats}, x, train=True,
-                                mutable=['batch_stats', 'intermediates'])
-      ce = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-      if not distill:
-        return ce, (new['batch_stats'], ce, jnp.zeros(len(recipe.betas), jnp.float32))
-      _, sown = model.apply(teacher, x, train=False, mutable=['intermediates'])
-      first = lambda tree: {k: v[0] for k, v in tree['intermediates'].items()}
-      at = distillation_losses(first(new), first(sown), recipe.layers, recipe.p)
-      return ce + jnp.sum(betas * at), (new['batch_stats'], ce, at)
+    loss_fn = make_loss(model, recipe)
 
     def step(state, teacher, images, labels, poisoned, order, keys, i):
       indices, key = order[i], keys[i]
