@@ -79,6 +79,8 @@ def paper_config() -> ml_collections.ConfigDict:
 ATTACK_VARIANTS = ('badnets', 'all2all', 'trojan', 'blend', 'sig', 'cl', 'refool', 'wanet')
 CLEAN_LABEL_RATE = 0.8  # share of the target class, as the NAD code's SIG (8% of CIFAR-10)
 CLEAN_LABEL_VARIANTS = ('sig', 'cl', 'refool')
+# CL's clean model for the PGD perturbation: the victim's architecture, 20 epochs.
+WRN_SURROGATE = dict(model='wrn16_1', epochs=20, learning_rate=0.1, lr_boundaries=(10, 15))
 
 
 def set_attack(config: ml_collections.ConfigDict, variant: str | None,

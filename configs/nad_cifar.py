@@ -14,7 +14,6 @@ from configs import common
 def get_config(arg=None):
   config = common.paper_config()
   config = common.set_attack(config, arg, 'configs/nad_cifar.py')
-  if arg == 'cl':  # the clean model for the PGD perturbation: WRN-16-1, 20 epochs
-    config.attack.surrogate.update(dict(model='wrn16_1', epochs=20, learning_rate=0.1,
-                                        lr_boundaries=(10, 15)))
+  if arg == 'cl':
+    config.attack.surrogate.update(common.WRN_SURROGATE)
   return config
