@@ -41,7 +41,8 @@ def paper_config() -> ml_collections.ConfigDict:
   config.data = ml_collections.ConfigDict(dict(
       source='tfds', name='cifar10', data_dir=ml_collections.config_dict.placeholder(str),
       path='', train_size=50_000, test_size=10_000, num_classes=10,
-      clean_fraction=0.05, eval_batch_size=1000))
+      clean_fraction=0.05, eval_batch_size=1000,
+      textures_per_class=1))  # synthetic: how many textures a class draws its images from
 
   # nad_jax/attacks/<name>.py documents each attack's fields and source paper.
   config.attack = ml_collections.ConfigDict(dict(

@@ -29,7 +29,7 @@ class DataError(ValueError):
 # ----------------------------------------------------------------------------- sources
 
 def synthetic(seed: int, train_size: int, test_size: int, num_classes: int = 10,
-              image_size: int = 32) -> Dataset:
+              image_size: int = 32, textures_per_class: int = 1) -> Dataset:
   """A procedural RGB dataset, made in memory from the seed.
 
   Each class owns a smooth periodic colour texture (a sum of a few random
@@ -38,11 +38,14 @@ def synthetic(seed: int, train_size: int, test_size: int, num_classes: int = 10,
   weaker texture of another class, plus pixel noise. The distractor sometimes
   comes close to the class texture, so even a good network stays below 100%
   clean accuracy; the dark margins make padded random crops look natural.
+  With `textures_per_class` > 1 each image draws one of its class's textures.
   """
+  if textures_per_class < 1:
+    raise DataError(f'data.textures_per_class must be >= 1, got {textures_per_class}')
   rng = np.random.default_rng([seed, 0])
   grid = np.arange(image_size) / image_size
-  textures = np.zeros((num_classes, image_size, image_size, 3))
-  for c in range(num_classes):
+  textures = np.zeros((num_classes * textures_per_class, image_size, image_size, 3))
+  for c in range(len(textures)):
     for _ in range(6):
       fy, fx = rng.integers(0, 4, 2)
       # Even in x, so a horizontal flip is only a shift: flipping keeps the class.
@@ -53,9 +56,12 @@ def synthetic(seed: int, train_size: int, test_size: int, num_classes: int = 10,
 
   def shifted(classes):
     n = len(classes)
+    chosen = classes
+    if textures_per_class > 1:  # no extra draw otherwise: the default stream stays as it was
+      chosen = classes * textures_per_class + rng.integers(0, textures_per_class, n)
     rows = (np.arange(image_size) + rng.integers(0, image_size, (n, 1))) % image_size
     cols = (np.arange(image_size) + rng.integers(0, image_size, (n, 1))) % image_size
-    return textures[classes[:, None, None], rows[:, :, None], cols[:, None, :]]
+    return textures[chosen[:, None, None], rows[:, :, None], cols[:, None, :]]
 
   def window(n):
     """A random box per image (the 'object'), 18 to 28 pixels a side; dark outside."""
@@ -135,7 +141,8 @@ def folder(path: str) -> Dataset:
 def load_dataset(cfg, seed: int) -> Dataset:
   """The dataset named by `config.data`."""
   if cfg.source == 'synthetic':
-    return synthetic(seed, cfg.train_size, cfg.test_size, cfg.num_classes)
+    return synthetic(seed, cfg.train_size, cfg.test_size, cfg.num_classes,
+                     textures_per_class=cfg.get('textures_per_class', 1))
   if cfg.source == 'tfds':
     return tfds_source(cfg.name, cfg.get('data_dir'))
   if cfg.source == 'folder':

@@ -42,3 +42,27 @@ def test_synthetic_is_balanced_and_not_trivial():
   ds = data.synthetic(0, 2000, 500)
   assert np.bincount(ds.train_labels, minlength=10).min() > 150
   assert ds.train_images.dtype == np.uint8 and 40 < ds.train_images.std() < 80
+
+
+def within_class_similarity(ds) -> float:
+  """Mean cosine similarity of same-class images' low-frequency amplitude spectra (which a
+  circular shift of the texture leaves unchanged)."""
+  x = ds.train_images.astype(float)
+  spectra = np.abs(np.fft.fft2(x - x.mean((1, 2), keepdims=True), axes=(1, 2)))[:, :5, :5]
+  spectra = spectra.reshape(len(x), -1)
+  spectra -= spectra.mean(0)
+  spectra /= np.linalg.norm(spectra, axis=1, keepdims=True)
+  means = []
+  for c in range(ds.num_classes):
+    same = spectra[ds.train_labels == c]
+    gram = same @ same.T
+    means.append((gram.sum() - np.trace(gram)) / (len(same) ** 2 - len(same)))
+  return float(np.mean(means))
+
+
+def test_synthetic_textures_per_class_varies_a_class():
+  one, three = (data.synthetic(0, 2000, 10, textures_per_class=k) for k in (1, 3))
+  assert np.bincount(three.train_labels, minlength=10).min() > 150
+  assert within_class_similarity(three) < 0.5 * within_class_similarity(one)
+  with pytest.raises(data.DataError, match='data.textures_per_class'):
+    data.synthetic(0, 10, 10, textures_per_class=0)
