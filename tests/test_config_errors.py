@@ -17,6 +17,7 @@ CASES = [
     ('--config.attack.target_label=10', 'attack.target_label'),
     ('--config.data.source=folder', 'data.path'),
     ('--config.data.path=/nonexistent/cifar', 'data.path'),
+    ('--config.data.textures_per_class=0', 'data.textures_per_class'),
     ('--config.nad.betas=(1.0,2.0)', 'nad.betas'),
     ("--config.nad.layers=('group1','group2','block9')", 'nad.layers'),
     ('--config.nad.eval_every=0', 'nad.eval_every'),
