@@ -59,6 +59,7 @@ def parse(argv=None):
                  help='persistent compilation cache dir (reruns skip compiling)')
   p.add_argument('--torch', default='auto', choices=('auto', 'on', 'off'))
   p.add_argument('--torch-threads', type=int, default=os.cpu_count())
+  p.add_argument('--torch-device', default='cpu', choices=('cpu', 'cuda'))
   p.add_argument('--out', default=os.path.join(ROOT, 'benchmarks', 'results', 'latest'))
   p.add_argument('--worker', default='', help=argparse.SUPPRESS)  # 'jax:N' or 'torch'
   p.add_argument('--result', default='', help=argparse.SUPPRESS)
@@ -218,12 +219,12 @@ def jax_worker(args, num_devices):
 
 def torch_worker(args):
   import torch_reference as R
-  R.setup(args.torch_threads)
+  R.setup(args.torch_threads, args.torch_device)
   rows = []
 
   def row(**kw):
-    kw.update(framework='pytorch', devices=1, backend='cpu', dtype='float32', load=load(),
-              threads=args.torch_threads)
+    kw.update(framework='pytorch', devices=1, backend=args.torch_device, dtype='float32',
+              load=load(), threads=args.torch_threads)
     print(json.dumps(kw), flush=True)
     rows.append(kw)
 
@@ -365,8 +366,10 @@ def main(argv=None):
     rows += got
   import jax
   backend = jax.default_backend()
+  accelerator = '' if backend == 'cpu' else jax.devices()[0].device_kind
   meta = {'command': 'python ' + ' '.join([os.path.relpath(__file__, ROOT), *sys.argv[1:]]),
           'date': time.strftime('%Y-%m-%d %H:%M:%S'), 'machine': machine(), 'backend': backend,
+          'accelerator': accelerator,
           'versions': versions(), 'xla_flags': flags_used, 'load_before': load_before,
           'load_after': os.getloadavg(), 'seconds': round(time.time() - started, 1),
           'args': {k: v for k, v in vars(args).items() if k not in ('worker', 'result')}}
@@ -375,11 +378,13 @@ def main(argv=None):
     json.dump({'meta': meta, 'rows': rows}, f, indent=1)
   m = meta['machine']
   md = (f"Command: `{meta['command']}`  \n"
-        f"Date: {meta['date']}; machine: {m['cpu']}, {m['cores']} cores; backend: {backend}; "
+        f"Date: {meta['date']}; machine: {m['cpu']}, {m['cores']} cores; backend: {backend}"
+        f"{' (' + accelerator + ')' if accelerator else ''}; "
         f"load average before/after: {load_before[0]:.2f} / {meta['load_after'][0]:.2f}  \n"
         f"Versions: {', '.join(f'{k} {v}' for k, v in meta['versions'].items())}  \n"
         f"XLA_FLAGS: {'; '.join(f'{k} dev: `{v}`' for k, v in flags_used.items())}  \n"
-        f"PyTorch threads: {args.torch_threads}; img/s after warm-up, best of {args.repeats}; "
+        f"PyTorch: {args.torch_device}, {args.torch_threads} threads; "
+        f"img/s after warm-up, best of {args.repeats}; "
         "eval img/s counts forwards (clean + triggered).\n\n" + table(rows) + '\n')
   with open(args.out + '.md', 'w') as f:
     f.write(md)

@@ -6,7 +6,8 @@ PreActResNet18. The NAD stage (`nad_stage`) follows the official NAD code: a
 DataLoader that augments each image on the host in numpy (random crop with 4
 pixels of zero padding, horizontal flip, one 3x3 Cutout hole), float32, SGD
 with Nesterov momentum, and a clean plus a triggered test pass after every
-epoch and once before.
+epoch and once before. `setup(..., device='cuda')` runs it on a GPU, batches moved
+there as the official code's `.cuda()` does.
 """
 
 import time
@@ -15,6 +16,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+DEVICE = torch.device('cpu')  # set by setup()
 
 
 # ------------------------------------------------------------------------------ models
@@ -159,21 +162,29 @@ def eval_forward(model, x):
   return model(x)[-1].argmax(1)
 
 
-def setup(threads):
+def setup(threads, device='cpu'):
+  global DEVICE
+  DEVICE = torch.device(device)
   torch.set_num_threads(threads)
   torch.manual_seed(0)
 
 
+def sync():
+  """Waits for the GPU's queued work, so that host timers measure it."""
+  if DEVICE.type == 'cuda':
+    torch.cuda.synchronize()
+
+
 def time_steps(kind, model_name, batch, steps, warmup=1):
   """Seconds per step of `kind` ('train', 'nad' or 'eval') after `warmup` steps."""
-  model = MODELS[model_name]()
-  x = torch.randn(batch, 3, 32, 32)
-  y = torch.randint(0, 10, (batch,))
+  model = MODELS[model_name]().to(DEVICE)
+  x = torch.randn(batch, 3, 32, 32, device=DEVICE)
+  y = torch.randint(0, 10, (batch,), device=DEVICE)
   if kind == 'train':
     opt = optimizer(model)
     fn = lambda: train_step(model, opt, x, y)
   elif kind == 'nad':
-    teacher = MODELS[model_name]().eval()
+    teacher = MODELS[model_name]().to(DEVICE).eval()
     for q in teacher.parameters():
       q.requires_grad_(False)
     opt = optimizer(model)
@@ -183,10 +194,12 @@ def time_steps(kind, model_name, batch, steps, warmup=1):
   start = time.perf_counter()
   for _ in range(warmup):
     fn()
+  sync()
   warm = time.perf_counter() - start
   start = time.perf_counter()
   for _ in range(steps):
     fn()
+  sync()
   return (time.perf_counter() - start) / steps, warm
 
 
@@ -227,7 +240,7 @@ def grid_trigger(images):
 def nad_stage(model_name, train_images, train_labels, test_images, test_labels, epochs=20,
               batch=64, eval_batch=64, target=5, log=print):
   """The official NAD stage: returns dict of wall seconds (total, train, eval) and accuracies."""
-  student, teacher = MODELS[model_name](), MODELS[model_name]().eval()
+  student, teacher = MODELS[model_name]().to(DEVICE), MODELS[model_name]().to(DEVICE).eval()
   for q in teacher.parameters():
     q.requires_grad_(False)
   opt = optimizer(student)
@@ -235,10 +248,11 @@ def nad_stage(model_name, train_images, train_labels, test_images, test_labels, 
   loader = torch.utils.data.DataLoader(AugmentedSet(train_images, train_labels), batch_size=batch,
                                        shuffle=True, drop_last=True)
   nontarget = test_labels != target
-  clean = torch.from_numpy(test_images.transpose(0, 3, 1, 2).astype(np.float32) / 255.0)
+  clean = torch.from_numpy(test_images.transpose(0, 3, 1, 2).astype(np.float32) / 255.0
+                           ).to(DEVICE)
   bad = torch.from_numpy(grid_trigger(test_images[nontarget]).transpose(0, 3, 1, 2)
-                         .astype(np.float32) / 255.0)
-  clean_y = torch.from_numpy(test_labels.astype(np.int64))
+                         .astype(np.float32) / 255.0).to(DEVICE)
+  clean_y = torch.from_numpy(test_labels.astype(np.int64)).to(DEVICE)
 
   def evaluate():
     correct = hits = 0
@@ -255,8 +269,9 @@ def nad_stage(model_name, train_images, train_labels, test_images, test_labels, 
   for epoch in range(epochs):
     s = time.perf_counter()
     for x, y in loader:
-      nad_step(student, teacher, opt, x, y)
+      nad_step(student, teacher, opt, x.to(DEVICE), y.to(DEVICE))
     sched.step()
+    sync()
     t_train += time.perf_counter() - s
     s = time.perf_counter()
     acc, asr = evaluate()
