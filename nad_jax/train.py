@@ -178,7 +178,8 @@ class TrainEpoch:
 
     def scan_steps(state, teacher, images, labels, poisoned, order, keys):
       body = lambda s, i: step(s, teacher, images, labels, poisoned, order, keys, i)
-      return jax.lax.scan(body, state, jnp.arange(order.shape[0]))
+      state, metrics = jax.lax.scan(body, state, jnp.arange(order.shape[0]))
+      return state, jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
 
     def schedule(key, num_images):
       """Each epoch's shuffled batches (the last partial batch is dropped) and step keys."""
@@ -193,22 +194,21 @@ class TrainEpoch:
 
   def compile(self, state, teacher, images, labels, poisoned) -> None:
     """Compiles ahead of time for these shapes; later calls reuse the executables."""
-    order, keys = jax.eval_shape(self._schedule, jax.random.key(0), images.shape[0])
+    # Calling the schedule once compiles it, so that the first epoch compiles nothing.
+    order, keys = self._schedule(jax.random.key(0), images.shape[0])
     extra = () if self.scan else (0,)
     self._update = self._update.lower(state, teacher, images, labels, poisoned, order, keys,
                                       *extra).compile()
 
   def __call__(self, state, teacher, images, labels, poisoned, key):
     order, keys = self._schedule(key, images.shape[0])
-    if self.scan:
-      state, metrics = self._update(state, teacher, images, labels, poisoned, order, keys)
-    else:
-      per_step = []
-      for i in range(order.shape[0]):
-        state, m = self._update(state, teacher, images, labels, poisoned, order, keys, i)
-        per_step.append(m)
-      metrics = jax.tree.map(lambda *m: jnp.stack(m), *per_step)
-    return state, jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
+    if self.scan:  # one dispatch, which also averages the steps' metrics
+      return self._update(state, teacher, images, labels, poisoned, order, keys)
+    per_step = []
+    for i in range(order.shape[0]):
+      state, m = self._update(state, teacher, images, labels, poisoned, order, keys, i)
+      per_step.append(m)
+    return state, jax.tree.map(lambda *m: jnp.mean(jnp.stack(m), axis=0), *per_step)
 
 
 # ---------------------------------------------------------------------------- evaluation

@@ -137,6 +137,44 @@ def test_one_and_four_devices_agree():
                params[1], params[4])
 
 
+def scan_and_step_epochs(compile_first):
+  """One epoch of the tiny net, scanned (the GPU/TPU default) and step by step (CPU's)."""
+  ds = data.synthetic(0, 64, 8)
+  model = models.build_model('tiny', 10)
+  attack = attacks.build_attack(tiny.get_config().attack, 10, (32, 32, 3))
+  mesh = train.make_mesh(1)
+  tx = optax.sgd(0.05, momentum=0.9)
+  recipe = train.Recipe(batch_size=16, crop_flip=True, cutout=3)
+  arrays = (ds.train_images, ds.train_labels, np.arange(64) % 4 == 0)
+  out = {}
+  for scan in (True, False):
+    state = train.init_state(model, tx, jax.random.key(0), (32, 32, 3))
+    epoch = train.TrainEpoch(model, tx, mesh, recipe, train.normalizer(None, None), attack, scan)
+    if compile_first:
+      epoch.compile(state, {}, *arrays)
+    compiles = []
+    listener = lambda event, duration, **_: compiles.append(event)
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+      out[scan] = jax.device_get(epoch(state, {}, *arrays, jax.random.key(1)))
+    finally:
+      jax.monitoring.unregister_event_duration_listener(listener)
+    out[scan, 'compiles'] = [e for e in compiles if e.startswith('/jax/core/compile/')]
+  return out
+
+
+def test_scanned_epoch_matches_step_by_step_and_compile_leaves_nothing_to_compile():
+  out = scan_and_step_epochs(compile_first=True)
+  (scanned, scan_metrics), (stepped, step_metrics) = out[True], out[False]
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5),
+               scanned.params, stepped.params)
+  np.testing.assert_allclose(scan_metrics['ce'], step_metrics['ce'], rtol=1e-5)
+  # The scanned epoch is one dispatch: after compile() its first call compiles nothing.
+  assert out[True, 'compiles'] == []
+  # The check can fail: without compile() the first call compiles.
+  assert scan_and_step_epochs(compile_first=False)[True, 'compiles']
+
+
 def test_same_seed_same_synthetic_data_and_subset():
   a, b = data.synthetic(3, 100, 10), data.synthetic(3, 100, 10)
   np.testing.assert_array_equal(a.train_images, b.train_images)
