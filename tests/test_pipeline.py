@@ -104,7 +104,7 @@ def test_sigkill_mid_stage_then_resume_gives_same_results(finished_run, tmp_path
     time.sleep(0.05)
   assert process.poll() is None, 'the run ended before it could be killed'
   process.send_signal(signal.SIGKILL)
-  process.wait()
+  process.communicate()  # reaps it and closes its pipes
   assert not os.path.exists(os.path.join(workdir, 'results.json'))
   assert os.listdir(tmp_path / 'xla_cache')
   resumed = run_main(workdir, cache)
