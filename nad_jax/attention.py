@@ -10,10 +10,28 @@ def attention_map(features: jax.Array, p: float = 2.0, eps: float = 1e-6) -> jax
   """Channel-pooled attention of NHWC features, L2-normalised per sample.
 
   A = sum_c |F_c|^p, flattened to (N, H*W) and divided by its L2 norm (+eps).
+  The gradient stays finite where a sample's features are all zero (it is 0
+  there, as with PyTorch's F.normalize).
+
+  Args:
+    features: (N, H, W, C) features, any float dtype.
+    p: the exponent, > 0.
+    eps: added to the norm.
+
+  Returns:
+    (N, H*W) float32 attention maps.
   """
-  a = jnp.sum(jnp.abs(features.astype(jnp.float32)) ** p, axis=-1)
+  magnitude = jnp.abs(features.astype(jnp.float32))
+  # Where-trick: the gradient of x**p at 0 is inf for p < 1, and 0 * inf is NaN.
+  positive = magnitude > 0
+  powered = jnp.where(positive, jnp.where(positive, magnitude, 1.0) ** p, 0.0)
+  a = jnp.sum(powered, axis=-1)
   a = a.reshape(a.shape[0], -1)
-  return a / (jnp.linalg.norm(a, axis=1, keepdims=True) + eps)
+  # The norm's gradient at 0 is NaN; same forward values as jnp.linalg.norm elsewhere.
+  squares = jnp.sum(a * a, axis=1, keepdims=True)
+  nonzero = squares > 0
+  norm = jnp.where(nonzero, jnp.sqrt(jnp.where(nonzero, squares, 1.0)), 0.0)
+  return a / (norm + eps)
 
 
 def at_loss(student: jax.Array, teacher: jax.Array, p: float = 2.0) -> jax.Array:

@@ -102,40 +102,130 @@ def tfds_source(name: str, data_dir: str | None) -> Dataset:
   return Dataset(*read('train'), *read('test'), num_classes)
 
 
-def folder(path: str) -> Dataset:
-  """Reads an ImageFolder tree `path/{train,test}/<class>/<image>` with Pillow.
+class FolderScan(NamedTuple):
+  """The images of an ImageFolder tree, found by name only (nothing is decoded)."""
+  classes: list[str]  # sorted class folder names; label i is classes[i]
+  train_files: list[str]  # image paths, class by class, sorted by name within a class
+  train_labels: np.ndarray  # (N_train,) int32
+  test_files: list[str]
+  test_labels: np.ndarray  # (N_test,) int32
+  skipped: list[str]  # hidden or non-image entries, relative to the root, sorted
 
-  Classes are the sorted sub-folder names of `train`, numbered from 0.
+
+def scan_folder(path: str) -> FolderScan:
+  """Lists the images of an ImageFolder tree `path/{train,test}/<class>/<image>`.
+
+  Hidden entries (a name starting with '.') are skipped at every level, and so
+  are files without an extension Pillow registers (case-insensitive), folders
+  inside class folders, and files beside the class folders.
+
+  Args:
+    path: the root folder.
+
+  Returns:
+    A FolderScan; classes are the sorted class folder names, numbered from 0.
+
+  Raises:
+    DataError: a split is missing, train has no class folders, the test classes
+      differ from the training classes, or a class folder holds no image.
   """
   from PIL import Image  # pylint: disable=g-import-not-at-top
+  extensions = {ext.lower() for ext in Image.registered_extensions()}
+  skipped = []
+
+  def entries(directory):
+    """Sorted (name, is_dir) of the visible entries; records hidden ones as skipped."""
+    visible = []
+    for entry in sorted(os.scandir(directory), key=lambda e: e.name):
+      if entry.name.startswith('.'):
+        skipped.append(os.path.relpath(entry.path, path))
+      else:
+        visible.append((entry.name, entry.is_dir()))
+    return visible
+
+  split_classes = {}
   for split in ('train', 'test'):
-    if not os.path.isdir(os.path.join(path, split)):
+    directory = os.path.join(path, split)
+    if not os.path.isdir(directory):
       raise DataError(f'data.path {path!r} has no {split!r} folder '
                       '(expected data.path/{train,test}/<class>/<image>)')
-  classes = sorted(d.name for d in os.scandir(os.path.join(path, 'train')) if d.is_dir())
+    split_classes[split] = []
+    for name, is_dir in entries(directory):
+      if is_dir:
+        split_classes[split].append(name)
+      else:
+        skipped.append(os.path.join(split, name))
+  classes = split_classes['train']
   if not classes:
     raise DataError(f'data.path {path!r}: no class folders in {path}/train')
+  missing = sorted(set(classes) - set(split_classes['test']))
+  extra = sorted(set(split_classes['test']) - set(classes))
+  if missing or extra:
+    raise DataError(f'data.path {path!r}: test classes differ from train classes '
+                    f'(in train but not in test: {missing}; in test but not in train: {extra})')
 
-  def read(file):
-    with Image.open(file) as image:
-      return np.asarray(image.convert('RGB'))
-
-  def load(split):
+  def images(split):
     files, labels = [], []
     for label, name in enumerate(classes):
       directory = os.path.join(path, split, name)
-      if not os.path.isdir(directory):
-        raise DataError(f'data.path {path!r}: class folder {directory} is missing')
-      names = sorted(os.listdir(directory))
-      files += [os.path.join(directory, n) for n in names]
-      labels += [label] * len(names)
-    with concurrent.futures.ThreadPoolExecutor(os.cpu_count()) as pool:
-      images = list(pool.map(read, files, chunksize=256))
-    if len({im.shape for im in images}) > 1:
-      raise DataError(f'data.path {path!r}: images of {split} differ in size')
-    return np.stack(images), np.asarray(labels, np.int32)
+      found = []
+      for file, is_dir in entries(directory):
+        if not is_dir and os.path.splitext(file)[1].lower() in extensions:
+          found.append(os.path.join(directory, file))
+        else:
+          skipped.append(os.path.join(split, name, file))
+      if not found:
+        raise DataError(f'data.path {path!r}: class folder {directory} holds no image')
+      files += found
+      labels += [label] * len(found)
+    return files, np.asarray(labels, np.int32)
 
-  return Dataset(*load('train'), *load('test'), len(classes))
+  train_files, train_labels = images('train')
+  test_files, test_labels = images('test')
+  return FolderScan(classes, train_files, train_labels, test_files, test_labels, sorted(skipped))
+
+
+def folder(path: str) -> Dataset:
+  """Reads an ImageFolder tree `path/{train,test}/<class>/<image>` with Pillow.
+
+  The tree is listed by `scan_folder`; when it skipped entries, one line names
+  how many (and the first few) on stdout.
+
+  Args:
+    path: the root folder.
+
+  Returns:
+    A Dataset of uint8 (N, H, W, 3) images and int32 (N,) labels.
+
+  Raises:
+    DataError: what `scan_folder` raises, an image file Pillow cannot decode,
+      or images that differ in size (across both splits).
+  """
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  scan = scan_folder(path)
+  if scan.skipped:
+    print(f'data.path {path!r}: skipped {len(scan.skipped)} entries that are not images '
+          f'or are hidden (e.g. {", ".join(scan.skipped[:3])})', flush=True)
+
+  def read(file):
+    try:
+      with Image.open(file) as image:
+        return np.asarray(image.convert('RGB'))
+    # Pillow reports undecodable or truncated files as OSError, SyntaxError or ValueError.
+    except (OSError, SyntaxError, ValueError) as e:
+      raise DataError(f'data.path {path!r}: cannot read image {file}: {e}') from e
+
+  files = scan.train_files + scan.test_files
+  with concurrent.futures.ThreadPoolExecutor(os.cpu_count()) as pool:
+    images = list(pool.map(read, files, chunksize=256))
+  for file, image in zip(files, images):
+    if image.shape != images[0].shape:
+      raise DataError(f'data.path {path!r}: images differ in size: {file} is '
+                      f'{image.shape[0]}x{image.shape[1]} but {files[0]} is '
+                      f'{images[0].shape[0]}x{images[0].shape[1]} (height x width)')
+  n = len(scan.train_files)
+  return Dataset(np.stack(images[:n]), scan.train_labels, np.stack(images[n:]), scan.test_labels,
+                 len(scan.classes))
 
 
 def load_dataset(cfg, seed: int) -> Dataset:

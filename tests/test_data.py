@@ -38,6 +38,95 @@ def test_folder_source_names_a_missing_split(tmp_path):
     data.folder(str(tmp_path))
 
 
+def image_tree(root, classes=('ant', 'cat'), count=2, size=(8, 8)):
+  """Writes tiny PNGs to root/{train,test}/<class>/<i>.png; returns root as a str."""
+  rng = np.random.default_rng(0)
+  for split in ('train', 'test'):
+    for name in classes:
+      (root / split / name).mkdir(parents=True, exist_ok=True)
+      for i in range(count):
+        Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(
+            root / split / name / f'{i}.png')
+  return str(root)
+
+
+def test_folder_skips_hidden_entries_and_keeps_labels(tmp_path, capsys):
+  path = image_tree(tmp_path)
+  for split in ('train', 'test'):  # as Jupyter leaves them: a hidden folder beside the classes
+    (tmp_path / split / '.ipynb_checkpoints').mkdir()
+  Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / 'train' / 'cat' / '.hidden.png')
+  ds = data.folder(path)
+  assert ds.num_classes == 2
+  assert list(ds.train_labels) == [0, 0, 1, 1] and list(ds.test_labels) == [0, 0, 1, 1]
+  assert 'skipped 3 entries' in capsys.readouterr().out
+  assert data.scan_folder(path).skipped == [
+      'test/.ipynb_checkpoints', 'train/.ipynb_checkpoints', 'train/cat/.hidden.png']
+
+
+def test_folder_skips_and_reports_non_image_files(tmp_path, capsys):
+  path = image_tree(tmp_path)
+  (tmp_path / 'train' / 'cat' / 'notes.txt').write_text('not an image')
+  Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / 'train' / 'cat' / 'UPPER.PNG')
+  ds = data.folder(path)
+  assert list(ds.train_labels) == [0, 0, 1, 1, 1]  # the .PNG counts: extensions ignore case
+  out = capsys.readouterr().out
+  assert out.startswith(f'data.path {path!r}: skipped 1 entries')
+  assert 'train/cat/notes.txt' in out
+
+
+def test_folder_prints_nothing_when_nothing_is_skipped(tmp_path, capsys):
+  data.folder(image_tree(tmp_path))
+  assert capsys.readouterr().out == ''
+
+
+def test_folder_names_an_image_pillow_cannot_read(tmp_path):
+  path = image_tree(tmp_path)
+  (tmp_path / 'test' / 'ant' / 'random.png').write_bytes(np.random.default_rng(0).bytes(64))
+  with pytest.raises(data.DataError, match=r'^data\.path .*test/ant/random\.png'):
+    data.folder(path)
+  (tmp_path / 'test' / 'ant' / 'random.png').unlink()
+  good = (tmp_path / 'train' / 'cat' / '0.png').read_bytes()
+  (tmp_path / 'train' / 'cat' / 'cut.png').write_bytes(good[:len(good) // 2])
+  with pytest.raises(data.DataError, match=r'^data\.path .*cut\.png'):
+    data.folder(path)
+
+
+def test_folder_names_an_empty_class_folder(tmp_path):
+  path = image_tree(tmp_path)
+  (tmp_path / 'train' / 'dog').mkdir()
+  (tmp_path / 'test' / 'dog').mkdir()
+  (tmp_path / 'train' / 'dog' / 'notes.txt').write_text('no image here')
+  with pytest.raises(data.DataError, match=r'^data\.path .*train/dog holds no image'):
+    data.folder(path)
+
+
+def test_folder_names_a_class_missing_from_test(tmp_path):
+  path = image_tree(tmp_path)
+  (tmp_path / 'train' / 'dog').mkdir()
+  Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / 'train' / 'dog' / '0.png')
+  with pytest.raises(data.DataError,
+                     match=r"^data\.path .*in train but not in test: \['dog'\]; "
+                           r'in test but not in train: \[\]'):
+    data.folder(path)
+
+
+def test_folder_names_an_extra_class_in_test(tmp_path):
+  path = image_tree(tmp_path)
+  (tmp_path / 'test' / 'dog').mkdir()
+  with pytest.raises(data.DataError,
+                     match=r"^data\.path .*in train but not in test: \[\]; "
+                           r"in test but not in train: \['dog'\]"):
+    data.folder(path)
+
+
+def test_folder_names_the_first_image_of_another_size(tmp_path):
+  path = image_tree(tmp_path)
+  Image.fromarray(np.zeros((8, 6, 3), np.uint8)).save(tmp_path / 'train' / 'cat' / 'wide.png')
+  with pytest.raises(data.DataError,
+                     match=r'^data\.path .*cat/wide\.png is 8x6 but .*ant/0\.png is 8x8'):
+    data.folder(path)
+
+
 def test_synthetic_is_balanced_and_not_trivial():
   ds = data.synthetic(0, 2000, 500)
   assert np.bincount(ds.train_labels, minlength=10).min() > 150
