@@ -21,19 +21,19 @@ def get_config(arg=None):
   if arg in LONG_RECIPE_VARIANTS:
     # These triggers only pay once the net starts fitting its hard images: 5 epochs leave
     # their ASR swinging between 5% and 90%; 15 (lr drops at 10, 13) settle it (about 90%
-    # or above for CL, Refool and WaNet, not for SIG: README, Attacks).
+    # or above for CL, Refool and WaNet, not for SIG: docs/attacks.md).
     config.backdoor_training = common.sgd_stage(15, 64, 0.05, lr_boundaries=(10, 13),
                                                 crop_flip=False)
   if arg in common.CLEAN_LABEL_VARIANTS:
     # The teacher's 5 epochs of 3 batches are 15 SGD steps (the paper's: 390). Whether they
     # remove a clean-label backdoor from the teacher is chance, and NAD keeps what its teacher
-    # keeps; 75 steps (batch 16, lr scaled by 16/64) remove it far more often (README, Attacks).
+    # keeps; 75 steps (batch 16, lr scaled by 16/64) remove it far more often (docs/attacks.md).
     config.teacher.batch_size = 16
     config.teacher.learning_rate = 0.025
   if arg == 'blend':
     # The noise blend lives in features that 15 steps of fine-tuning keep (seed 0: the teacher
     # keeps 91%, NAD 17%); a 75-step teacher at the paper's lr removes it in every seed, and
-    # NAD follows (README, Attacks).
+    # NAD follows (docs/attacks.md).
     config.teacher.batch_size = 16
   if arg == 'cl':
     # PGD against the tiny surrogate transfers weakly to WRN-16-1 (ASR 78-90 over seeds 0-2);
@@ -43,7 +43,7 @@ def get_config(arg=None):
     # Synthetic images are themselves blends of two textures, so a reflection must be strong
     # to stand out (0.05-0.45 and 0.2-0.5: ASR 80-87%), and it lives in features that clean
     # fine-tuning keeps: only a teacher and a NAD stage at 4x the paper's lr per image erase it
-    # in every seed (at 1-2x NAD leaves 12-90%; README, Attacks).
+    # in every seed (at 1-2x NAD leaves 12-90%; docs/attacks.md).
     config.attack.reflection_strength = (0.3, 0.6)
     config.teacher.learning_rate = 0.1
     config.nad.batch_size, config.nad.learning_rate = 16, 0.1

@@ -85,12 +85,50 @@ def synthetic(seed: int, train_size: int, test_size: int, num_classes: int = 10,
 
 
 def tfds_source(name: str, data_dir: str | None) -> Dataset:
-  """Loads train/test of a tfds builder; TensorFlow is imported only here."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  """Loads the train and test splits of a TensorFlow Datasets builder.
+
+  TensorFlow is imported only here (pip install 'nad-jax[tfds]'). A builder that is
+  not prepared in `data_dir` is downloaded and prepared first.
+
+  Args:
+    name: the tfds builder name (`config.data.name`), e.g. 'cifar10'.
+    data_dir: where tfds keeps prepared data (`config.data.data_dir`); None: tfds's
+      default, ~/tensorflow_datasets.
+
+  Returns:
+    A Dataset of uint8 (N, H, W, C) images and int32 (N,) labels.
+
+  Raises:
+    DataError: tfds is not installed, `name` is no tfds builder, or downloading or
+      preparing it failed (no network, a moved URL, a full disk); the message names
+      data.name and data.data_dir and says what to do.
+  """
+  try:
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise DataError(f"data.source 'tfds' needs TensorFlow Datasets ({e}): pip install "
+                    "'nad-jax[tfds]', or read an image folder with data.source='folder'") from None
   tf.config.set_visible_devices([], 'GPU')  # keep accelerators for JAX
-  builder = tfds.builder(name, data_dir=data_dir)
-  builder.download_and_prepare()
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except tfds.core.registered.DatasetNotFoundError:
+    raise DataError(f'data.name {name!r} is not a TensorFlow Datasets builder '
+                    '(tfds.list_builders() lists them)') from None
+  try:
+    builder.download_and_prepare()
+  except ImportError as e:  # a package tfds imports while preparing, not declared by it
+    raise DataError(f'data.name {name!r}: tfds needs a package that is not installed ({e}); '
+                    "pip install -c constraints.txt 'nad-jax[tfds]' installs what it needs"
+                    ) from None
+  except Exception as e:  # pylint: disable=broad-except  (network, checksum and I/O errors)
+    where = data_dir or '~/tensorflow_datasets (tfds default)'
+    reason = (str(e).strip().splitlines() or [''])[0][:300]
+    raise DataError(
+        f'data.name {name!r}: tfds could not download or prepare it into data.data_dir '
+        f'{where} ({type(e).__name__}: {reason}). Point data.data_dir at a folder holding a '
+        f'prepared copy (made with `tfds build {name} --data_dir=DIR` on a machine with '
+        "network), or read an image folder: data.source='folder', data.path=DIR") from None
 
   def read(split):
     # Chunks of 10,000 (batch_size=-1 aborts inside TensorFlow 2.21 on some builders).
