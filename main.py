@@ -4,6 +4,7 @@ python main.py --config=configs/quickstart.py --workdir=runs/q
 """
 
 import os
+import re
 import sys
 
 import jax
@@ -13,6 +14,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from nad_jax import pipeline
+from nad_jax import validation
 from nad_jax.defenses import table
 
 RUNNERS = {'nad': pipeline.run, 'table1': table.run}
@@ -21,6 +23,26 @@ FLAGS = flags.DEFINE_string('workdir', None, 'Where checkpoints and results.json
 config_flags.DEFINE_config_file('config', None, 'A configs/*.py file[:variant].',
                                 lock_config=True)
 flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with every error a user can cause (a missing config file, an
+  unknown variant or field, a value of the wrong type) as one line and exit status 1."""
+  try:
+    args = flags.FLAGS(argv)
+    if flags.FLAGS.config is not None:
+      flags.FLAGS.config.keys()  # a config file loads lazily: fail here, not later
+    return args
+  except Exception as e:  # pylint: disable=broad-except  (config_flags raises many kinds)
+    detail = e
+    while isinstance(detail, BaseException) and detail.args:  # AttributeError(KeyError(str))
+      detail = detail.args[0]
+    lines = [line.strip() for line in str(detail).splitlines() if line.strip()]
+    if isinstance(e, (AttributeError, KeyError)):
+      message = 'unknown config field ' + ' '.join(lines)
+    else:  # the last line names the cause, also where a config file's traceback is quoted
+      message = re.sub(r'^\w+(Error|Exception): ', '', lines[-1] if lines else repr(e))
+    sys.exit(f'error: {message}')
 
 
 def main(argv):
@@ -33,14 +55,12 @@ def main(argv):
   try:
     if config.distributed:
       jax.distributed.initialize()
-    run = pipeline.evaluate_only if config.eval_only else RUNNERS.get(config.runner)
-    if run is None:
-      raise pipeline.ConfigError(f'runner {config.runner!r} is unknown; '
-                                 f'choose one of {sorted(RUNNERS)}')
+    validation.validate(config)
+    run = pipeline.evaluate_only if config.eval_only else RUNNERS[config.runner]
     run(config, FLAGS.value)
-  except (pipeline.ConfigError, FloatingPointError) as e:
+  except (validation.ConfigError, FloatingPointError) as e:
     sys.exit(f'error: {e}')
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -13,9 +13,7 @@ To share one backdoored model between variants, point them at it:
   --config.student.checkpoint=runs/ablation_f001/backdoored
 """
 
-import ml_collections
 
-from configs import common
 from configs import quickstart
 
 FRACTIONS = ('0.01', '0.05', '0.1', '0.2')
@@ -35,9 +33,8 @@ def get_config(arg=None):
     if count < 4 * config.nad.batch_size:  # 1%: 50 images; keep a few steps per epoch
       config.nad.batch_size = config.teacher.batch_size = 16
   elif arg == 'teacher_scratch':
-    config.teacher = common.sgd_stage(
-        20, 64, 0.1, lr_boundaries=(10, 15), cutout=3, source='scratch',
-        checkpoint=ml_collections.config_dict.placeholder(str))
+    config.teacher.update(dict(epochs=20, batch_size=64, learning_rate=0.1,
+                               lr_boundaries=(10, 15), source='scratch'))
   elif arg.startswith('layers_group'):
     layer = arg.split('_')[1]
     config.nad.layers = (layer,)

@@ -9,10 +9,11 @@ The local JPEG copy: --config.data.source=folder --config.data.path=../shared/da
 """
 
 from configs import common
+from nad_jax import defaults
 
 
 def get_config(arg=None):
-  config = common.paper_config()
+  config = defaults.paper_config()
   config = common.set_attack(config, arg, 'configs/nad_cifar.py')
   if arg == 'cl':
     config.attack.surrogate.update(common.WRN_SURROGATE)

@@ -11,7 +11,7 @@ Run from the repository root:
   python -m nad_jax.torch_io export /tmp/nad_official/nad /tmp/nad_official/nad_model.pth
 """
 
-from configs import common
+from nad_jax import defaults
 
 OFFICIAL = '../shared/data/nad-official'
 
@@ -20,7 +20,7 @@ def get_config(arg=None):
   if arg not in (None, '', 'official_teacher', 'finetuned_teacher'):
     raise ValueError(f'configs/nad_official.py has no variant {arg!r}; '
                      'choose official_teacher (default) or finetuned_teacher')
-  config = common.paper_config()
+  config = defaults.paper_config()
   config.data.source = 'folder'
   config.data.path = '../shared/data/cifar10-jpeg'
   config.model.name = 'wrn16_1'

@@ -4,17 +4,18 @@ python main.py --config=configs/quickstart.py --workdir=runs/quickstart
 """
 
 from configs import common
+from nad_jax import defaults
 
 # Triggers learnt late: the clean-label ones and WaNet's subtle warp.
 LONG_RECIPE_VARIANTS = ('sig', 'cl', 'refool', 'wanet')
 
 
 def get_config(arg=None):
-  config = common.paper_config()
+  config = defaults.paper_config()
   config.data.source = 'synthetic'
   config.data.train_size = 5000
   config.data.test_size = 1000
-  config.backdoor_training = common.sgd_stage(5, 64, 0.05, lr_boundaries=(4,), crop_flip=False)
+  config.backdoor_training = defaults.sgd_stage(5, 64, 0.05, lr_boundaries=(4,), crop_flip=False)
   config.teacher.epochs = 5
   # Attack variants: configs/quickstart.py:ATTACK (see configs/common.py ATTACK_VARIANTS).
   config = common.set_attack(config, arg, 'configs/quickstart.py')
@@ -22,7 +23,7 @@ def get_config(arg=None):
     # These triggers only pay once the net starts fitting its hard images: 5 epochs leave
     # their ASR swinging between 5% and 90%; 15 (lr drops at 10, 13) settle it (about 90%
     # or above for CL, Refool and WaNet, not for SIG: docs/attacks.md).
-    config.backdoor_training = common.sgd_stage(15, 64, 0.05, lr_boundaries=(10, 13),
+    config.backdoor_training = defaults.sgd_stage(15, 64, 0.05, lr_boundaries=(10, 13),
                                                 crop_flip=False)
   if arg in common.CLEAN_LABEL_VARIANTS:
     # The teacher's 5 epochs of 3 batches are 15 SGD steps (the paper's: 390). Whether they

@@ -1,4 +1,8 @@
-"""Attention maps and the attention-distillation (AT) loss of NAD."""
+"""Attention maps and the attention-distillation (AT) loss of NAD.
+
+Attention transfer follows Zagoruyko & Komodakis, ICLR 2017; NAD (Li et al.,
+ICLR 2021) uses it between a fine-tuned teacher and the backdoored student.
+"""
 
 from collections.abc import Mapping, Sequence
 
@@ -35,12 +39,34 @@ def attention_map(features: jax.Array, p: float = 2.0, eps: float = 1e-6) -> jax
 
 
 def at_loss(student: jax.Array, teacher: jax.Array, p: float = 2.0) -> jax.Array:
-  """Mean squared difference of the two attention maps (mean over N*H*W)."""
+  """Mean squared difference of the two attention maps (mean over N*H*W).
+
+  A = `attention_map`; the loss is mean((A_s - A_t)^2), as the official NAD
+  code computes it (benchmarks/torch_reference.py), with no beta / 2 factor.
+
+  Args:
+    student: (N, H, W, C) features of the student, any float dtype.
+    teacher: (N, H, W, C') features of the teacher; the same N, H, W.
+    p: the attention exponent, > 0.
+
+  Returns:
+    float32 scalar.
+  """
   return jnp.mean((attention_map(student, p) - attention_map(teacher, p)) ** 2)
 
 
 def distillation_losses(student: Mapping[str, jax.Array], teacher: Mapping[str, jax.Array],
                         layers: Sequence[str], p: float) -> jax.Array:
-  """AT loss per distilled layer, shape (len(layers),); the teacher gets no gradient."""
+  """AT loss per distilled layer, shape (len(layers),); the teacher gets no gradient.
+
+  Args:
+    student: {layer name: (N, H, W, C) features} of the student.
+    teacher: the same layers of the teacher, same N, H, W.
+    layers: the names to distil (keys of both mappings).
+    p: the attention exponent, > 0.
+
+  Returns:
+    (len(layers),) float32, in `layers` order.
+  """
   return jnp.stack([at_loss(student[name], jax.lax.stop_gradient(teacher[name]), p)
                     for name in layers])

@@ -15,6 +15,15 @@ import numpy as np
 
 
 class Dataset(NamedTuple):
+  """Both splits of a dataset, on the host.
+
+  Attributes:
+    train_images: (N, H, W, C) uint8 in [0, 255].
+    train_labels: (N,) int32 in [0, num_classes).
+    test_images: (N_test, H, W, C) uint8 in [0, 255].
+    test_labels: (N_test,) int32 in [0, num_classes).
+    num_classes: the number of classes.
+  """
   train_images: np.ndarray  # (N, H, W, C) uint8
   train_labels: np.ndarray  # (N,) int32
   test_images: np.ndarray
@@ -39,6 +48,20 @@ def synthetic(seed: int, train_size: int, test_size: int, num_classes: int = 10,
   comes close to the class texture, so even a good network stays below 100%
   clean accuracy; the dark margins make padded random crops look natural.
   With `textures_per_class` > 1 each image draws one of its class's textures.
+
+  Args:
+    seed: fixes every draw (default_rng([seed, 0])).
+    train_size: the number of training images.
+    test_size: the number of test images.
+    num_classes: the number of classes (>= 2: the distractor is another class).
+    image_size: the side S of the square images.
+    textures_per_class: textures each class draws its images from, >= 1.
+
+  Returns:
+    A Dataset of uint8 (N, S, S, 3) images in [0, 255] and int32 (N,) labels.
+
+  Raises:
+    DataError: textures_per_class < 1.
   """
   if textures_per_class < 1:
     raise DataError(f'data.textures_per_class must be >= 1, got {textures_per_class}')
@@ -267,7 +290,21 @@ def folder(path: str) -> Dataset:
 
 
 def load_dataset(cfg, seed: int) -> Dataset:
-  """The dataset named by `config.data`."""
+  """The dataset named by `config.data`.
+
+  Args:
+    cfg: `config.data`: source ('synthetic' | 'tfds' | 'folder') and that
+      source's fields (synthetic: train_size, test_size, num_classes,
+      textures_per_class; tfds: name, data_dir; folder: path).
+    seed: the run's seed; only the synthetic source uses it.
+
+  Returns:
+    A Dataset of uint8 NHWC images in [0, 255] and int32 labels.
+
+  Raises:
+    DataError: an unknown source, a folder path that is not a directory, or
+      what `tfds_source`, `folder` or `synthetic` raise.
+  """
   if cfg.source == 'synthetic':
     return synthetic(seed, cfg.train_size, cfg.test_size, cfg.num_classes,
                      textures_per_class=cfg.get('textures_per_class', 1))
@@ -281,7 +318,16 @@ def load_dataset(cfg, seed: int) -> Dataset:
 
 
 def clean_subset(num_train: int, fraction: float, seed: int) -> np.ndarray:
-  """Sorted indices of the clean `fraction` of the training set the defender holds."""
+  """Sorted indices of the clean `fraction` of the training set the defender holds.
+
+  Args:
+    num_train: the training set size N.
+    fraction: a fraction in (0, 1] (`config.data.clean_fraction`, not a percentage).
+    seed: the run's seed; the generator is default_rng([seed, 1]).
+
+  Returns:
+    max(1, round(fraction * N)) distinct indices in [0, N), sorted, int64.
+  """
   rng = np.random.default_rng([seed, 1])
   count = max(1, int(round(fraction * num_train)))
   return np.sort(rng.choice(num_train, size=count, replace=False))
@@ -290,7 +336,16 @@ def clean_subset(num_train: int, fraction: float, seed: int) -> np.ndarray:
 # ----------------------------------------------------------------- on-device augmentation
 
 def random_crop(images: jax.Array, key: jax.Array, padding: int) -> jax.Array:
-  """Per-sample random crop of the zero-padded images back to their size."""
+  """Per-sample random crop of the zero-padded images back to their size.
+
+  Args:
+    images: (N, H, W, C) float32 in [0, 255].
+    key: PRNG key.
+    padding: zero pixels added on each side; offsets are uniform in [0, 2 * padding].
+
+  Returns:
+    (N, H, W, C), same dtype.
+  """
   n, h, w, _ = images.shape
   padded = jnp.pad(images, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
   offsets = jax.random.randint(key, (n, 2), 0, 2 * padding + 1)
@@ -299,12 +354,33 @@ def random_crop(images: jax.Array, key: jax.Array, padding: int) -> jax.Array:
 
 
 def random_flip(images: jax.Array, key: jax.Array) -> jax.Array:
+  """Flips each image left-right with probability 0.5.
+
+  Args:
+    images: (N, H, W, C), any dtype.
+    key: PRNG key.
+
+  Returns:
+    (N, H, W, C), same dtype.
+  """
   flip = jax.random.bernoulli(key, 0.5, (images.shape[0], 1, 1, 1))
   return jnp.where(flip, images[:, :, ::-1, :], images)
 
 
 def cutout(images: jax.Array, key: jax.Array, size: int) -> jax.Array:
-  """Zeroes one size x size hole per image, centred anywhere (clipped at the border)."""
+  """Zeroes one size x size hole per image, centred anywhere (clipped at the border).
+
+  Cutout (DeVries & Taylor, 2017). The hole spans rows and columns within
+  size // 2 of its centre, i.e. 2 * (size // 2) + 1 pixels a side.
+
+  Args:
+    images: (N, H, W, C) float32 in [0, 255].
+    key: PRNG key of the centres, uniform over the image.
+    size: the hole side in pixels.
+
+  Returns:
+    (N, H, W, C) float32, 0 inside the hole.
+  """
   n, h, w, _ = images.shape
   ky, kx = jax.random.split(key)
   cy = jax.random.randint(ky, (n, 1, 1, 1), 0, h)
@@ -316,7 +392,17 @@ def cutout(images: jax.Array, key: jax.Array, size: int) -> jax.Array:
 
 
 def augment(images: jax.Array, key: jax.Array, crop_flip: bool, cutout_size: int) -> jax.Array:
-  """The paper's augmentation: random crop (pad 4) + horizontal flip, optional Cutout."""
+  """The paper's augmentation: random crop (pad 4) + horizontal flip, optional Cutout.
+
+  Args:
+    images: (N, H, W, C) float32 in [0, 255].
+    key: PRNG key.
+    crop_flip: apply the random crop (zero padding 4) and flip.
+    cutout_size: the Cutout hole side in pixels; 0 disables it.
+
+  Returns:
+    (N, H, W, C) float32 in [0, 255].
+  """
   k_crop, k_flip, k_cut = jax.random.split(key, 3)
   if crop_flip:
     images = random_flip(random_crop(images, k_crop, 4), k_flip)

@@ -7,11 +7,18 @@
 - `mcr_curves`: ACC and ASR along the MCR curve, t from 0 to 1.
 """
 
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from nad_jax.attention import attention_map
+
+if TYPE_CHECKING:  # annotations only: figures.py imports no attack code at run time
+  from nad_jax.attacks.core import Attack
 
 
 def _pyplot():
@@ -21,8 +28,21 @@ def _pyplot():
   return plt
 
 
-def triggered_examples(attack, images, labels, count: int, seed: int):
-  """The first `count` test images whose backdoor label differs from theirs, triggered."""
+def triggered_examples(attack: 'Attack', images: np.ndarray, labels: np.ndarray, count: int,
+                       seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """The first `count` test images whose backdoor label differs from theirs, triggered.
+
+  Args:
+    attack: supplies the trigger and relabel.
+    images: (N, H, W, C) uint8 test images in [0, 255].
+    labels: (N,) int32 labels.
+    count: at most this many images.
+    seed: the trigger's PRNG key is key(seed + 7).
+
+  Returns:
+    (triggered (M, H, W, C) float32 in [0, 255], true labels (M,), backdoor
+    labels (M,)), M <= count.
+  """
   labels = np.asarray(labels)
   targets = np.asarray(attack.relabel(jnp.asarray(labels)))
   index = np.flatnonzero(targets != labels)[:count]
@@ -30,8 +50,23 @@ def triggered_examples(attack, images, labels, count: int, seed: int):
   return np.asarray(attack.trigger(x, jax.random.key(seed + 7))), labels[index], targets[index]
 
 
-def attention_maps(model, variables, images, normalize, layers, p: float = 2.0):
-  """{layer: (N, H, W) attention maps} of float `images` in [0, 255], and the predictions."""
+def attention_maps(model: nn.Module, variables: dict, images: np.ndarray,
+                   normalize: Callable[[jax.Array], jax.Array], layers: Sequence[str],
+                   p: float = 2.0) -> tuple[dict[str, np.ndarray], np.ndarray]:
+  """{layer: (N, H, W) attention maps} of float `images` in [0, 255], and the predictions.
+
+  Args:
+    model: the Flax module.
+    variables: its {'params', 'batch_stats'}.
+    images: (N, H, W, C) pixels in [0, 255].
+    normalize: `train.normalizer`'s function.
+    layers: names the model sows into 'intermediates'.
+    p: the attention exponent (`attention.attention_map`).
+
+  Returns:
+    ({layer: (N, h, w) float32 maps at that layer's resolution, each map with
+    L2 norm ~1}, (N,) predicted classes).
+  """
   logits, sown = model.apply(variables, normalize(jnp.asarray(images, jnp.float32)),
                              train=False, mutable=['intermediates'])
   maps = {}
@@ -41,9 +76,23 @@ def attention_maps(model, variables, images, normalize, layers, p: float = 2.0):
   return maps, np.asarray(jnp.argmax(logits, -1))
 
 
-def attention(path: str, model, models: dict, images, normalize, layers, p: float = 2.0,
-              title: str = '') -> None:
-  """One row per image: the triggered input, then each model's map at each layer."""
+def attention(path: str, model: nn.Module, models: dict, images: np.ndarray,
+              normalize: Callable[[jax.Array], jax.Array], layers: Sequence[str],
+              p: float = 2.0, title: str = '') -> None:
+  """One row per image: the triggered input, then each model's map at each layer.
+
+  The paper's attention figure (Li et al., ICLR 2021): backdoored, teacher, NAD.
+
+  Args:
+    path: the PNG file to write.
+    model: the Flax module all `models` share.
+    models: {column title: variables}, in column order.
+    images: (N, H, W, C) triggered images in [0, 255] (e.g. `triggered_examples`).
+    normalize: `train.normalizer`'s function.
+    layers: the sown layers to show.
+    p: the attention exponent.
+    title: a figure title; '' for none.
+  """
   plt = _pyplot()
   results = {name: attention_maps(model, v, images, normalize, layers, p)
              for name, v in models.items()}
@@ -75,7 +124,14 @@ def attention(path: str, model, models: dict, images, normalize, layers, p: floa
 
 
 def defense_curves(path: str, histories: dict, title: str = '') -> None:
-  """ACC (left) and ASR (right) per evaluated epoch, one line per defense ({name: history})."""
+  """ACC (left) and ASR (right) per evaluated epoch, one line per defense ({name: history}).
+
+  Args:
+    path: the PNG file to write.
+    histories: {defense name: list of per-epoch dicts}; those with 'acc' are
+      plotted, and need 'epoch', 'acc' and 'asr' (percentages in [0, 100]).
+    title: a figure title; '' for none.
+  """
   plt = _pyplot()
   fig, axes = plt.subplots(1, 2, figsize=(7.5, 2.8))
   for name, history in histories.items():
@@ -97,7 +153,14 @@ def defense_curves(path: str, histories: dict, title: str = '') -> None:
 
 
 def mcr_curves(path: str, curves: dict, t: float | None = None) -> None:
-  """ACC (dashed) and ASR (solid) along the curve, one colour per attack ({name: curve})."""
+  """ACC (dashed) and ASR (solid) along the curve, one colour per attack ({name: curve}).
+
+  Args:
+    path: the PNG file to write.
+    curves: {attack name: list of dicts with 't' in [0, 1] and 'acc', 'asr'
+      percentages in [0, 100]}.
+    t: the chosen point on the curve, marked by a vertical line; None: no line.
+  """
   plt = _pyplot()
   fig, ax = plt.subplots(figsize=(5, 3))
   for i, (name, curve) in enumerate(curves.items()):

@@ -22,100 +22,42 @@ from nad_jax import data as data_lib
 from nad_jax import models
 from nad_jax import torch_io
 from nad_jax import train as train_lib
+from nad_jax import validation
 from nad_jax.kernels import onednn
 
 STAGES = ('backdoored', 'teacher', 'nad')
+# The config section that trains a stage, where its name differs (FT trains with NAD's).
+SECTIONS = {'backdoored': 'backdoor_training', 'ft': 'nad'}
+ConfigError = validation.ConfigError
 METRICS = ('acc', 'acc_nontarget', 'asr')
-
-
-class ConfigError(ValueError):
-  """A config value, file or path the pipeline cannot use; the message names it."""
 
 
 class Context(NamedTuple):
   """What every stage shares: model, data on the devices, attack and evaluation."""
   config: Any
-  workdir: str
+  workdir: str | None  # None: stages keep no checkpoints
   model: Any
   mesh: Any
   normalize: Any
   attack: attacks_lib.Attack
   dataset: data_lib.Dataset
+  poisoned: np.ndarray  # (N,) bool: the training images the attack poisons
   test_set: train_lib.TestSet
   evaluate: Any
   abstract_variables: Any
+  checkpoints: dict  # {'backdoored' | 'teacher': variables} from student/teacher.checkpoint
 
 
 # -------------------------------------------------------------------------- validation
 
 def validate(config) -> None:
-  """Checks what can be checked before loading data; raises ConfigError."""
-  def require(ok, message):
-    if not ok:
-      raise ConfigError(message)
-  require(config.model.name in models.MODELS,
-          f'model.name {config.model.name!r} is unknown; choose one of {sorted(models.MODELS)}')
-  require(config.model.dtype in models.DTYPES,
-          f'model.dtype {config.model.dtype!r} is unknown; choose one of {sorted(models.DTYPES)}')
-  require(config.model.conv in models.CONVS,
-          f'model.conv {config.model.conv!r} is unknown; choose one of {models.CONVS}')
+  """validation.RULES, then whether oneDNN can be loaded where it is asked for."""
+  validation.validate(config)
   if config.model.conv == 'onednn':
-    require(jax.default_backend() == 'cpu' and jax.device_count() == 1,
-            "model.conv 'onednn' runs on one CPU device; this run has "
-            f'{jax.device_count()} {jax.default_backend()} device(s)')
     try:
       onednn.load()
     except onednn.OnednnUnavailable as e:
       raise ConfigError(f"model.conv 'onednn': {e}") from None
-  require(config.attack.name in attacks_lib.ATTACKS,
-          f'attack.name {config.attack.name!r} is unknown; '
-          f'choose one of {sorted(attacks_lib.ATTACKS)}')
-  require(0.0 <= config.attack.poison_rate <= 1.0,
-          f'attack.poison_rate must be in [0, 1], got {config.attack.poison_rate}')
-  require(0.0 < config.data.clean_fraction <= 1.0,
-          f'data.clean_fraction must be in (0, 1], got {config.data.clean_fraction}')
-  if config.data.source == 'folder':
-    require(bool(config.data.path) and os.path.isdir(config.data.path),
-            f'data.path {config.data.path!r} is not a directory')
-  devices = jax.device_count()
-  for stage in ('backdoor_training', 'teacher', 'nad'):
-    cfg = config[stage]
-    require(cfg.epochs >= 0, f'{stage}.epochs must be >= 0, got {cfg.epochs}')
-    require(cfg.batch_size > 0 and cfg.batch_size % devices == 0,
-            f'{stage}.batch_size must be a positive multiple of the {devices} devices, '
-            f'got {cfg.batch_size}')
-    require(cfg.learning_rate > 0, f'{stage}.learning_rate must be > 0, got {cfg.learning_rate}')
-    require(cfg.get('eval_every', 1) >= 1,
-            f'{stage}.eval_every must be >= 1, got {cfg.get("eval_every")}')
-  require(config.data.eval_batch_size % devices == 0,
-          f'data.eval_batch_size must be a multiple of the {devices} devices')
-  layers = distill_layers(config)
-  require(len(config.nad.betas) == len(layers),
-          f'nad.betas has {len(config.nad.betas)} weights for {len(layers)} layers {layers}')
-  for path_field in ('student.checkpoint', 'teacher.checkpoint'):
-    section, key = path_field.split('.')
-    path = config[section][key]
-    require(not path or os.path.exists(path), f'{path_field} {path!r} does not exist')
-
-
-def distill_layers(config) -> tuple[str, ...]:
-  """The layers NAD distils: `nad.layers`, or the model's low/middle/high groups."""
-  if config.nad.get('layers'):
-    return tuple(config.nad.layers)
-  model = models.build_model(config.model.name, 10)
-  return tuple(model.distill_layers)
-
-
-def validate_data(config, dataset: data_lib.Dataset) -> None:
-  if not 0 <= config.attack.target_label < dataset.num_classes:
-    raise ConfigError(f'attack.target_label must be in [0, {dataset.num_classes}), '
-                      f'got {config.attack.target_label}')
-  for stage, size in (('backdoor_training', len(dataset.train_images)),
-                      ('teacher', clean_count(config, dataset)),
-                      ('nad', clean_count(config, dataset))):
-    if config[stage].epochs and config[stage].batch_size > size:
-      raise ConfigError(f'{stage}.batch_size {config[stage].batch_size} exceeds the '
-                        f'{size} training images of that stage')
 
 
 def clean_count(config, dataset) -> int:
@@ -148,6 +90,25 @@ def recipe_for(stage_cfg, distill: tuple = (), layers: tuple = (), p: float = 2.
                           p=p)
 
 
+def open_stage(ctx: Context, name: str) -> ckpt_lib.StageCheckpoints:
+  """The stage's checkpoints in `workdir/name`, with the config fields that shape it
+  recorded there before its first epoch (validation.check_workdir reads them)."""
+  directory = os.path.join(ctx.workdir, name)
+  validation.record_stage(ctx.config, directory, name)
+  return ckpt_lib.StageCheckpoints(directory)
+
+
+def restore_stage(checkpoints: ckpt_lib.StageCheckpoints, name: str, epoch: int, state):
+  """(state, history) saved at `epoch`, laid out like `state`; ConfigError if it cannot be."""
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+  try:
+    restored = checkpoints.restore(epoch, abstract)
+  except ckpt_lib.CheckpointError as e:
+    raise ConfigError(f'{name}: {e}') from None
+  log(f'[{name}] resumed from epoch {epoch}')
+  return restored
+
+
 def train_stage(ctx: Context, name: str, stage_cfg, recipe: train_lib.Recipe, init_variables,
                 images, labels, poisoned, attack, teacher=None, key_stage: str | None = None):
   """Trains (or resumes) one stage; returns (variables, history, timing).
@@ -160,12 +121,10 @@ def train_stage(ctx: Context, name: str, stage_cfg, recipe: train_lib.Recipe, in
   tx = train_lib.make_optimizer(stage_cfg, steps_per_epoch)
   state = train_lib.state_from_variables(init_variables, tx)
   state = train_lib.replicate(state, ctx.mesh)
-  checkpoints = ckpt_lib.StageCheckpoints(os.path.join(ctx.workdir, name))
-  done = checkpoints.latest_epoch()
+  checkpoints = open_stage(ctx, name) if ctx.workdir is not None else None
+  done = checkpoints.latest_epoch() if checkpoints else None
   if done is not None:
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-    state, history = checkpoints.restore(done, abstract)
-    log(f'[{name}] resumed from epoch {done}')
+    state, history = restore_stage(checkpoints, name, done, state)
   else:
     done, history = 0, [{'epoch': 0, **evaluate(ctx, state.variables)}]
   timing = {'compile_s': 0.0, 'img_per_s': []}
@@ -174,6 +133,7 @@ def train_stage(ctx: Context, name: str, stage_cfg, recipe: train_lib.Recipe, in
     teacher = teacher if teacher is not None else {}
     run_epoch = train_lib.TrainEpoch(ctx.model, tx, ctx.mesh, recipe, ctx.normalize, attack,
                                      ctx.config.get('scan_epoch'))
+    log(f'[{name}] compiling the training step')
     start = time.perf_counter()
     run_epoch.compile(state, teacher, *on_device)
     timing['compile_s'] = round(time.perf_counter() - start, 2)
@@ -184,17 +144,22 @@ def train_stage(ctx: Context, name: str, stage_cfg, recipe: train_lib.Recipe, in
       state, losses = run_epoch(state, teacher, *on_device, jax.random.fold_in(stage_key, epoch))
       losses = jax.device_get(losses)
       seconds = time.perf_counter() - start
-      if not np.isfinite(losses['ce']) or not np.all(np.isfinite(losses['at'])):
-        raise FloatingPointError(f'{name}: the loss became non-finite in epoch {epoch + 1}; '
-                                 'lower its learning_rate')
+      distilled = any(recipe.betas)
+      if not np.isfinite(losses['ce']) or (distilled and not np.all(np.isfinite(losses['at']))):
+        section = SECTIONS.get(name, name)
+        raise FloatingPointError(
+            f'{name}: the loss became non-finite in epoch {epoch + 1} (ce {losses["ce"]}'
+            + (f', AT per layer {list(losses["at"])}; lower nad.betas '
+               f'{tuple(recipe.betas)} or {section}.learning_rate, or check nad.p {recipe.p}'
+               if distilled else f'; lower {section}.learning_rate') + ')')
       speed = steps_per_epoch * stage_cfg.batch_size / seconds
       timing['img_per_s'].append(round(speed, 1))
       entry = {'epoch': epoch + 1, 'ce': round(float(losses['ce']), 5)}
-      if recipe.betas:
+      if distilled:  # with every beta 0 the AT term is not computed, so not recorded
         entry['at'] = [round(float(a), 7) for a in losses['at']]
       message = (f'[{name}] epoch {epoch + 1}/{stage_cfg.epochs}  ce {entry["ce"]:.4f}'
                  + (f'  at {sum(b * a for b, a in zip(recipe.betas, entry["at"])):.4f}'
-                    if recipe.betas else ''))
+                    if distilled else ''))
       evaluated = evaluated_epoch(epoch + 1, stage_cfg)
       if evaluated:
         entry.update(evaluate(ctx, state.variables))
@@ -202,21 +167,39 @@ def train_stage(ctx: Context, name: str, stage_cfg, recipe: train_lib.Recipe, in
                     f'  asr {entry["asr"]:.2f}')
       history.append(entry)
       log(f'{message}  ({speed:.0f} img/s)')
-      if evaluated:
+      if evaluated and checkpoints:
         checkpoints.save(epoch + 1, state, history)
-  checkpoints.close()
+  if checkpoints:
+    checkpoints.close()
   return state.variables, history, timing
 
 
-def pretrained(ctx: Context, path: str, name: str):
-  """Variables from a checkpoint path, evaluated once; returns (variables, history, timing)."""
+def load_checkpoint(path: str, abstract_variables, field: str) -> dict:
+  """Variables from a PyTorch file (whatever its name) or a nad-jax stage folder.
+
+  Args:
+    path: the file or folder.
+    abstract_variables: the model's {'params', 'batch_stats'} shapes and dtypes.
+    field: the config field that named `path`, for the message.
+
+  Returns:
+    Host variables shaped like `abstract_variables`.
+
+  Raises:
+    ConfigError: one line naming `field` and `path`: missing, unreadable, or not this model.
+  """
   try:
-    if os.path.isfile(path) and path.endswith(torch_io.SUFFIXES):  # a PyTorch checkpoint
-      variables = torch_io.load(path, ctx.abstract_variables)
-    else:
-      variables = ckpt_lib.load_variables(path, ctx.abstract_variables)
+    if os.path.isfile(path):
+      return torch_io.load(path, abstract_variables)
+    if os.path.isdir(path):
+      return ckpt_lib.load_variables(path, abstract_variables)
+    raise ckpt_lib.CheckpointError(f'{path} does not exist')
   except ckpt_lib.CheckpointError as e:
-    raise ConfigError(f'{name}: {e}') from None
+    raise ConfigError(f'{field}: {e}') from None
+
+
+def pretrained(ctx: Context, variables, path: str, name: str):
+  """Loaded variables, evaluated once: (variables, history, timing) as a stage returns."""
   variables = train_lib.replicate(variables, ctx.mesh)
   log(f'[{name}] loaded {path}')
   return variables, [{'epoch': 0, 'checkpoint': path, **evaluate(ctx, variables)}], {}
@@ -224,18 +207,55 @@ def pretrained(ctx: Context, path: str, name: str):
 
 # -------------------------------------------------------------------------------- run
 
-def setup(config, workdir: str) -> Context:
+# The stages a config may load instead of training, and the fields that name the file.
+LOADABLE = {'backdoored': 'student.checkpoint', 'teacher': 'teacher.checkpoint'}
+
+
+def setup(config, workdir: str | None) -> Context:
+  """Checks the config, loads the data, builds the attack and model: what stages share.
+
+  Everything a user can get wrong is checked here, before any stage writes: the
+  config's rules, the data, the attack's poisoned samples, and the student and
+  teacher checkpoints (opened and checked against the model).
+
+  Raises:
+    ConfigError: naming the field, file or folder.
+  """
   validate(config)
+  log(f'loading the {config.data.source} data '
+      f'({config.data.get("path") or config.data.get("name") or "in memory"})')
   try:
     dataset = data_lib.load_dataset(config.data, config.seed)
   except data_lib.DataError as e:
     raise ConfigError(str(e)) from None
-  validate_data(config, dataset)
+  return make_context(config, dataset, workdir)
+
+
+def make_context(config, dataset: data_lib.Dataset, workdir: str | None) -> Context:
+  """The Context of a validated config over `dataset` (host arrays).
+
+  Args:
+    config: a config that passed `validate`.
+    dataset: the data the stages train and evaluate on.
+    workdir: where stages checkpoint; None: they keep nothing (the Python API).
+
+  Raises:
+    ConfigError: the rules that need the data, the attack, the checkpoints to load.
+  """
+  validation.validate_data(config, dataset.num_classes, len(dataset.train_images),
+                           clean_count(config, dataset), dataset.test_labels)
   try:
     attack = attacks_lib.build_attack(config.attack, dataset.num_classes,
                                       dataset.train_images.shape[1:], dataset)
   except ValueError as e:
     raise ConfigError(str(e)) from None
+  poisoned = attacks_lib.poison_mask(dataset.train_labels, attack, config.attack.poison_rate,
+                                     np.random.default_rng([config.seed, 2]))
+  if not config.student.checkpoint:
+    labels = dataset.train_labels
+    candidates = (int(np.sum(np.asarray(attack.relabel(labels)) == labels))
+                  if attack.clean_label else len(labels))
+    validation.validate_poisoning(config, int(poisoned.sum()), candidates)
   model = models.build_model(config.model.name, dataset.num_classes, config.model.dtype,
                              config.model.conv)
   mesh = train_lib.make_mesh()
@@ -244,15 +264,17 @@ def setup(config, workdir: str) -> Context:
   abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, *image_shape)),
                                                train=False, mutable=True))
   sown = tuple(abstract.pop('intermediates', {}))
-  unknown = [layer for layer in distill_layers(config) if layer not in sown]
+  unknown = [layer for layer in validation.distill_layers(config) if layer not in sown]
   if unknown:
     raise ConfigError(f'nad.layers {unknown} are not sown by {config.model.name}; '
                       f'choose from {sown}')
+  loaded = {stage: load_checkpoint(validation.lookup(config, field), abstract, field)
+            for stage, field in LOADABLE.items() if validation.lookup(config, field)}
   test_set = train_lib.make_test_set(dataset.test_images, dataset.test_labels,
                                      config.data.eval_batch_size, mesh)
-  return Context(config, workdir, model, mesh, normalize, attack, dataset, test_set,
+  return Context(config, workdir, model, mesh, normalize, attack, dataset, poisoned, test_set,
                  train_lib.make_evaluate(model, mesh, normalize, attack, config.get('scan_epoch')),
-                 abstract)
+                 abstract, loaded)
 
 
 def clean_data(ctx: Context):
@@ -262,21 +284,63 @@ def clean_data(ctx: Context):
   return ds.train_images[clean], ds.train_labels[clean], np.zeros(len(clean), bool)
 
 
+def finished(directory: str, epochs: int) -> bool:
+  """Whether the stage folder holds its last epoch's checkpoint."""
+  return max(ckpt_lib.finished_epochs(directory), default=-1) >= epochs
+
+
+PREPARED = 'prepared_training_set.npz'
+
+
+def victim_set(ctx: Context, directory: str | None):
+  """The training set the victim trains on, after `Attack.prepare` (e.g. CL's surrogate
+  training and PGD). It is kept in the stage folder until the stage finishes, so a
+  resumed stage reuses it instead of preparing it again."""
+  ds = ctx.dataset
+  if ctx.attack.prepare is None:
+    return ds.train_images, ds.train_labels, ctx.poisoned
+  if directory is None:
+    return attacks_lib.prepare(ctx.attack, ds.train_images, ds.train_labels, ctx.poisoned,
+                               ctx.config.seed)
+  path = os.path.join(directory, PREPARED)
+  if os.path.isfile(path):
+    with np.load(path) as saved:
+      log(f'[backdoored] reusing the prepared training set in {path}')
+      return saved['images'], saved['labels'], saved['poisoned']
+  prepared = attacks_lib.prepare(ctx.attack, ds.train_images, ds.train_labels, ctx.poisoned,
+                                 ctx.config.seed)
+  if jax.process_index() == 0:
+    os.makedirs(directory, exist_ok=True)
+    tmp = path + '.tmp.npz'
+    np.savez(tmp, images=prepared[0], labels=prepared[1], poisoned=prepared[2])
+    os.replace(tmp, path)
+  return prepared
+
+
 def backdoored_stage(ctx: Context):
-  """`student.checkpoint`, or the model trained under the attack: (variables, history, timing)."""
+  """`student.checkpoint`, or the model trained under the attack: (variables, history, timing).
+
+  A finished stage is restored without preparing the attack again.
+  """
   ds, config, seed = ctx.dataset, ctx.config, ctx.config.seed
-  poisoned = attacks_lib.poison_mask(ds.train_labels, ctx.attack, config.attack.poison_rate,
-                                     np.random.default_rng([seed, 2]))
-  log(f'{len(ds.train_images)} training images ({poisoned.sum()} poisoned by '
+  log(f'{len(ds.train_images)} training images ({ctx.poisoned.sum()} poisoned by '
       f'{ctx.attack.name}), {clean_count(config, ds)} clean for the defense, '
       f'{len(ds.test_images)} test; {jax.device_count()} {jax.default_backend()} device(s)')
-  if config.student.checkpoint:
-    return pretrained(ctx, config.student.checkpoint, 'backdoored')
+  if 'backdoored' in ctx.checkpoints:
+    return pretrained(ctx, ctx.checkpoints['backdoored'], config.student.checkpoint,
+                      'backdoored')
   init = ctx.model.init(jax.random.key(seed), jnp.zeros((1, *ds.train_images.shape[1:])),
                         train=False)
-  victim_set = attacks_lib.prepare(ctx.attack, ds.train_images, ds.train_labels, poisoned, seed)
-  return train_stage(ctx, 'backdoored', config.backdoor_training,
-                     recipe_for(config.backdoor_training), init, *victim_set, ctx.attack)
+  directory = ctx.workdir and os.path.join(ctx.workdir, 'backdoored')
+  if directory and finished(directory, config.backdoor_training.epochs):
+    training_set = ds.train_images, ds.train_labels, ctx.poisoned  # nothing left to train
+  else:
+    training_set = victim_set(ctx, directory)
+  result = train_stage(ctx, 'backdoored', config.backdoor_training,
+                       recipe_for(config.backdoor_training), init, *training_set, ctx.attack)
+  if directory and jax.process_index() == 0 and os.path.isfile(os.path.join(directory, PREPARED)):
+    os.remove(os.path.join(directory, PREPARED))
+  return result
 
 
 def teacher_stage(ctx: Context, student):
@@ -284,41 +348,59 @@ def teacher_stage(ctx: Context, student):
   student (teacher.source 'finetune', the paper's) or from a fresh initialisation
   ('scratch': an independently trained clean model)."""
   config = ctx.config
-  if config.teacher.checkpoint:
-    return pretrained(ctx, config.teacher.checkpoint, 'teacher')
-  source = config.teacher.get('source') or 'finetune'
-  if source == 'scratch':
+  if 'teacher' in ctx.checkpoints:
+    return pretrained(ctx, ctx.checkpoints['teacher'], config.teacher.checkpoint, 'teacher')
+  if config.teacher.source == 'scratch':
     shape = ctx.dataset.train_images.shape[1:]
     student = ctx.model.init(jax.random.key(config.seed + 1), jnp.zeros((1, *shape)),
                              train=False)
-  elif source != 'finetune':
-    raise ConfigError(f"teacher.source must be 'finetune' or 'scratch', got {source!r}")
   return train_stage(ctx, 'teacher', config.teacher, recipe_for(config.teacher), student,
                      *clean_data(ctx), None)
 
 
 def run(config, workdir: str) -> dict:
-  """Runs (or resumes) every stage and writes `workdir/results.json`."""
+  """Runs (or resumes) every stage and writes `workdir/results.json`.
+
+  Raises:
+    ConfigError: a bad config, data or checkpoint, or a workdir whose stages were
+      trained with other values (validation.check_workdir); nothing is written then.
+  """
   ctx = setup(config, workdir)
+  validation.check_workdir(config, workdir, STAGES)
   clean_images, clean_labels, no_poison = clean_data(ctx)
   stages = {'backdoored': backdoored_stage(ctx)}
   student = stages['backdoored'][0]
   stages['teacher'] = teacher_stage(ctx, student)
 
-  nad_recipe = recipe_for(config.nad, config.nad.betas, distill_layers(config), config.nad.p)
+  nad_recipe = recipe_for(config.nad, config.nad.betas, validation.distill_layers(config),
+                          config.nad.p)
   stages['nad'] = train_stage(ctx, 'nad', config.nad, nad_recipe, student, clean_images,
                               clean_labels, no_poison, None, teacher=stages['teacher'][0])
 
+  path = os.path.join(workdir, 'results.json')
   results = {
       'stages': {name: {k: history[-1][k] for k in METRICS}
                  for name, (_, history, _) in stages.items()},
       'history': {name: history for name, (_, history, _) in stages.items()},
-      'timing': {name: timing for name, (_, _, timing) in stages.items()},
+      'timing': kept_timing(path, {name: timing for name, (_, _, timing) in stages.items()}),
       'config': config.to_dict(),
   }
-  write_json(os.path.join(workdir, 'results.json'), results)
+  write_json(path, results)
   log(format_table(results['stages']))
   return results
+
+
+def kept_timing(path: str, timing: dict) -> dict:
+  """`timing`, where a stage trained nothing in this run, replaced by the timing that the
+  results file at `path` recorded for it, marked `from_earlier_run`."""
+  try:
+    with open(path) as f:
+      earlier = json.load(f)['timing']
+  except (OSError, ValueError, KeyError, TypeError):
+    return timing
+  return {name: ({**earlier[name], 'from_earlier_run': True}
+                 if not t.get('img_per_s') and earlier.get(name, {}).get('img_per_s') else t)
+          for name, t in timing.items()}
 
 
 def evaluate_only(config, workdir: str) -> dict:
@@ -327,11 +409,14 @@ def evaluate_only(config, workdir: str) -> dict:
   sources = {'backdoored': config.student.checkpoint or os.path.join(workdir, 'backdoored'),
              'teacher': config.teacher.checkpoint or os.path.join(workdir, 'teacher'),
              'nad': os.path.join(workdir, 'nad')}
-  stages = {}
   for name, path in sources.items():
     if not os.path.exists(path):  # a stage folder, or a PyTorch file
       raise ConfigError(f'eval_only: no checkpoint for stage {name!r} at {path}')
-    stages[name] = pretrained(ctx, path, name)[1][-1]
+  stages = {}
+  for name, path in sources.items():
+    variables = (ctx.checkpoints[name] if name in ctx.checkpoints else
+                 load_checkpoint(path, ctx.abstract_variables, f'eval_only: stage {name!r}'))
+    stages[name] = pretrained(ctx, variables, path, name)[1][-1]
   results = {'stages': {n: {k: m[k] for k in METRICS} for n, m in stages.items()},
              'checkpoints': sources}
   write_json(os.path.join(workdir, 'eval.json'), results)
@@ -340,13 +425,14 @@ def evaluate_only(config, workdir: str) -> dict:
 
 
 def write_json(path: str, content: dict) -> None:
-  """Writes atomically: a temporary file renamed over the target."""
+  """Writes atomically (a temporary file renamed over the target); NaN is refused."""
   if jax.process_index() != 0:
     return
+  text = json.dumps(content, indent=1, default=str, allow_nan=False)  # before any file is opened
   os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
   tmp = path + '.tmp'
   with open(tmp, 'w') as f:
-    json.dump(content, f, indent=1, default=str)
+    f.write(text)
   os.replace(tmp, path)
 
 

@@ -1,4 +1,4 @@
-"""PyTorch checkpoints <-> Flax variables, for the WideResNet family and PreAct-ResNet-18.
+"""PyTorch checkpoints <-> Flax variables: WideResNets, PreAct-ResNet-18, ResNet-18, VGG-19-BN.
 
 A Flax variable path maps to a PyTorch state_dict name by renaming each module
 (one small function per model family) and the leaf (`LEAVES`); conv kernels are
@@ -8,6 +8,9 @@ HWIO in Flax and OIHW in PyTorch, Dense kernels (in, out) vs Linear (out, in).
     params/block2/layer_0/convShortcut/kernel  <->  block2.layer.0.convShortcut.weight
   PreAct-ResNet-18 (BackdoorBench layout):
     params/layer2_0/shortcut/kernel            <->  layer2.0.shortcut.0.weight
+  ResNet-18 and VGG-19-BN (torchvision's, BackdoorBench's resnet18 and vgg19_bn):
+    params/layer2_0/downsample_1/scale         <->  layer2.0.downsample.1.weight
+    params/features_0/kernel                   <->  features.0.weight
   BatchNorm: params scale/bias <-> weight/bias, batch_stats mean/var <->
   running_mean/running_var (num_batches_tracked is ignored on import, 0 on export).
 
@@ -18,14 +21,13 @@ Export a stage that the pipeline trained to a PyTorch state_dict:
 """
 
 import argparse
+import os
 import re
 
 import numpy as np
 from flax import traverse_util
 
 from nad_jax.checkpoint import CheckpointError
-
-SUFFIXES = ('.pth', '.pt', '.tar')  # file names that pipeline.pretrained() reads with torch
 
 # (Flax collection, leaf name) -> PyTorch tensor name.
 LEAVES = {('params', 'kernel'): 'weight', ('params', 'scale'): 'weight',
@@ -46,15 +48,47 @@ def _preact_resnet(module: str) -> str:
   return 'shortcut.0' if module == 'shortcut' else re.sub(r'^(layer\d+)_(\d+)$', r'\1.\2', module)
 
 
-FAMILIES = {'wide_resnet': _wide_resnet, 'preact_resnet': _preact_resnet}
+def _torchvision(module: str) -> str:
+  """layer1_0 -> layer1.0, downsample_1 -> downsample.1, features_3 -> features.3, ...
+
+  torchvision's ResNet-18 and VGG-19-BN (BackdoorBench's resnet18 and vgg19_bn)
+  index their nn.Sequential children; Flax spells the '.' as '_'.
+  """
+  return re.sub(r'_(\d+)$', r'.\1', module)
 
 
-def family_of(variables) -> str:
-  return 'preact_resnet' if 'layer1_0' in variables['params'] else 'wide_resnet'
+FAMILIES = {'wide_resnet': _wide_resnet, 'preact_resnet': _preact_resnet,
+            'resnet': _torchvision, 'vgg': _torchvision}
 
 
-def torch_names(variables) -> dict:
-  """Flax variable path (tuple) -> PyTorch state_dict name, for every leaf of `variables`."""
+def family_of(variables: dict) -> str:
+  """The naming family of a model's variables: a key of FAMILIES.
+
+  Args:
+    variables: {'params', ...} of a model (arrays or ShapeDtypeStructs).
+
+  Returns:
+    'vgg' if params has 'features_0' (torchvision's VGG); 'resnet' if it has
+    'layer1_0' and 'fc' (torchvision's ResNet); 'preact_resnet' if it has
+    'layer1_0' (and 'linear'); else 'wide_resnet'.
+  """
+  params = variables['params']
+  if 'features_0' in params:
+    return 'vgg'
+  if 'layer1_0' in params:
+    return 'resnet' if 'fc' in params else 'preact_resnet'
+  return 'wide_resnet'
+
+
+def torch_names(variables: dict) -> dict:
+  """Flax variable path (tuple) -> PyTorch state_dict name, for every leaf of `variables`.
+
+  Args:
+    variables: {'params', 'batch_stats'} of a WideResNet or PreAct-ResNet-18.
+
+  Returns:
+    {('params', 'block1', 'layer_0', 'bn1', 'scale'): 'block1.layer.0.bn1.weight', ...}.
+  """
   rename = FAMILIES[family_of(variables)]
   names = {}
   for path in traverse_util.flatten_dict(variables):
@@ -67,18 +101,38 @@ def _permute(shape, order):
   return tuple(shape[i] for i in order.get(len(shape), range(len(shape))))
 
 
-def to_state_dict(variables) -> dict:
-  """Flax variables -> {PyTorch name: float32 numpy array in PyTorch layout}."""
+def to_state_dict(variables: dict) -> dict:
+  """Flax variables -> {PyTorch name: float32 numpy array in PyTorch layout}.
+
+  Args:
+    variables: {'params', 'batch_stats'} of a WideResNet or PreAct-ResNet-18.
+
+  Returns:
+    {name: float32 array}; conv kernels OIHW, Linear weights (out, in).
+  """
   flat = traverse_util.flatten_dict(variables)
   return {name: np.transpose(np.asarray(flat[path], np.float32), TO_TORCH.get(flat[path].ndim))
           for path, name in torch_names(variables).items()}
 
 
-def from_state_dict(state_dict: dict, abstract_variables, source: str = 'state_dict') -> dict:
+def from_state_dict(state_dict: dict, abstract_variables: dict, source: str = 'state_dict') -> dict:
   """{PyTorch name: array} -> Flax {'params', 'batch_stats'} shaped like `abstract_variables`.
 
   A 'module.' prefix (DataParallel) is stripped and num_batches_tracked ignored.
   Missing or unexpected names and mis-shaped tensors raise one CheckpointError.
+
+  Args:
+    state_dict: {PyTorch name: array in PyTorch layout}.
+    abstract_variables: {'params', 'batch_stats'} of the configured model, as
+      arrays or ShapeDtypeStructs.
+    source: what the message calls the state_dict (e.g. its file).
+
+  Returns:
+    Nested numpy variables in Flax layout, with `abstract_variables`' dtypes.
+
+  Raises:
+    CheckpointError: the names or shapes do not fit the model; the message
+      lists up to 12 of each kind.
   """
   state_dict = {k.removeprefix('module.'): v for k, v in state_dict.items()
                 if not k.endswith('num_batches_tracked')}
@@ -113,13 +167,49 @@ def _torch():
   return torch
 
 
+# Sentences of a torch.load error that advise loading unsafely or merely point elsewhere.
+ADVICE = re.compile(r'weights.only|safe_globals|trust|documentation|file an issue', re.IGNORECASE)
+
+
+def _load_failure(error: Exception) -> str:
+  """The gist of a torch.load error as one short line, without its advice.
+
+  PyTorch's message spans several lines and suggests `weights_only=False`, which
+  runs arbitrary code from a file of unknown origin; only what went wrong is kept.
+  """
+  text = re.sub(r'\x1b\[[0-9;]*m', '', str(error))  # ANSI bold around a warning
+  text = text.split('WeightsUnpickler error:')[-1]
+  sentences = [s.strip() for line in text.splitlines() for s in re.split(r'(?<=[.?!])\s+', line)]
+  gist = ' '.join(s for s in sentences if s and not ADVICE.search(s))
+  gist = f'{type(error).__name__}: {gist}' if gist else type(error).__name__
+  return gist if len(gist) <= 200 else gist[:197] + '...'
+
+
 def read_state_dict(path: str) -> dict:
-  """A .pth/.pt/.pth.tar file -> {name: float32 numpy array}; accepts {'state_dict': ...} too."""
+  """Reads a PyTorch checkpoint file, whatever its name, without running code from it.
+
+  Args:
+    path: a file written by torch.save (.pth, .pt, .pth.tar, .ckpt, ...).
+
+  Returns:
+    {name: numpy array}, floats as float32; {'state_dict': {...}} is unwrapped.
+
+  Raises:
+    CheckpointError: `path` is missing, a folder, or not a state_dict that
+      torch.load reads with weights_only=True; the message is one line.
+  """
+  if not os.path.exists(path):
+    raise CheckpointError(f'{path} does not exist')
+  if os.path.isdir(path):
+    raise CheckpointError(f'{path} is a folder, not a PyTorch checkpoint file')
+  if os.path.getsize(path) == 0:
+    raise CheckpointError(f'{path} is an empty file, not a PyTorch checkpoint')
   torch = _torch()
   try:
     content = torch.load(path, map_location='cpu', weights_only=True)
   except Exception as e:  # pylint: disable=broad-except  (unpickling, zip and I/O errors)
-    raise CheckpointError(f'cannot read PyTorch checkpoint {path}: {e}') from None
+    raise CheckpointError(f'{path} is not a PyTorch checkpoint nad-jax can read safely '
+                          f'(torch.load with weights_only=True failed: {_load_failure(e)})') from None
   if isinstance(content, dict) and isinstance(content.get('state_dict'), dict):
     content = content['state_dict']
   if not isinstance(content, dict) or not all(torch.is_tensor(v) for v in content.values()):
@@ -129,13 +219,34 @@ def read_state_dict(path: str) -> dict:
           for k, v in content.items()}
 
 
-def load(path: str, abstract_variables) -> dict:
-  """Flax variables from a PyTorch checkpoint file, checked against `abstract_variables`."""
+def load(path: str, abstract_variables: dict) -> dict:
+  """Flax variables from a PyTorch checkpoint file, checked against `abstract_variables`.
+
+  Args:
+    path: a file torch.save wrote.
+    abstract_variables: {'params', 'batch_stats'} of the configured model.
+
+  Returns:
+    As `from_state_dict`.
+
+  Raises:
+    CheckpointError: as `read_state_dict` and `from_state_dict`.
+  """
   return from_state_dict(read_state_dict(path), abstract_variables, path)
 
 
-def save(variables, path: str) -> None:
-  """Writes `variables` as a plain PyTorch state_dict (loads with strict=True)."""
+def save(variables: dict, path: str) -> None:
+  """Writes `variables` as a plain PyTorch state_dict (loads with strict=True).
+
+  Each BatchNorm also gets num_batches_tracked = 0.
+
+  Args:
+    variables: {'params', 'batch_stats'} of a WideResNet or PreAct-ResNet-18.
+    path: the file to write.
+
+  Raises:
+    CheckpointError: torch is not installed.
+  """
   torch = _torch()
   state_dict = {}
   for name, array in to_state_dict(variables).items():
@@ -145,7 +256,19 @@ def save(variables, path: str) -> None:
   torch.save(state_dict, path)
 
 
-def main(argv=None) -> None:
+def main(argv: list[str] | None = None) -> None:
+  """The command line: `export CHECKPOINT OUTPUT [--model NAME] [--num_classes N]`.
+
+  Exports a nad-jax checkpoint (a stage folder or one epoch of it) of a model
+  on 32x32 RGB images to a PyTorch .pth file.
+
+  Args:
+    argv: the arguments; None: sys.argv[1:].
+
+  Raises:
+    SystemExit: bad arguments, or an unknown model or unusable checkpoint (the
+      message starts 'error:').
+  """
   parser = argparse.ArgumentParser(prog='python -m nad_jax.torch_io', description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   commands = parser.add_subparsers(dest='command', required=True)

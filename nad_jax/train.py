@@ -9,7 +9,7 @@ global batch, exactly as on one device.
 """
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import flax
@@ -27,13 +27,22 @@ from nad_jax.attention import distillation_losses
 
 @flax.struct.dataclass
 class TrainState:
+  """A model's training state; a pytree (flax.struct), saved whole by `checkpoint`.
+
+  Attributes:
+    step: int32 scalar, optimiser steps taken.
+    params: the model's 'params' collection (float32).
+    batch_stats: its 'batch_stats' collection (BatchNorm running mean/var); {} if none.
+    opt_state: the optax state of `params`.
+  """
   step: jax.Array
   params: Any
   batch_stats: Any
   opt_state: Any
 
   @property
-  def variables(self):
+  def variables(self) -> dict:
+    """{'params', 'batch_stats'}: what `model.apply` takes."""
     return {'params': self.params, 'batch_stats': self.batch_stats}
 
 
@@ -50,13 +59,29 @@ class Recipe(NamedTuple):
 # -------------------------------------------------------------------------- mesh & data
 
 def make_mesh(num_devices: int | None = None) -> jax.sharding.Mesh:
+  """A 1-D mesh with the axis 'data' over which batches are sharded.
+
+  Args:
+    num_devices: use the first this many of `jax.devices()`; None or 0: all.
+
+  Returns:
+    The Mesh (Auto axis type).
+  """
   devices = jax.devices()[:num_devices] if num_devices else jax.devices()
   return jax.make_mesh((len(devices),), ('data',), devices=devices,
                        axis_types=(jax.sharding.AxisType.Auto,))
 
 
-def replicate(tree, mesh):
-  """Places host arrays on every device of the mesh (works across hosts too)."""
+def replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:
+  """Places host arrays on every device of the mesh (works across hosts too).
+
+  Args:
+    tree: a pytree of host arrays (anything np.asarray takes), equal on every host.
+    mesh: the device mesh.
+
+  Returns:
+    The same pytree of fully replicated jax.Arrays, dtypes kept.
+  """
   sharding = NamedSharding(mesh, P())
 
   def put(x):
@@ -65,8 +90,19 @@ def replicate(tree, mesh):
   return jax.tree.map(put, tree)
 
 
-def normalizer(mean: Sequence[float] | None, std: Sequence[float] | None):
-  """Maps float pixels in [0, 255] to the model's input scale: [0, 1], then (x-mean)/std."""
+def normalizer(mean: Sequence[float] | None, std: Sequence[float] | None
+               ) -> Callable[[jax.Array], jax.Array]:
+  """Maps float pixels in [0, 255] to the model's input scale: [0, 1], then (x-mean)/std.
+
+  Args:
+    mean: per-channel means on the [0, 1] scale (`config.model.mean`), or None
+      for no standardisation (then `std` is ignored).
+    std: per-channel standard deviations on the [0, 1] scale; set with `mean`.
+
+  Returns:
+    normalize(images): (N, H, W, C) float32 pixels in [0, 255] -> float32 of the
+    same shape, in [0, 1] without mean, standardised with it. Jittable.
+  """
   def normalize(images):
     images = images / 255.0
     if mean is not None:
@@ -78,7 +114,19 @@ def normalizer(mean: Sequence[float] | None, std: Sequence[float] | None):
 # ------------------------------------------------------------------------------ training
 
 def make_optimizer(cfg, steps_per_epoch: int) -> optax.GradientTransformation:
-  """SGD with PyTorch-style coupled weight decay and a per-epoch step schedule."""
+  """SGD with PyTorch-style coupled weight decay and a per-epoch step schedule.
+
+  Weight decay is added to the gradient before momentum (torch.optim.SGD's
+  weight_decay); the learning rate is multiplied by `lr_decay` at each boundary.
+
+  Args:
+    cfg: a stage's optimiser config with learning_rate, lr_boundaries (epochs),
+      lr_decay, weight_decay, momentum (0 or None: plain SGD) and nesterov.
+    steps_per_epoch: optimiser steps per epoch, to turn epochs into steps.
+
+  Returns:
+    The optax transformation.
+  """
   schedule = optax.piecewise_constant_schedule(
       cfg.learning_rate,
       {int(epoch) * steps_per_epoch: cfg.lr_decay for epoch in cfg.lr_boundaries})
@@ -86,12 +134,33 @@ def make_optimizer(cfg, steps_per_epoch: int) -> optax.GradientTransformation:
                      optax.sgd(schedule, momentum=cfg.momentum or None, nesterov=cfg.nesterov))
 
 
-def init_state(model: nn.Module, tx, key, image_shape) -> TrainState:
+def init_state(model: nn.Module, tx: optax.GradientTransformation, key: jax.Array,
+               image_shape: Sequence[int]) -> TrainState:
+  """A freshly initialised TrainState.
+
+  Args:
+    model: the Flax module.
+    tx: the optimiser.
+    key: PRNG key for `model.init`.
+    image_shape: (H, W, C) of one input image.
+
+  Returns:
+    The state at step 0.
+  """
   variables = model.init(key, jnp.zeros((1, *image_shape)), train=False)
   return state_from_variables(variables, tx)
 
 
-def state_from_variables(variables, tx) -> TrainState:
+def state_from_variables(variables: dict, tx: optax.GradientTransformation) -> TrainState:
+  """A TrainState at step 0 around given variables, with a fresh optimiser state.
+
+  Args:
+    variables: {'params', optionally 'batch_stats'}; other collections are dropped.
+    tx: the optimiser.
+
+  Returns:
+    The state; batch_stats is {} where `variables` has none.
+  """
   params = variables['params']
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     batch_stats=variables.get('batch_stats', {}), opt_state=tx.init(params))
@@ -103,6 +172,9 @@ def scan_by_default() -> bool:
   On accelerators it removes per-step dispatch. XLA:CPU runs convolutions
   inside a while loop about 20x slower than at the top level (15 vs 320 img/s
   for WRN-16-1), so on CPU each step is its own dispatch.
+
+  Returns:
+    True unless the default backend is CPU.
   """
   return jax.default_backend() != 'cpu'
 
@@ -115,16 +187,33 @@ def cpu_compiler_options(training: bool) -> dict[str, str]:
   cores. Its other fusions (convolutions, element-wise) are slower than XLA's,
   and in evaluation, which has no large reductions, every YNNPACK fusion costs
   time. Other backends get no options.
+
+  Args:
+    training: options for the training step (True) or evaluation (False).
+
+  Returns:
+    XLA compiler options for `jax.jit(..., compiler_options=...)`; {} off CPU.
   """
   if jax.default_backend() != 'cpu':
     return {}
   return {'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_REDUCE' if training else ''}
 
 
-def make_loss(model: nn.Module, recipe: Recipe):
+def make_loss(model: nn.Module, recipe: Recipe) -> Callable[..., tuple[jax.Array, tuple]]:
   """loss(params, batch_stats, teacher, x, y) -> (total, (batch_stats, ce, at per layer)).
 
   Cross-entropy, plus sum(betas * AT) against the frozen teacher when a beta is non-zero.
+  This is NAD's objective (Li et al., ICLR 2021), with the AT loss of `attention.at_loss`.
+
+  Args:
+    model: the student's Flax module (the teacher shares it).
+    recipe: supplies betas, layers (sown names) and p.
+
+  Returns:
+    loss(params, batch_stats, teacher, x, y): teacher is the teacher's variables
+    (unused without distillation), x (N, H, W, C) normalised float32 inputs, y (N,)
+    int32 labels; it returns (total float32 scalar, (new batch_stats, mean CE
+    float32 scalar, (len(betas),) float32 AT losses, zeros without distillation)).
   """
   distill = any(recipe.betas)
   betas = jnp.asarray(recipe.betas, jnp.float32)
@@ -150,8 +239,22 @@ class TrainEpoch:
   gradient. `compile(...)` compiles ahead of time so that its cost is known.
   """
 
-  def __init__(self, model: nn.Module, tx, mesh, recipe: Recipe, normalize,
+  def __init__(self, model: nn.Module, tx: optax.GradientTransformation,
+               mesh: jax.sharding.Mesh, recipe: Recipe,
+               normalize: Callable[[jax.Array], jax.Array],
                attack: Attack | None, scan: bool | None = None):
+    """Builds the jitted step (or scanned epoch); nothing is compiled yet.
+
+    Args:
+      model: the student's Flax module.
+      tx: the optimiser.
+      mesh: the mesh whose 'data' axis shards the batches.
+      recipe: batch size, augmentation and distillation settings.
+      normalize: `normalizer`'s function, applied after augmentation and trigger.
+      attack: poisons the samples marked `poisoned`; None: no poisoning.
+      scan: one dispatch per epoch (lax.scan) if True, one per step if False;
+        None: `scan_by_default()`.
+    """
     self.recipe = recipe
     self.scan = scan_by_default() if scan is None else scan
     batch_sharding = NamedSharding(mesh, P('data'))
@@ -192,15 +295,36 @@ class TrainEpoch:
     self._update = jax.jit(scan_steps if self.scan else step, donate_argnums=0,
                            compiler_options=cpu_compiler_options(training=True))
 
-  def compile(self, state, teacher, images, labels, poisoned) -> None:
-    """Compiles ahead of time for these shapes; later calls reuse the executables."""
+  def compile(self, state: TrainState, teacher: Any, images: jax.Array, labels: jax.Array,
+              poisoned: jax.Array) -> None:
+    """Compiles ahead of time for these shapes; later calls reuse the executables.
+
+    Args:
+      state, teacher, images, labels, poisoned: as for `__call__` (the key is not
+        needed); only their shapes, dtypes and shardings matter.
+    """
     # Calling the schedule once compiles it, so that the first epoch compiles nothing.
     order, keys = self._schedule(jax.random.key(0), images.shape[0])
     extra = () if self.scan else (0,)
     self._update = self._update.lower(state, teacher, images, labels, poisoned, order, keys,
                                       *extra).compile()
 
-  def __call__(self, state, teacher, images, labels, poisoned, key):
+  def __call__(self, state: TrainState, teacher: Any, images: jax.Array, labels: jax.Array,
+               poisoned: jax.Array, key: jax.Array) -> tuple[TrainState, dict]:
+    """Runs one epoch over a fresh shuffle; the last partial batch is dropped.
+
+    Args:
+      state: the replicated TrainState; donated (do not reuse it after the call).
+      teacher: the teacher's {'params', 'batch_stats'}, or {} without distillation.
+      images: (N, H, W, C) uint8 training images in [0, 255], on the devices.
+      labels: (N,) int32 labels.
+      poisoned: (N,) bool, True where the attack triggers and relabels.
+      key: PRNG key of the epoch's shuffle, augmentation and triggers.
+
+    Returns:
+      (new state, {'ce': float32 scalar, 'at': (len(betas),) float32}), the
+      metrics averaged over the epoch's steps.
+    """
     order, keys = self._schedule(key, images.shape[0])
     if self.scan:  # one dispatch, which also averages the steps' metrics
       return self._update(state, teacher, images, labels, poisoned, order, keys)
@@ -220,7 +344,19 @@ class TestSet(NamedTuple):
   valid: jax.Array   # (batches, batch) bool
 
 
-def make_test_set(images: np.ndarray, labels: np.ndarray, batch_size: int, mesh) -> TestSet:
+def make_test_set(images: np.ndarray, labels: np.ndarray, batch_size: int,
+                  mesh: jax.sharding.Mesh) -> TestSet:
+  """Pads the test split with zeros to whole batches and replicates it on the mesh.
+
+  Args:
+    images: (N, H, W, C) uint8 test images in [0, 255].
+    labels: (N,) int32 labels.
+    batch_size: the evaluation batch size.
+    mesh: the device mesh.
+
+  Returns:
+    A TestSet of ceil(N / batch_size) batches; padding has valid False.
+  """
   batches = -(-len(images) // batch_size)
   pad = batches * batch_size - len(images)
   shape = lambda x: x.reshape(batches, batch_size, *x.shape[1:])
@@ -230,12 +366,28 @@ def make_test_set(images: np.ndarray, labels: np.ndarray, batch_size: int, mesh)
       shape(np.arange(batches * batch_size) < len(images))), mesh)
 
 
-def make_evaluate(model: nn.Module, mesh, normalize, attack: Attack, scan: bool | None = None):
+def make_evaluate(model: nn.Module, mesh: jax.sharding.Mesh,
+                  normalize: Callable[[jax.Array], jax.Array], attack: Attack,
+                  scan: bool | None = None) -> Callable[..., dict]:
   """Returns evaluate(variables, test_set, key) -> dict of acc, acc_nontarget, asr (percent).
 
   acc: clean accuracy on the whole test set. acc_nontarget: clean accuracy on the
   images whose backdoor label differs from their true label (the official code's
   figure). asr: share of those images, triggered, classified as the backdoor label.
+
+  Args:
+    model: the Flax module.
+    mesh: the mesh whose 'data' axis shards each batch.
+    normalize: `normalizer`'s function, applied after the trigger.
+    attack: supplies the trigger and relabel.
+    scan: one jitted lax.map over the batches if True, one call per batch if
+      False; None: `scan_by_default()`.
+
+  Returns:
+    evaluate(variables, test_set, key): variables {'params', 'batch_stats'}, a
+    `TestSet`, a PRNG key for the triggers (split per batch); it returns
+    {'acc', 'acc_nontarget', 'asr'} float32 scalars in [0, 100] (NaN for the
+    last two where no test image has a backdoor label other than its own).
   """
   batch_sharding = NamedSharding(mesh, P('data'))
 

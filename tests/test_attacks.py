@@ -11,6 +11,7 @@ import pytest
 
 from configs import common, nad_cifar, quickstart
 from nad_jax import data as data_lib
+from nad_jax import defaults
 from nad_jax.attacks import build_attack, poison_mask, prepare
 from nad_jax.attacks import label_consistent, refool, sig, trojan, wanet
 
@@ -20,7 +21,7 @@ GRID = np.array([[0, 0, 255], [0, 255, 0], [255, 0, 255]], np.float32)
 
 
 def attack_config(name, **overrides):
-  config = common.paper_config().attack
+  config = defaults.paper_config().attack
   config.name = name
   config.update(overrides)
   return config

@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +16,8 @@ from nad_jax import models, pipeline
 from nad_jax import train as train_lib
 from nad_jax.defenses import fine_pruning, mcr, table
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 def tiny_table_config(attacks=('badnets',)):
   """configs/table1.py shrunk: tiny net, 512 synthetic images, 1 or 2 epochs a stage."""
@@ -23,8 +27,10 @@ def tiny_table_config(attacks=('badnets',)):
                           eval_batch_size=128))
   config.backdoor_training.update(dict(epochs=2, batch_size=32, learning_rate=0.05,
                                        lr_boundaries=()))
-  for stage in ('teacher', 'nad', 'fp', 'mcr'):
+  # FP and MCR follow NAD's schedule: setting it shrinks them too.
+  for stage in ('teacher', 'nad'):
     config[stage].update(dict(epochs=1, batch_size=32, lr_boundaries=()))
+  config.mcr.lr_boundaries = ()
   config.teacher.learning_rate = 0.05
   config.mcr.points = 3
   config.table.attention_images = 2
@@ -64,6 +70,19 @@ def test_table_end_to_end(table_run):
   assert [c['t'] for c in curve] == [0.0, 0.3, 0.5, 1.0]
   last = saved['details']['badnets']['history']['mcr'][-1]
   assert {k: last[k] for k in cells['mcr']} == cells['mcr']
+  # What ran is what is recorded: NAD's one-epoch schedule reached every defense.
+  for stage in ('ft', 'fp', 'mcr', 'nad'):
+    assert [h['epoch'] for h in saved['details']['badnets']['history'][stage]] == [0, 1]
+    assert saved['config'][stage if stage != 'ft' else 'nad']['epochs'] == 1
+  assert 'attack' not in saved['config']  # each attack's settings: table.attack_configs
+
+
+def test_table_refuses_overrides_no_run_reads():
+  result = subprocess.run(
+      [sys.executable, 'main.py', '--config=configs/table1.py', '--workdir=/nonexistent/t',
+       '--config.attack.poison_rate=0.5'], cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 1 and "unknown config field 'attack'" in result.stderr
+  assert 'Traceback' not in result.stderr
 
 
 def test_table_rerun_trains_nothing(table_run):
@@ -79,7 +98,7 @@ def test_table_rerun_trains_nothing(table_run):
 def test_finetuning_is_nad_with_zero_betas(table_run, tmp_path):
   """FT of the table == the NAD stage of pipeline.run with betas 0, number for number."""
   workdir, results = table_run
-  config = tiny_table_config()
+  config = table.attack_config(tiny_table_config(), 'badnets')
   config.student.checkpoint = os.path.join(workdir, 'badnets', 'backdoored')
   config.teacher.epochs = 0
   config.nad.betas = (0.0, 0.0, 0.0)
@@ -159,7 +178,7 @@ def test_fine_pruned_model_keeps_channels_pruned(table_run):
   workdir, results = table_run
   info = results['details']['badnets']['fine_pruning']
   assert info['pruned'] == len(info['pruned_channels'])
-  config = tiny_table_config()
+  config = table.attack_config(tiny_table_config(), 'badnets')
   ctx = pipeline.setup(config, os.path.join(workdir, 'badnets'))
   from nad_jax import checkpoint as ckpt_lib
   fp = ckpt_lib.load_variables(os.path.join(workdir, 'badnets', 'fp'), ctx.abstract_variables)

@@ -14,6 +14,11 @@ EXPECTED = {
     'preact_resnet18': {'group1': (32, 32, 64), 'group2': (16, 16, 128),
                         'group3': (8, 8, 256), 'group4': (4, 4, 512)},
     'tiny': {'group1': (32, 32, 8), 'group2': (16, 16, 16), 'group3': (8, 8, 32)},
+    # torchvision's ImageNet stem at 32x32: layer4 is 1x1, so NAD distils groups 1-3.
+    'resnet18': {'group1': (8, 8, 64), 'group2': (4, 4, 128), 'group3': (2, 2, 256),
+                 'group4': (1, 1, 512)},
+    'vgg19_bn': {'group1': (32, 32, 64), 'group2': (16, 16, 128), 'group3': (8, 8, 256),
+                 'group4': (4, 4, 512), 'group5': (2, 2, 512)},
 }
 
 

@@ -13,6 +13,7 @@ import optax
 import pytest
 
 from configs import tiny
+import nad_jax
 from nad_jax import attacks, data, models, pipeline, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -52,7 +53,19 @@ def test_rerun_skips_finished_stages(finished_run):
   workdir, results = finished_run
   again = pipeline.run(tiny_config(), workdir)
   assert again['stages'] == results['stages']
-  assert all(not t['img_per_s'] for t in again['timing'].values())  # nothing trained
+  # Nothing trained; the first run's timing is kept, and said to be.
+  assert again['timing'] == {name: {**t, 'from_earlier_run': True}
+                             for name, t in results['timing'].items()}
+
+
+def test_the_python_api_gives_the_pipelines_numbers(finished_run):
+  _, results = finished_run
+  config = tiny_config()
+  data_set = nad_jax.load_data('synthetic', train_size=512, test_size=256)
+  backdoored = nad_jax.train_backdoored(data_set, config=config)
+  assert backdoored.history == results['history']['backdoored']
+  erased = nad_jax.erase(data_set, backdoored.variables, config=config)
+  assert erased.history == results['history']['nad']
 
 
 def test_eval_only_reproduces_saved_figures(finished_run):
@@ -180,3 +193,17 @@ def test_same_seed_same_synthetic_data_and_subset():
   np.testing.assert_array_equal(a.train_images, b.train_images)
   np.testing.assert_array_equal(data.clean_subset(1000, 0.05, 3), data.clean_subset(1000, 0.05, 3))
   assert not np.array_equal(a.train_images, data.synthetic(4, 100, 10).train_images)
+
+
+def test_a_diverging_attention_term_names_nad_betas(tmp_path):
+  # |F|^p overflows float32 for p = 200, so the AT term is NaN from the first step.
+  config = tiny_config(**{'nad.p': 200.0, 'backdoor_training.epochs': 1, 'teacher.epochs': 1,
+                          'nad.epochs': 1})
+  with pytest.raises(FloatingPointError, match=r'nad: the loss became non-finite.*lower nad.betas'):
+    pipeline.run(config, str(tmp_path))
+
+
+def test_results_json_refuses_nan(tmp_path):
+  with pytest.raises(ValueError, match='not JSON compliant'):
+    pipeline.write_json(str(tmp_path / 'results.json'), {'asr': float('nan')})
+  assert not os.listdir(tmp_path)

@@ -8,10 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import common
 from nad_jax import attacks, models, pipeline, torch_io, train
 from nad_jax.checkpoint import CheckpointError
 from nad_jax.models.preact_resnet import PreActResNet18
+from nad_jax import defaults
 
 torch = pytest.importorskip('torch', reason="torch is not installed (pip install 'nad-jax[torch]')")
 nn, F = torch.nn, torch.nn.functional
@@ -195,38 +195,79 @@ def test_bad_keys_and_shapes_name_them():
     torch_io.from_state_dict(preact, abstract)
 
 
-def test_unreadable_file_is_a_checkpoint_error(tmp_path):
-  path = tmp_path / 'junk.pth'
-  path.write_bytes(b'not a checkpoint')
-  abstract = abstract_of(models.build_model('wrn16_1', 10))
-  with pytest.raises(CheckpointError, match='cannot read PyTorch checkpoint .*junk.pth'):
-    torch_io.load(str(path), abstract)
-  torch.save([1, 2], path)
-  with pytest.raises(CheckpointError, match='holds no state_dict'):
-    torch_io.load(str(path), abstract)
+class Custom:
+  """A class of the test module: torch.save pickles it by reference, as any user class."""
 
 
-def test_pipeline_pretrained_reads_pth(tmp_path):
-  """pipeline.pretrained() takes a .pth file through torch_io; a bad one is a ConfigError."""
+def write_custom_class(path):
+  torch.save({'state_dict': {'w': torch.zeros(2)}, 'extra': Custom()}, path)
+
+
+def write_truncated_zip(path):
+  torch.save(TorchWideResNet(16, 1).state_dict(), path)
+  path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+
+
+def write_malicious(path):
+  """A pickle that would run a shell command if unpickled without weights_only."""
+  path.write_bytes(b"cos\nsystem\n(S'touch " + str(path).encode() + b".pwned'\ntR.")
+
+
+UNREADABLE = {  # file name: (writer, what the message says)
+    'student.checkpoint': (lambda p: p.write_bytes(np.random.default_rng(0).bytes(4096)),
+                           'not a PyTorch checkpoint nad-jax can read safely'),
+    'empty.pth': (lambda p: p.write_bytes(b''), 'is an empty file'),
+    'notes.txt': (lambda p: p.write_text('epoch 3: acc 91.2\nepoch 4: acc 91.5\n'),
+                  'not a PyTorch checkpoint nad-jax can read safely'),
+    'custom.pth': (write_custom_class, 'Unsupported global: GLOBAL .*Custom'),
+    'truncated.pth': (write_truncated_zip, 'not a PyTorch checkpoint nad-jax can read safely'),
+    'malicious.pt': (write_malicious, 'unsupported GLOBAL os.system'),
+    'folder.pth': (lambda p: p.mkdir(), 'is a folder, not a PyTorch checkpoint file'),
+    'missing.pth': (lambda p: None, 'does not exist'),
+}
+
+
+@pytest.mark.parametrize('name', sorted(UNREADABLE))
+def test_unreadable_file_is_one_line_without_unsafe_advice(name, tmp_path):
+  write, fragment = UNREADABLE[name]
+  path = tmp_path / name
+  write(path)
+  with pytest.raises(CheckpointError, match=fragment) as error:
+    torch_io.load(str(path), abstract_of(models.build_model('tiny', 10)))
+  message = str(error.value)
+  assert str(path) in message
+  assert '\n' not in message and len(message) < 500
+  for banned in ('weights_only=False', 'Traceback', 'add_safe_globals'):
+    assert banned not in message
+  assert not os.path.exists(f'{path}.pwned')
+
+
+@pytest.mark.parametrize('name', ['model.ckpt', 'student.checkpoint', 'weights'])
+def test_any_file_name_is_read(name, tmp_path):
+  torch_model = randomize(TorchWideResNet(16, 1))
+  torch.save(torch_model.state_dict(), tmp_path / name)
+  variables = torch_io.load(str(tmp_path / name), abstract_of(models.build_model('wrn16_1', 10)))
+  np.testing.assert_array_equal(variables['params']['fc']['bias'],
+                                torch_model.fc.bias.detach().numpy())
+
+
+def test_file_without_a_state_dict(tmp_path):
+  torch.save([1, 2], tmp_path / 'list.pth')
+  with pytest.raises(CheckpointError, match='list.pth holds no state_dict'):
+    torch_io.load(str(tmp_path / 'list.pth'), abstract_of(models.build_model('tiny', 10)))
+
+
+def test_pipeline_loads_a_pytorch_file_whatever_its_name(tmp_path):
+  """pipeline.load_checkpoint() reads a file through torch_io; a bad one is a ConfigError."""
   model = models.build_model('tiny', 10)
   variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
-  torch_io.save(variables, str(tmp_path / 'tiny.pth'))
-  config = common.paper_config()
-  mesh = train.make_mesh()
-  attack = attacks.build_attack(config.attack, 10, (32, 32, 3))
-  count = 4 * jax.device_count()
-  images = np.random.default_rng(0).integers(0, 256, (count, 32, 32, 3), dtype=np.uint8)
-  ctx = pipeline.Context(
-      config, str(tmp_path), model, mesh, train.normalizer(None, None), attack, None,
-      train.make_test_set(images, np.arange(count, dtype=np.int32) % 10, count, mesh),
-      train.make_evaluate(model, mesh, train.normalizer(None, None), attack),
-      abstract_of(model))
-  loaded, history, _ = pipeline.pretrained(ctx, str(tmp_path / 'tiny.pth'), 'teacher')
-  jax.tree.map(np.testing.assert_array_equal, jax.device_get(loaded), jax.device_get(variables))
-  assert set(history[0]) >= {'acc', 'asr', 'checkpoint'}
+  torch_io.save(variables, str(tmp_path / 'tiny.ckpt'))
+  loaded = pipeline.load_checkpoint(str(tmp_path / 'tiny.ckpt'), abstract_of(model),
+                                    'teacher.checkpoint')
+  jax.tree.map(np.testing.assert_array_equal, loaded, jax.device_get(variables))
   torch.save({'conv1.weight': torch.zeros(1)}, tmp_path / 'bad.pth')
-  with pytest.raises(pipeline.ConfigError, match='teacher: .*bad.pth.*missing'):
-    pipeline.pretrained(ctx, str(tmp_path / 'bad.pth'), 'teacher')
+  with pytest.raises(pipeline.ConfigError, match='teacher.checkpoint: .*bad.pth.*missing'):
+    pipeline.load_checkpoint(str(tmp_path / 'bad.pth'), abstract_of(model), 'teacher.checkpoint')
 
 
 def read_test_split(root: Path):
@@ -248,7 +289,7 @@ def test_authors_backdoored_model_on_jpeg_cifar10():
   images, labels = read_test_split(test_dir)
   assert images.shape == (10_000, 32, 32, 3)
   mesh = train.make_mesh()
-  attack = attacks.build_attack(common.paper_config().attack, 10, (32, 32, 3))
+  attack = attacks.build_attack(defaults.paper_config().attack, 10, (32, 32, 3))
   evaluate = train.make_evaluate(model, mesh, train.normalizer(None, None), attack)
   metrics = jax.device_get(evaluate(variables, train.make_test_set(images, labels, 1000, mesh),
                                     jax.random.key(0)))

@@ -8,6 +8,9 @@ patterns, warping fields, reflection images), clean_label (None: the attack's
 default; True/False overrides it).
 """
 
+from collections.abc import Callable
+
+import jax
 import jax.numpy as jnp
 
 from nad_jax.attacks import badnets
@@ -22,7 +25,23 @@ from nad_jax.attacks.core import Attack, poison_mask, prepare
 __all__ = ['Attack', 'ATTACKS', 'build_attack', 'poison_mask', 'prepare', 'relabel_fn']
 
 
-def relabel_fn(mode: str, target_label: int, num_classes: int):
+def relabel_fn(mode: str, target_label: int,
+               num_classes: int) -> Callable[[jax.Array], jax.Array]:
+  """The backdoor's label map for `config.attack.mode`.
+
+  Args:
+    mode: 'all_to_one' (every label -> `target_label`) or 'all_to_all'
+      (label y -> (y + 1) mod `num_classes`; Gu et al. 2017's all-to-all BadNets).
+    target_label: the target class, in [0, num_classes); used by 'all_to_one'.
+    num_classes: the number of classes; used by 'all_to_all'.
+
+  Returns:
+    labels -> backdoor labels, elementwise: integer labels (N,) (numpy or jax;
+    int32 in this project) in, the same shape and dtype out. Pure and jittable.
+
+  Raises:
+    ValueError: `mode` is neither of the two.
+  """
   if mode == 'all_to_one':
     return lambda labels: jnp.full_like(labels, target_label)
   if mode == 'all_to_all':
@@ -41,11 +60,27 @@ ATTACKS = {
 }
 
 
-def build_attack(cfg, num_classes: int, image_shape, dataset=None) -> Attack:
+def build_attack(cfg, num_classes: int, image_shape: tuple[int, int, int],
+                 dataset=None) -> Attack:
   """Builds the attack named by `cfg.name`; ValueError names the bad field.
 
   `dataset` (a `data.Dataset`) is needed only by attacks that draw material from
   the training set (Refool's reflection images).
+
+  Args:
+    cfg: `config.attack` (a ConfigDict): name (a key of ATTACKS), target_label,
+      mode, clean_label, plus the fields the named attack's module documents.
+    num_classes: the number of classes.
+    image_shape: (H, W, C) of the images.
+    dataset: a `data.Dataset`, or None where the attack needs none.
+
+  Returns:
+    The Attack, its `relabel` set from `cfg.mode` / `cfg.target_label` and its
+    `clean_label` from `cfg.clean_label` (None: the attack's default).
+
+  Raises:
+    ValueError: an unknown name or mode, clean_label with mode 'all_to_all', or an
+      invalid field of the attack (the message names the `attack.` field).
   """
   if cfg.name not in ATTACKS:
     raise ValueError(f'unknown attack.name {cfg.name!r}; choose one of {sorted(ATTACKS)}')

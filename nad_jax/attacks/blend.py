@@ -15,24 +15,58 @@ image; Chen et al.'s attack, and this module, use one fixed pattern, so that the
 same trigger is learnt and tested.
 """
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from nad_jax.attacks.core import Attack, field, load_pattern, require
 
 
-def noise_pattern(seed: int, image_shape) -> np.ndarray:
-  """The default pattern: uniform grey levels 0..255, (H, W, 1) float32, fixed by the seed."""
+def noise_pattern(seed: int, image_shape: tuple[int, int, int]) -> np.ndarray:
+  """The default pattern: uniform grey levels 0..255, (H, W, 1) float32, fixed by the seed.
+
+  Args:
+    seed: `attack.seed`; the generator is default_rng([seed, 11]).
+    image_shape: (H, W, C) of the images.
+
+  Returns:
+    (H, W, 1) float32 integer values in [0, 255], broadcast over the channels.
+  """
   height, width, _ = image_shape
   rng = np.random.default_rng([seed, 11])
   return rng.integers(0, 256, (height, width, 1)).astype(np.float32)
 
 
-def blend(images, pattern, alpha: float):
+def blend(images: jax.Array, pattern: np.ndarray, alpha: float) -> jax.Array:
+  """(1 - alpha) * images + alpha * pattern (Chen et al. 2017's blended injection).
+
+  Args:
+    images: (N, H, W, C) float32 in [0, 255].
+    pattern: (H, W, 1) or (H, W, C) values in [0, 255].
+    alpha: the blend ratio, in (0, 1].
+
+  Returns:
+    (N, H, W, C) float32 in [0, 255] (a convex combination; not clipped).
+  """
   return (1.0 - alpha) * images + alpha * jnp.asarray(pattern, jnp.float32)
 
 
-def build(cfg, num_classes, image_shape, dataset=None) -> Attack:
+def build(cfg, num_classes: int, image_shape: tuple[int, int, int], dataset=None) -> Attack:
+  """Builds Blend from `config.attack` (fields in the module docstring).
+
+  Args:
+    cfg: `config.attack`; alpha (default 0.2), pattern_path (''), seed (0).
+    num_classes: unused.
+    image_shape: (H, W, C) of the images.
+    dataset: unused.
+
+  Returns:
+    The dirty-label Blend Attack; its trigger ignores the PRNG key.
+
+  Raises:
+    ValueError: alpha outside (0, 1], or a pattern file that cannot be read,
+      does not fit the images or has values outside [0, 255].
+  """
   del num_classes, dataset
   alpha = float(field(cfg, 'alpha', 0.2))
   require(0.0 < alpha <= 1.0, f'attack.alpha must be in (0, 1], got {alpha}')

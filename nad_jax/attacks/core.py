@@ -34,6 +34,16 @@ def poison_mask(labels: np.ndarray, attack: Attack, poison_rate: float,
   Dirty-label attacks poison `poison_rate` of the whole training set, drawn from
   every class (as the official NAD code does); clean-label attacks poison
   `poison_rate` of the samples whose label is already the backdoor's target.
+
+  Args:
+    labels: (N,) integer training labels.
+    attack: the attack; its `relabel` and `clean_label` are used.
+    poison_rate: a fraction in [0, 1] (not a percentage) of the candidates;
+      round(poison_rate * candidates) samples are drawn without replacement.
+    rng: the generator that draws them.
+
+  Returns:
+    (N,) bool mask, True for the poisoned samples.
   """
   labels = np.asarray(labels)
   if attack.clean_label:
@@ -48,7 +58,20 @@ def poison_mask(labels: np.ndarray, attack: Attack, poison_rate: float,
 
 def prepare(attack: Attack, images: np.ndarray, labels: np.ndarray, poisoned: np.ndarray,
             seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """The training set the victim trains on: `attack.prepare`'s output, or the input as is."""
+  """The training set the victim trains on: `attack.prepare`'s output, or the input as is.
+
+  Args:
+    attack: the attack.
+    images: (N, H, W, C) uint8 training images in [0, 255].
+    labels: (N,) int32 labels.
+    poisoned: (N,) bool mask from `poison_mask`.
+    seed: the run's seed; `attack.prepare` gets the PRNG key
+      fold_in(key(seed), 1000).
+
+  Returns:
+    (images, labels, poisoned) in the same formats; N may change (Refool drops
+    its held-out reflection images).
+  """
   if attack.prepare is None:
     return images, labels, poisoned
   key = jax.random.fold_in(jax.random.key(seed), 1000)
@@ -58,22 +81,53 @@ def prepare(attack: Attack, images: np.ndarray, labels: np.ndarray, poisoned: np
 # ------------------------------------------------------- shared helpers for the attack modules
 
 def field(cfg, name: str, default: Any) -> Any:
-  """`cfg.name`, or `default` where the config has no such field (or it is None)."""
+  """`cfg.name`, or `default` where the config has no such field (or it is None).
+
+  Args:
+    cfg: a ConfigDict or dict (read with `.get`), or any object (`getattr`).
+    name: the field name.
+    default: returned where the field is absent or None.
+
+  Returns:
+    The field's value, or `default`.
+  """
   value = cfg.get(name, default) if hasattr(cfg, 'get') else getattr(cfg, name, default)
   return default if value is None else value
 
 
 def require(ok: bool, message: str) -> None:
+  """Validates a config field.
+
+  Args:
+    ok: the condition that must hold.
+    message: the error message; it should name the `attack.` field.
+
+  Raises:
+    ValueError: `ok` is false.
+  """
   if not ok:
     raise ValueError(message)
 
 
-def load_pattern(path: str, image_shape, field_name: str = 'attack.pattern_path') -> np.ndarray:
+def load_pattern(path: str, image_shape: tuple[int, int, int],
+                 field_name: str = 'attack.pattern_path') -> np.ndarray:
   """A pattern file as an (H, W, C or 1) array, raw values (dtype kept for .npy/.npz).
 
   .npz (key 'x', or its only array) and .npy arrays may be HW, HWC or CHW and must
   match the image size; any other file is read as an image by Pillow and resized
   (bilinear) to the image size, giving float32 values in [0, 255].
+
+  Args:
+    path: the file.
+    image_shape: (H, W, C) of the images the pattern must fit.
+    field_name: the config field named in error messages.
+
+  Returns:
+    (H, W, 1) or (H, W, C) array; values are not range-checked here.
+
+  Raises:
+    ValueError: `path` is not a file, cannot be read, holds no single array
+      (.npz without key 'x' and with several arrays), or has another size.
   """
   import os  # pylint: disable=g-import-not-at-top
   height, width, channels = image_shape

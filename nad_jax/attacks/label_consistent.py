@@ -28,6 +28,8 @@ epoch at a time; PGD: one jitted call per batch); the result is rounded to uint8
 """
 
 import types
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -37,9 +39,25 @@ import optax
 from nad_jax.attacks import badnets
 from nad_jax.attacks.core import Attack, field, require
 
+if TYPE_CHECKING:  # annotations only
+  import flax.linen as nn
 
-def corner_stamps(values: np.ndarray, image_shape) -> list[tuple[np.ndarray, int, int]]:
-  """The pattern (and its mirror images) with each corner's origin."""
+
+def corner_stamps(values: np.ndarray, image_shape: tuple[int, int, int]
+                  ) -> list[tuple[np.ndarray, int, int]]:
+  """The pattern (and its mirror images) with each corner's origin.
+
+  Args:
+    values: (s, s) patch values in [0, 255] (from `badnets.patch`).
+    image_shape: (H, W, C) of the images.
+
+  Returns:
+    One (values, row, col) per corner of `badnets.CORNERS`: the patch mirrored
+    left-right in the left corners and up-down in the top ones, and its top-left pixel.
+
+  Raises:
+    ValueError: the patch is larger than the image.
+  """
   stamps = []
   for corner in badnets.CORNERS:
     v = values
@@ -52,7 +70,23 @@ def corner_stamps(values: np.ndarray, image_shape) -> list[tuple[np.ndarray, int
   return stamps
 
 
-def make_trigger(pattern: str, size: int, amplitude: float, image_shape):
+def make_trigger(pattern: str, size: int, amplitude: float, image_shape: tuple[int, int, int]
+                 ) -> Callable[[jax.Array, jax.Array], jax.Array]:
+  """Turner et al. 2019's four-corner trigger, at reduced amplitude when `amplitude` < 255.
+
+  Args:
+    pattern: 'grid' or 'square' (`badnets.patch`).
+    size: the patch side in pixels.
+    amplitude: in (0, 255]; each patch pixel becomes x + amplitude/255 * (v - x).
+    image_shape: (H, W, C) of the images.
+
+  Returns:
+    trigger(images, key) -> images: (N, H, W, C) float32 in [0, 255] in and out;
+    the PRNG key is ignored.
+
+  Raises:
+    ValueError: as `badnets.patch` and `badnets.corner_origin`.
+  """
   values = badnets.patch(pattern, size)
   stamps = corner_stamps(values, image_shape)
   ratio = amplitude / 255.0
@@ -68,8 +102,27 @@ def make_trigger(pattern: str, size: int, amplitude: float, image_shape):
   return trigger
 
 
-def pgd(model, variables, normalize, images, labels, eps: float, step: float, steps: int):
-  """Untargeted L-inf PGD on pixels in [0, 255]: maximise the CE of the true labels."""
+def pgd(model: 'nn.Module', variables: dict, normalize: Callable[[jax.Array], jax.Array],
+        images: jax.Array, labels: jax.Array, eps: float, step: float, steps: int
+        ) -> jax.Array:
+  """Untargeted L-inf PGD on pixels in [0, 255]: maximise the CE of the true labels.
+
+  Madry et al.'s PGD as Turner et al. 2019 use it; it starts at the images (no
+  random start) and takes signed-gradient steps, projected to the eps-ball and [0, 255].
+
+  Args:
+    model: the surrogate Flax module.
+    variables: its {'params', 'batch_stats'}.
+    normalize: float pixels in [0, 255] -> the model's input (`train.normalizer`).
+    images: (N, H, W, C) float32 in [0, 255].
+    labels: (N,) int32 true labels.
+    eps: the L-inf radius in pixel units (8 = 8/255).
+    step: the step size in pixel units.
+    steps: the number of steps.
+
+  Returns:
+    (N, H, W, C) float32 adversarial images in [0, 255], not rounded.
+  """
   def loss(x):
     logits = model.apply(variables, normalize(x), train=False)
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).sum()
@@ -80,8 +133,22 @@ def pgd(model, variables, normalize, images, labels, eps: float, step: float, st
   return jax.lax.fori_loop(0, steps, body, images)
 
 
-def train_surrogate(sur, num_classes, images, labels, key):
-  """Trains the clean surrogate with the project's TrainEpoch; returns (model, variables)."""
+def train_surrogate(sur: types.SimpleNamespace, num_classes: int, images: np.ndarray,
+                    labels: np.ndarray, key: jax.Array) -> tuple['nn.Module', dict]:
+  """Trains the clean surrogate with the project's TrainEpoch; returns (model, variables).
+
+  Inputs are scaled to [0, 1] (`train.normalizer(None, None)`), without a trigger.
+
+  Args:
+    sur: the settings from `surrogate_config`.
+    num_classes: the number of classes.
+    images: (N, H, W, C) uint8 training images in [0, 255].
+    labels: (N,) int32 clean labels.
+    key: PRNG key for initialisation and the epochs' shuffling and augmentation.
+
+  Returns:
+    (model, variables): the Flax module and its trained {'params', 'batch_stats'}.
+  """
   from nad_jax import models  # pylint: disable=g-import-not-at-top
   from nad_jax import train as train_lib  # pylint: disable=g-import-not-at-top
   model = models.build_model(sur.model, num_classes)
@@ -99,7 +166,22 @@ def train_surrogate(sur, num_classes, images, labels, key):
   return model, state.variables
 
 
-def surrogate_config(cfg, num_images: int):
+def surrogate_config(cfg, num_images: int) -> types.SimpleNamespace:
+  """The surrogate's training settings from `config.attack.surrogate`, validated.
+
+  Args:
+    cfg: `config.attack`; its `surrogate` holds model ('tiny'), epochs (10),
+      batch_size (128), learning_rate (0.05), lr_boundaries (()), crop_flip (True).
+    num_images: the training set size, to check batch_size against; 0 skips that check.
+
+  Returns:
+    A namespace with those fields plus the fixed optimiser settings `make_optimizer`
+    reads (lr_decay 0.1, momentum 0.9, nesterov True, weight_decay 5e-4).
+
+  Raises:
+    ValueError: an unknown model, epochs < 1, learning_rate <= 0, or a batch size
+      that is not a positive multiple of the device count or exceeds `num_images`.
+  """
   sur = field(cfg, 'surrogate', {})
   get = lambda name, default: field(sur, name, default)
   out = types.SimpleNamespace(
@@ -122,7 +204,23 @@ def surrogate_config(cfg, num_images: int):
   return out
 
 
-def build(cfg, num_classes, image_shape, dataset=None) -> Attack:
+def build(cfg, num_classes: int, image_shape: tuple[int, int, int], dataset=None) -> Attack:
+  """Builds CL (Turner et al. 2019) from `config.attack` (fields in the module docstring).
+
+  Args:
+    cfg: `config.attack`.
+    num_classes: the number of classes, for the surrogate.
+    image_shape: (H, W, C) of the images.
+    dataset: a `data.Dataset` or None; only its training set size is used, to
+      validate the surrogate's batch size early.
+
+  Returns:
+    A clean-label Attack whose `prepare` trains the surrogate and replaces the
+    poisoned images by their PGD perturbations, rounded to uint8.
+
+  Raises:
+    ValueError: an invalid trigger, PGD or surrogate field.
+  """
   amplitude = float(field(cfg, 'amplitude', 255.0))
   require(0 < amplitude <= 255, f'attack.amplitude must be in (0, 255], got {amplitude}')
   trigger = make_trigger(field(cfg, 'pattern', 'grid'), int(field(cfg, 'size', 3)), amplitude,

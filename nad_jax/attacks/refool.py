@@ -48,7 +48,11 @@ MAX_RADIUS = 10  # ceil(2 * sigma) for sigma <= 5
 
 
 def vignette_profile() -> np.ndarray:
-  """The 1-D factor of the authors' gen_kernel(560, 3), normalised to a peak of 1."""
+  """The 1-D factor of the authors' gen_kernel(560, 3), normalised to a peak of 1.
+
+  Returns:
+    (CANVAS,) float32 in (0, 1]; the vignette is its outer product with itself.
+  """
   interval = 7.0 / CANVAS
   x = np.linspace(-3 - interval / 2, 3 + interval / 2, CANVAS + 1)
   cdf = 0.5 * (1 + np.vectorize(math.erf)(x / math.sqrt(2)))
@@ -57,13 +61,38 @@ def vignette_profile() -> np.ndarray:
 
 
 def reflect101(index: np.ndarray, size: int) -> np.ndarray:
+  """Maps out-of-range indices into [0, size) by reflect-101 (cv2.BORDER_REFLECT_101).
+
+  Args:
+    index: integer indices in (-size, 2 * size - 1).
+    size: the axis length.
+
+  Returns:
+    The reflected indices, same shape.
+  """
   index = np.abs(index)
   return np.where(index > size - 1, 2 * (size - 1) - index, index)
 
 
-def draw(key, n: int, num_reflections: int, ghost_rate: float, strength, image_shape) -> dict:
+def draw(key: jax.Array, n: int, num_reflections: int, ghost_rate: float,
+         strength: tuple[float, float], image_shape: tuple[int, int, int]) -> dict:
   """Per-sample draws (arrays of length N): index, ghost, alpha_t, offset (N, 2),
-  ghost_alpha, sigma, att, window (N, 2)."""
+  ghost_alpha, sigma, att, window (N, 2).
+
+  Args:
+    key: PRNG key.
+    n: the number of samples N.
+    num_reflections: the size of the reflection bank.
+    ghost_rate: probability of the ghost model, in [0, 1].
+    strength: (low, high) in [0, 1]; alpha_t = 1 - U(low, high).
+    image_shape: (H, W, C) of the images; bounds the vignette window.
+
+  Returns:
+    {index: int32 in [0, num_reflections), ghost: bool, alpha_t: float32,
+    offset: int32 (N, 2) in [3, 8], ghost_alpha: float32 in [0, 1), sigma: float32
+    in [1, 5), att: float32 in [1.08, 1.18), window: int32 (N, 2) (row, col) origin
+    in the CANVAS x CANVAS vignette}.
+  """
   height, width, _ = image_shape
   ks = jax.random.split(key, 8)
   return dict(
@@ -105,8 +134,18 @@ def _blur_matrix(size: int, sigma):
   return jnp.einsum('nd,idj->nij', w, taps)
 
 
-def reflect(images, bank, p, profile):
-  """Blends reflections into (N, H, W, C) images in [0, 255] with the draws `p`."""
+def reflect(images: jax.Array, bank: jax.Array, p: dict, profile: jax.Array) -> jax.Array:
+  """Blends reflections into (N, H, W, C) images in [0, 255] with the draws `p`.
+
+  Args:
+    images: (N, H, W, C) float32 in [0, 255].
+    bank: (R, H, W, C) float32 reflection images in linear light, (r / 255)^2.2 in [0, 1].
+    p: the draws of `draw` for these N images.
+    profile: (CANVAS,) float32 `vignette_profile()`.
+
+  Returns:
+    (N, H, W, C) float32 in [0, 255].
+  """
   n, height, width, _ = images.shape
   t = (images / 255.0) ** GAMMA
   r = bank[p['index']]
@@ -135,13 +174,41 @@ def reflect(images, bank, p, profile):
 
 
 def heldout_indices(labels: np.ndarray, target: int, count: int, seed: int) -> np.ndarray:
+  """The training images held out as reflections: `count` drawn from the non-target classes.
+
+  Args:
+    labels: (N,) integer training labels.
+    target: `attack.target_label`.
+    count: `attack.reflections`.
+    seed: `attack.seed`; the generator is default_rng([seed, 17]).
+
+  Returns:
+    (count,) sorted int64 indices into the training set.
+
+  Raises:
+    ValueError: fewer than `count` non-target images.
+  """
   candidates = np.flatnonzero(np.asarray(labels) != target)
   require(count <= len(candidates), f'attack.reflections {count} exceeds the '
           f'{len(candidates)} non-target training images')
   return np.sort(np.random.default_rng([seed, 17]).choice(candidates, count, replace=False))
 
 
-def load_folder(path: str, image_shape) -> np.ndarray:
+def load_folder(path: str, image_shape: tuple[int, int, int]) -> np.ndarray:
+  """Every image Pillow reads in the folder `path`, resized bilinearly to the images' size.
+
+  Hidden files are skipped, and so are files Pillow cannot open (OSError).
+
+  Args:
+    path: the folder (`attack.pattern_path`).
+    image_shape: (H, W, C) of the images; C = 1 reads greyscale, else RGB.
+
+  Returns:
+    (R, H, W, C) float32 in [0, 255], in file-name order.
+
+  Raises:
+    ValueError: no readable image in the folder.
+  """
   from PIL import Image  # pylint: disable=g-import-not-at-top
   height, width, channels = image_shape
   names = sorted(n for n in os.listdir(path) if not n.startswith('.'))
@@ -158,7 +225,25 @@ def load_folder(path: str, image_shape) -> np.ndarray:
   return np.stack(images)
 
 
-def build(cfg, num_classes, image_shape, dataset=None) -> Attack:
+def build(cfg, num_classes: int, image_shape: tuple[int, int, int], dataset=None) -> Attack:
+  """Builds Refool (Liu et al., ECCV 2020) from `config.attack` (fields in the module docstring).
+
+  Args:
+    cfg: `config.attack`.
+    num_classes: unused.
+    image_shape: (H, W, C) of the images.
+    dataset: a `data.Dataset`; needed (its uint8 training images and labels)
+      unless `pattern_path` names a folder of reflection images.
+
+  Returns:
+    A clean-label Attack whose trigger draws a reflection per image from its
+    PRNG key; with reflections taken from the training set, its `prepare`
+    removes them from the victim's training set.
+
+  Raises:
+    ValueError: an invalid field, images of at most MAX_RADIUS pixels a side,
+      no dataset and no pattern_path, or a folder without a readable image.
+  """
   del num_classes
   ghost_rate = float(field(cfg, 'ghost_rate', 0.69))
   require(0.0 <= ghost_rate <= 1.0, f'attack.ghost_rate must be in [0, 1], got {ghost_rate}')

@@ -40,21 +40,55 @@ MODES = ('add', 'blend', 'blend_raw')
 NAD_CODE_FREQUENCY = 0.8 * 32 / (2 * np.pi)  # cycles per width of the released mask
 
 
-def signal(delta: float, frequency: float, image_shape) -> np.ndarray:
-  """The sinusoid v(j), as an (H, W, 1) float32 pattern."""
+def signal(delta: float, frequency: float, image_shape: tuple[int, int, int]) -> np.ndarray:
+  """The sinusoid v(j), as an (H, W, 1) float32 pattern.
+
+  Args:
+    delta: the amplitude in pixel units (Barni et al.: 20).
+    frequency: cycles per image width (Barni et al.: 6).
+    image_shape: (H, W, C) of the images.
+
+  Returns:
+    (H, W, 1) float32 in [-delta, delta], equal in every row.
+  """
   height, width, _ = image_shape
   row = delta * np.sin(2 * np.pi * np.arange(width) * frequency / width)
   return np.broadcast_to(row[None, :, None], (height, width, 1)).astype(np.float32)
 
 
 def signed(mask: np.ndarray) -> np.ndarray:
-  """Signal values from a file: uint8 with wrapped negatives -> signed float32."""
+  """Signal values from a file: uint8 with wrapped negatives -> signed float32.
+
+  Args:
+    mask: a loaded pattern; uint8 is reinterpreted as int8 (241 -> -15), any other
+      dtype is taken as is.
+
+  Returns:
+    The values as float32, same shape.
+  """
   if mask.dtype == np.uint8:
     return mask.view(np.int8).astype(np.float32)
   return mask.astype(np.float32)
 
 
-def build(cfg, num_classes, image_shape, dataset=None) -> Attack:
+def build(cfg, num_classes: int, image_shape: tuple[int, int, int], dataset=None) -> Attack:
+  """Builds SIG (Barni et al., ICIP 2019) from `config.attack` (fields in the module docstring).
+
+  Args:
+    cfg: `config.attack`; sig_mode ('add'), alpha (0.2), pattern_path (''),
+      delta (20), frequency (6).
+    num_classes: unused.
+    image_shape: (H, W, C) of the images.
+    dataset: unused.
+
+  Returns:
+    A clean-label Attack; its trigger maps (N, H, W, C) float32 in [0, 255] to
+    the same, clipped to [0, 255], and ignores the PRNG key.
+
+  Raises:
+    ValueError: an unknown sig_mode, alpha outside (0, 1], delta or frequency
+      <= 0, or a pattern file that cannot be read or does not fit the images.
+  """
   del num_classes, dataset
   mode = field(cfg, 'sig_mode', 'add')
   require(mode in MODES, f'unknown attack.sig_mode {mode!r}; choose one of {MODES}')

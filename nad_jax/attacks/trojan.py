@@ -22,6 +22,7 @@ config.attack fields:
 """
 
 import functools
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax
@@ -32,13 +33,32 @@ import optax
 from nad_jax.attacks.core import Attack, field, load_pattern, require
 
 
-def patch_origin(size: int, image_shape) -> tuple[int, int]:
+def patch_origin(size: int, image_shape: tuple[int, int, int]) -> tuple[int, int]:
+  """The top-left pixel of the generated patch: 4 pixels in from the bottom-right corner.
+
+  Args:
+    size: the patch side in pixels.
+    image_shape: (H, W, C) of the images.
+
+  Returns:
+    (H - size - 4, W - size - 4); (25, 25) for a 3x3 patch on 32x32 images.
+  """
   height, width, _ = image_shape
   return height - size - 4, width - size - 4
 
 
-def penultimate(model: nn.Module, variables, images):
-  """(logits, features entering the model's last Dense layer, that layer's kernel)."""
+def penultimate(model: nn.Module, variables: dict, images: jax.Array
+                ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(logits, features entering the model's last Dense layer, that layer's kernel).
+
+  Args:
+    model: a Flax classifier whose last Dense call is its head.
+    variables: its {'params', 'batch_stats'}.
+    images: (N, H, W, C) model inputs, already normalised.
+
+  Returns:
+    (logits (N, classes) float32, features (N, F), kernel (F, classes)).
+  """
   captured = []
 
   def interceptor(next_fun, args, kwargs, context):
@@ -52,8 +72,15 @@ def penultimate(model: nn.Module, variables, images):
   return logits, features, kernel
 
 
-def unit_scale(images):
-  """The surrogate's input scaling (pixels / 255), one function so that compilations are reused."""
+def unit_scale(images: jax.Array) -> jax.Array:
+  """The surrogate's input scaling (pixels / 255), one function so that compilations are reused.
+
+  Args:
+    images: float pixels in [0, 255].
+
+  Returns:
+    The same shape, in [0, 1].
+  """
   return images / 255.0
 
 
@@ -70,7 +97,8 @@ def _step(model, normalize, variables, pattern, opt_state, region, chosen, targe
   return jnp.clip(optax.apply_updates(pattern, updates), 0.0, 255.0), opt_state
 
 
-def generate(model: nn.Module, variables, normalize, image_shape, key, size: int = 3,
+def generate(model: nn.Module, variables: dict, normalize: Callable[[jax.Array], jax.Array],
+             image_shape: tuple[int, int, int], key: jax.Array, size: int = 3,
              neurons: int = 1, steps: int = 200, target: float = 100.0,
              learning_rate: float = 4.0) -> np.ndarray:
   """A TrojanNN trigger for `model`: an (H, W, C) float32 pattern, zero outside the patch.
@@ -78,7 +106,24 @@ def generate(model: nn.Module, variables, normalize, image_shape, key, size: int
   The patch (pixels in [0, 255], on a black image) is optimised on the device so
   that the `neurons` penultimate units with the largest outgoing weight norms reach
   `target` (mean squared error, Adam from uniform noise, one jitted step per
-  iteration: XLA:CPU runs convolutions inside a loop slowly).
+  iteration: XLA:CPU runs convolutions inside a loop slowly). Follows Liu et al.,
+  NDSS 2018 (trigger generation only; no retraining). The weight norm is the L1
+  norm of the unit's row of the last Dense kernel.
+
+  Args:
+    model: the Flax classifier; hashable (a jit static argument).
+    variables: its {'params', 'batch_stats'}.
+    normalize: float pixels in [0, 255] -> model input; hashable (static).
+    image_shape: (H, W, C) of the images.
+    key: PRNG key of the uniform starting noise.
+    size: the patch side in pixels; at patch_origin(size, image_shape).
+    neurons: how many penultimate units to drive.
+    steps: Adam steps.
+    target: the activation the chosen units are driven towards.
+    learning_rate: Adam's step size, in pixel units.
+
+  Returns:
+    (H, W, C) float32 in [0, 255], zero outside the patch.
   """
   height, width, channels = image_shape
   row, col = patch_origin(size, image_shape)
@@ -100,11 +145,36 @@ def _init(model, key, image_shape):
   return model.init(key, jnp.zeros((1, *image_shape)), train=False)
 
 
-def add_pattern(images, pattern):
+def add_pattern(images: jax.Array, pattern: np.ndarray) -> jax.Array:
+  """clip(images + pattern, 0, 255): the Trojan trigger.
+
+  Args:
+    images: (N, H, W, C) float32 in [0, 255].
+    pattern: (H, W, 1) or (H, W, C) values, zero outside the patch.
+
+  Returns:
+    (N, H, W, C) float32 in [0, 255].
+  """
   return jnp.clip(images + jnp.asarray(pattern, jnp.float32), 0.0, 255.0)
 
 
-def build(cfg, num_classes, image_shape, dataset=None) -> Attack:
+def build(cfg, num_classes: int, image_shape: tuple[int, int, int], dataset=None) -> Attack:
+  """Builds Trojan (Liu et al., NDSS 2018) from `config.attack` (fields in the module docstring).
+
+  Args:
+    cfg: `config.attack`.
+    num_classes: the number of classes, for the surrogate model.
+    image_shape: (H, W, C) of the images.
+    dataset: unused.
+
+  Returns:
+    The dirty-label Trojan Attack; its trigger ignores the PRNG key.
+
+  Raises:
+    ValueError: a pattern file that cannot be read or does not fit the images,
+      size outside [1, min(H, W) - 4], trojan_neurons or trojan_steps < 1, or an
+      unknown surrogate model.
+  """
   del dataset
   path = field(cfg, 'pattern_path', '')
   if path:

@@ -31,7 +31,15 @@ from nad_jax.attacks.core import Attack, field, require
 
 
 def cubic_weights(t: np.ndarray, a: float = -0.75) -> np.ndarray:
-  """Cubic-convolution weights of the 4 taps x0-1..x0+2 at fraction t (PyTorch's A = -0.75)."""
+  """Cubic-convolution weights of the 4 taps x0-1..x0+2 at fraction t (PyTorch's A = -0.75).
+
+  Args:
+    t: fractional positions in [0, 1), any shape.
+    a: the cubic-convolution parameter (Keys 1981).
+
+  Returns:
+    t.shape + (4,) weights, summing to 1 along the last axis.
+  """
   def near(x):  # |x| <= 1
     return ((a + 2) * x - (a + 3)) * x * x + 1
   def far(x):  # 1 < |x| < 2
@@ -40,7 +48,17 @@ def cubic_weights(t: np.ndarray, a: float = -0.75) -> np.ndarray:
 
 
 def bicubic_matrix(size_in: int, size_out: int) -> np.ndarray:
-  """(size_out, size_in) bicubic interpolation, align_corners=True, border taps clamped."""
+  """(size_out, size_in) bicubic interpolation, align_corners=True, border taps clamped.
+
+  As torch.nn.functional.interpolate(mode='bicubic', align_corners=True).
+
+  Args:
+    size_in: the input length.
+    size_out: the output length.
+
+  Returns:
+    (size_out, size_in) float64 matrix; out = matrix @ in.
+  """
   src = np.arange(size_out) * (size_in - 1) / max(size_out - 1, 1)
   x0 = np.floor(src).astype(int)
   weights = cubic_weights(src - x0)
@@ -51,8 +69,19 @@ def bicubic_matrix(size_in: int, size_out: int) -> np.ndarray:
   return matrix
 
 
-def warp_grid(seed: int, k: int, strength: float, image_shape) -> np.ndarray:
-  """The backdoor's sampling grid, (H, W, 2) float32 in [-1, 1]; [..., 0] is x (column)."""
+def warp_grid(seed: int, k: int, strength: float, image_shape: tuple[int, int, int]
+              ) -> np.ndarray:
+  """The backdoor's sampling grid, (H, W, 2) float32 in [-1, 1]; [..., 0] is x (column).
+
+  Args:
+    seed: `attack.seed`; the control field is drawn by default_rng([seed, 13]).
+    k: the control grid size, 2 <= k <= H.
+    strength: the warp strength s, > 0.
+    image_shape: (H, W, C) of the images.
+
+  Returns:
+    (H, W, 2) float32 in [-1, 1], (x, y) per pixel.
+  """
   height, width, _ = image_shape
   rng = np.random.default_rng([seed, 13])
   control = rng.uniform(-1.0, 1.0, (2, k, k))
@@ -65,7 +94,15 @@ def warp_grid(seed: int, k: int, strength: float, image_shape) -> np.ndarray:
 
 def grid_sample(images: jax.Array, grid: jax.Array) -> jax.Array:
   """Bilinear resampling of (N, H, W, C) images at grid (N or 1, H, W, 2), align-corners,
-  zero outside the image (torch grid_sample's default padding)."""
+  zero outside the image (torch grid_sample's default padding).
+
+  Args:
+    images: (N, H, W, C) float32, e.g. pixels in [0, 255].
+    grid: (N or 1, H, W, 2) float32 (x, y) sampling positions in [-1, 1].
+
+  Returns:
+    (N, H, W, C) float32; in [0, 255] for images in [0, 255].
+  """
   n, height, width, _ = images.shape
   x = (grid[..., 0] + 1.0) * 0.5 * (width - 1)
   y = (grid[..., 1] + 1.0) * 0.5 * (height - 1)
@@ -85,21 +122,57 @@ def grid_sample(images: jax.Array, grid: jax.Array) -> jax.Array:
   return out
 
 
-def noise_jitter(key, index, shape):
-  """Sample `index`'s noise-mode offsets: U(-1, 1) of `shape` (H, W, 2) from fold_in(key, index)."""
+def noise_jitter(key: jax.Array, index: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """Sample `index`'s noise-mode offsets: U(-1, 1) of `shape` (H, W, 2) from fold_in(key, index).
+
+  Args:
+    key: the `prepare` hook's PRNG key.
+    index: the sample's index in the training set (an integer scalar).
+    shape: the output shape, (H, W, 2).
+
+  Returns:
+    float32 of `shape`, uniform in [-1, 1).
+  """
   return jax.random.uniform(jax.random.fold_in(key, index), shape, minval=-1.0, maxval=1.0)
 
 
 @jax.jit
-def noise_warp(grid, images, key, indices):
-  """Noise mode: each uint8 image warped by grid + noise_jitter / H of its own, to uint8."""
+def noise_warp(grid: jax.Array, images: jax.Array, key: jax.Array, indices: jax.Array
+               ) -> jax.Array:
+  """Noise mode: each uint8 image warped by grid + noise_jitter / H of its own, to uint8.
+
+  Args:
+    grid: (1, H, W, 2) float32 backdoor grid from `warp_grid`.
+    images: (N, H, W, C) uint8 in [0, 255].
+    key: PRNG key.
+    indices: (N,) int training-set indices; each image's noise comes from
+      fold_in(key, index).
+
+  Returns:
+    (N, H, W, C) uint8, rounded and clipped to [0, 255].
+  """
   height = images.shape[1]
   jitter = jax.vmap(lambda i: noise_jitter(key, i, grid.shape[1:]))(indices)
   warped = grid_sample(images.astype(jnp.float32), jnp.clip(grid + jitter / height, -1.0, 1.0))
   return jnp.clip(jnp.round(warped), 0, 255).astype(jnp.uint8)
 
 
-def build(cfg, num_classes, image_shape, dataset=None) -> Attack:
+def build(cfg, num_classes: int, image_shape: tuple[int, int, int], dataset=None) -> Attack:
+  """Builds WaNet (Nguyen & Tran, ICLR 2021) from `config.attack` (fields in the module docstring).
+
+  Args:
+    cfg: `config.attack`; warp_k (4), warp_strength (0.5), cross_ratio (2), seed (0).
+    num_classes: unused.
+    image_shape: (H, W, C) of the images.
+    dataset: unused.
+
+  Returns:
+    The dirty-label WaNet Attack; its trigger ignores the PRNG key. With
+    cross_ratio > 0 its `prepare` warps the noise-mode samples in place.
+
+  Raises:
+    ValueError: warp_k outside [2, min(H, W)], warp_strength <= 0 or cross_ratio < 0.
+  """
   del num_classes, dataset
   height = image_shape[0]
   k = int(field(cfg, 'warp_k', 4))

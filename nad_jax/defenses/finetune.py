@@ -7,10 +7,11 @@ the attention-distillation term only.
 """
 
 from nad_jax import pipeline
+from nad_jax import validation
 
 
 def nad_recipe(config, betas=None):
-  layers = pipeline.distill_layers(config)
+  layers = validation.distill_layers(config)
   betas = config.nad.betas if betas is None else betas
   return pipeline.recipe_for(config.nad, tuple(betas), layers, config.nad.p)
 

@@ -25,10 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from nad_jax import checkpoint as ckpt_lib
 from nad_jax import data as data_lib
 from nad_jax import pipeline
 from nad_jax import train as train_lib
@@ -125,12 +123,10 @@ def repair(ctx: pipeline.Context, start, end, clean, name: str = 'mcr'):
   ends = (start['params'], end['params'])
   point = lambda state: curve_point(ctx, cfg.t, start, state.params, end, images)
 
-  checkpoints = ckpt_lib.StageCheckpoints(os.path.join(ctx.workdir, name))
-  done = checkpoints.latest_epoch()
+  checkpoints = pipeline.open_stage(ctx, name) if ctx.workdir is not None else None
+  done = checkpoints.latest_epoch() if checkpoints else None
   if done is not None:
-    state, history = checkpoints.restore(done, jax.tree.map(ocp.utils.to_shape_dtype_struct,
-                                                            state))
-    pipeline.log(f'[{name}] resumed from epoch {done}')
+    state, history = pipeline.restore_stage(checkpoints, name, done, state)
   else:
     done, history = 0, [{'epoch': 0, 't': cfg.t, **pipeline.evaluate(ctx, point(state))}]
   timing = {'compile_s': 0.0, 'img_per_s': []}
@@ -165,16 +161,17 @@ def repair(ctx: pipeline.Context, start, end, clean, name: str = 'mcr'):
                     f'acc_nontarget {entry["acc_nontarget"]:.2f}  asr {entry["asr"]:.2f}')
       history.append(entry)
       pipeline.log(f'{message}  ({speed:.0f} img/s)')
-      if evaluated:
+      if evaluated and checkpoints:
         checkpoints.save(epoch + 1, state, history)
-  checkpoints.close()
+  if checkpoints:
+    checkpoints.close()
 
-  curve_file = os.path.join(ctx.workdir, f'{name}_curve.json')
+  curve_file = ctx.workdir and os.path.join(ctx.workdir, f'{name}_curve.json')
   ts = [round(float(t), 4) for t in np.linspace(0.0, 1.0, cfg.points)]
   if cfg.t not in ts:
     ts = sorted(ts + [cfg.t])
   curve = None
-  if os.path.exists(curve_file):
+  if curve_file and os.path.exists(curve_file):
     with open(curve_file) as f:
       saved = json.load(f)
     if saved.get('epochs') == cfg.epochs and [c['t'] for c in saved['curve']] == ts:
@@ -182,7 +179,8 @@ def repair(ctx: pipeline.Context, start, end, clean, name: str = 'mcr'):
   if curve is None:
     curve = [{'t': t, **pipeline.evaluate(ctx, curve_point(ctx, t, start, state.params, end,
                                                            images))} for t in ts]
-    pipeline.write_json(curve_file, {'epochs': cfg.epochs, 'curve': curve})
+    if curve_file:
+      pipeline.write_json(curve_file, {'epochs': cfg.epochs, 'curve': curve})
   pipeline.log(f'[{name}] curve: ' + '  '.join(
       f't={c["t"]:.2f} acc {c["acc"]:.1f} asr {c["asr"]:.1f}' for c in curve))
   return point(state), history, timing, {'t': cfg.t, 'curve': curve}

@@ -19,40 +19,13 @@ import numpy as np
 
 from nad_jax import figures
 from nad_jax import pipeline
-from nad_jax.defenses import DEFENSES, NAMES
+from nad_jax import validation
+from nad_jax.defenses import NAMES
 from nad_jax.defenses import fine_pruning
 from nad_jax.defenses import finetune
 from nad_jax.defenses import mcr
 
 METRICS = pipeline.METRICS
-
-
-def validate(config) -> None:
-  table = config.get('table')
-  if table is None:
-    raise pipeline.ConfigError("runner 'table1' needs a config.table section "
-                               '(see configs/table1.py)')
-  if not table.attacks:
-    raise pipeline.ConfigError('table.attacks is empty')
-  for attack in table.attacks:
-    if attack not in table.attack_configs:
-      raise pipeline.ConfigError(f'table.attacks: {attack!r} has no entry in '
-                                 f'table.attack_configs; choose from '
-                                 f'{sorted(table.attack_configs)}')
-  for defense in table.defenses:
-    if defense not in DEFENSES:
-      raise pipeline.ConfigError(f'table.defenses: unknown {defense!r}; choose from {DEFENSES}')
-  devices = jax.device_count()
-  for stage in ('fp', 'mcr'):
-    cfg = config[stage]
-    if cfg.epochs < 0 or cfg.batch_size <= 0 or cfg.batch_size % devices:
-      raise pipeline.ConfigError(f'{stage}.epochs must be >= 0 and {stage}.batch_size a '
-                                 f'positive multiple of the {devices} devices')
-  if not 0 < config.fp.holdout_fraction < 1:
-    raise pipeline.ConfigError(f'fp.holdout_fraction must be in (0, 1), '
-                               f'got {config.fp.holdout_fraction}')
-  if not 0 <= config.mcr.t <= 1 or config.mcr.points < 2:
-    raise pipeline.ConfigError('mcr.t must be in [0, 1] and mcr.points >= 2')
 
 
 def attack_config(config, attack: str):
@@ -157,7 +130,7 @@ def write_figures(figure_dir: str, ctx, attack: str, out: dict, config) -> list:
                                               config.table.attention_images, config.seed)
     path = os.path.join(figure_dir, f'{attack}_attention.png')
     figures.attention(path, ctx.model, out['models'], images, ctx.normalize,
-                      pipeline.distill_layers(config), config.nad.p,
+                      validation.distill_layers(config), config.nad.p,
                       f'{attack}: attention maps of triggered test images')
     paths.append(path)
   return paths
@@ -165,7 +138,11 @@ def write_figures(figure_dir: str, ctx, attack: str, out: dict, config) -> list:
 
 def run(config, workdir: str) -> dict:
   """Runs (or resumes) the whole comparison; writes table1.{md,csv,json} and figures."""
-  validate(config)
+  validation.validate(config)
+  for attack in config.table.attacks:  # every attack's config and stage folders, before any trains
+    validation.validate(attack_config(config, attack))
+    validation.check_workdir(attack_config(config, attack), os.path.join(workdir, attack),
+                             ('backdoored', 'teacher', 'nad', 'ft', 'fp', 'mcr'))
   defenses = tuple(config.table.defenses)
   total = clock()
   cells, report, paths = {}, {}, []

@@ -35,7 +35,15 @@ class OnednnUnavailable(RuntimeError):
 
 @functools.cache
 def load() -> None:
-  """Builds the kernels once per source, jax version and environment; registers them."""
+  """Builds the kernels once per source, jax version and environment; registers them.
+
+  Cached: the build and registration run once per process; a failure is not
+  cached, so a later call tries again.
+
+  Raises:
+    OnednnUnavailable: no oneDNN headers under sys.prefix, no C++ compiler, or
+      the build failed (the message holds the compiler's stderr tail).
+  """
   include, lib = os.path.join(sys.prefix, 'include'), os.path.join(sys.prefix, 'lib')
   if not os.path.exists(os.path.join(include, 'oneapi', 'dnnl', 'dnnl.hpp')):
     raise OnednnUnavailable(f'oneDNN headers are not in {include}: '
@@ -99,8 +107,31 @@ _conv.defvjp(_conv_forward, _conv_backward)
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                          rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
-                         batch_group_count=1, precision=None, preferred_element_type=None):
-  """lax.conv_general_dilated, in oneDNN where it can be (see the module docstring)."""
+                         batch_group_count=1, precision=None,
+                         preferred_element_type=None) -> jax.Array:
+  """lax.conv_general_dilated, in oneDNN where it can be (see the module docstring).
+
+  Same arguments and result as `lax.conv_general_dilated`. oneDNN runs it (with
+  a custom VJP whose gradients also run in oneDNN) when `dimension_numbers` give
+  a 4-D NHWC input, HWIO kernel and NHWC output (what Flax's nn.Conv passes),
+  both operands float32, with no dilation, one feature and batch group,
+  preferred_element_type None or float32, and non-negative padding; anything
+  else goes to XLA. `precision` is ignored on the oneDNN path.
+
+  Args:
+    lhs: the input, e.g. (N, H, W, C_in).
+    rhs: the kernel, e.g. (KH, KW, C_in, C_out).
+    window_strides: (sh, sw).
+    padding: 'SAME', 'VALID' or ((top, bottom), (left, right)).
+    lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count,
+      batch_group_count, precision, preferred_element_type: as in lax.
+
+  Returns:
+    The convolution, (N, H', W', C_out) float32 on the oneDNN path.
+
+  Raises:
+    OnednnUnavailable: the oneDNN path was chosen and the kernels cannot be built.
+  """
   xla = functools.partial(
       lax.conv_general_dilated, lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
       dimension_numbers, feature_group_count, batch_group_count, precision,

@@ -7,11 +7,14 @@ three (low, middle, high) that NAD distils by default.
 
 import functools
 
+import flax.linen as nn
 import jax.numpy as jnp
 
 from nad_jax.kernels import onednn
 from nad_jax.models.preact_resnet import PreActResNet18
+from nad_jax.models.resnet import ResNet18
 from nad_jax.models.tiny import TinyNet
+from nad_jax.models.vgg import VGG19BN
 from nad_jax.models.wide_resnet import WideResNet
 
 MODELS = {
@@ -20,6 +23,8 @@ MODELS = {
     'wrn40_1': functools.partial(WideResNet, depth=40, widen_factor=1),
     'wrn40_2': functools.partial(WideResNet, depth=40, widen_factor=2),
     'preact_resnet18': PreActResNet18,
+    'resnet18': ResNet18,  # torchvision's, as BackdoorBench builds it
+    'vgg19_bn': VGG19BN,  # torchvision's, as BackdoorBench builds it
     'tiny': TinyNet,
 }
 
@@ -28,8 +33,26 @@ DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 CONVS = ('xla', 'onednn')
 
 
-def build_model(name: str, num_classes: int, dtype: str = 'float32', conv: str = 'xla'):
-  """Returns the Flax module registered as `name`; KeyError names the choices."""
+def build_model(name: str, num_classes: int, dtype: str = 'float32',
+                conv: str = 'xla') -> nn.Module:
+  """Returns the Flax module registered as `name`; KeyError names the choices.
+
+  Every model takes (N, H, W, C) float images as scaled by `train.normalizer`
+  (pixels / 255, then (x - mean) / std when config.model.mean/std are set) and
+  returns float32 logits (N, num_classes).
+
+  Args:
+    name: a key of MODELS (`config.model.name`).
+    num_classes: the number of output logits.
+    dtype: a key of DTYPES: the computation dtype (params stay float32).
+    conv: a member of CONVS: 'xla', or 'onednn' (oneDNN convolutions on CPU).
+
+  Returns:
+    The unbound Flax module.
+
+  Raises:
+    KeyError: an unknown name, dtype or conv.
+  """
   if name not in MODELS:
     raise KeyError(f'unknown model {name!r}; choose one of {sorted(MODELS)}')
   if dtype not in DTYPES:

@@ -1,0 +1,207 @@
+"""nad-jax from Python: arrays and variables in, variables and a per-epoch history out.
+
+Images are uint8 NHWC arrays in [0, 255] and labels int arrays, held in a `Dataset`
+(`nad_jax.Dataset(train_images, train_labels, test_images, test_labels, num_classes)`,
+or `load_data`). Each function trains or evaluates on the devices JAX sees and writes
+nothing to disk. Options are keyword arguments with the paper's defaults
+(`nad_jax.defaults.paper_config`); `config=` takes a whole ConfigDict instead, and the
+keyword arguments given override it.
+
+    import nad_jax
+    data = nad_jax.load_data('synthetic', train_size=5000, test_size=1000)
+    backdoored = nad_jax.train_backdoored(data, attack='badnets', epochs=5,
+                                          learning_rate=0.05)
+    erased = nad_jax.erase(data, backdoored.variables, method='nad')
+    print(nad_jax.evaluate(data, erased.variables))  # {'acc': .., 'acc_nontarget': .., 'asr': ..}
+"""
+
+from typing import Any, NamedTuple
+
+import jax
+import ml_collections
+
+from nad_jax import data as data_lib
+from nad_jax import defaults
+from nad_jax import pipeline
+from nad_jax import train as train_lib
+from nad_jax import validation
+from nad_jax.defenses import fine_pruning
+from nad_jax.defenses import finetune
+from nad_jax.defenses import mcr
+
+METHODS = ('nad', 'ft', 'fp', 'mcr')
+
+
+class Result(NamedTuple):
+  """What a training function returns.
+
+  variables: {'params', 'batch_stats'} of the trained model, numpy arrays on the host.
+  history: one dict per epoch (epoch 0: before training): 'ce' (and 'at', the AT loss
+    per distilled layer, for NAD), and 'acc', 'acc_nontarget', 'asr' in percent.
+  """
+  variables: dict
+  history: list
+
+
+def make_config(config: ml_collections.ConfigDict | None = None, *, model: str | None = None,
+                seed: int | None = None, attack: str | None = None,
+                target_label: int | None = None, poison_rate: float | None = None,
+                clean_fraction: float | None = None, **stages) -> ml_collections.ConfigDict:
+  """`config` (default: the paper's) with the given options set.
+
+  Args:
+    config: a ConfigDict shaped like `defaults.paper_config()`; copied, not changed.
+    model: `model.name`, e.g. 'wrn16_1', 'preact_resnet18', 'tiny'.
+    seed: `seed`, from which every random choice is derived.
+    attack: `attack.name`, e.g. 'badnets', 'blend', 'sig' (nad_jax/attacks).
+    target_label: `attack.target_label`.
+    poison_rate: `attack.poison_rate`, a fraction.
+    clean_fraction: `data.clean_fraction`, the defender's share of the training set.
+    **stages: a stage's fields, as {section: {field: value}}, e.g.
+      nad={'epochs': 5}, teacher={'epochs': 2}.
+
+  Returns:
+    A new ConfigDict; it is checked by `validation.validate` when used.
+  """
+  config = (config or defaults.paper_config()).copy_and_resolve_references()
+  for field, value in (('model.name', model), ('seed', seed), ('attack.name', attack),
+                       ('attack.target_label', target_label),
+                       ('attack.poison_rate', poison_rate),
+                       ('data.clean_fraction', clean_fraction)):
+    if value is not None:
+      section, _, leaf = field.rpartition('.')
+      (config[section] if section else config)[leaf] = value
+  for section, fields in stages.items():
+    if section not in config:
+      raise validation.ConfigError(f'{section}: no such config section')
+    config[section].update(fields)
+  return config
+
+
+def load_data(source: str = 'synthetic', *, seed: int = 0, **fields) -> data_lib.Dataset:
+  """A dataset as host arrays: 'synthetic', 'tfds' (name=, data_dir=) or 'folder' (path=).
+
+  Args:
+    source: `data.source`.
+    seed: the synthetic set's seed.
+    **fields: other `data.*` fields (train_size, test_size, num_classes, name, path, ...).
+
+  Returns:
+    A Dataset of uint8 (N, H, W, C) images and int32 (N,) labels.
+
+  Raises:
+    ConfigError: the source cannot be read (the message names the field).
+  """
+  cfg = defaults.paper_config().data
+  cfg.update(dict(source=source, **fields))
+  try:
+    return data_lib.load_dataset(cfg, seed)
+  except data_lib.DataError as e:
+    raise validation.ConfigError(str(e)) from None
+
+
+def _context(dataset: data_lib.Dataset, config) -> pipeline.Context:
+  pipeline.validate(config)
+  return pipeline.make_context(config, dataset, workdir=None)
+
+
+def _on_devices(ctx: pipeline.Context, variables: dict) -> dict:
+  return train_lib.replicate(variables, ctx.mesh)
+
+
+def _result(variables, history) -> Result:
+  return Result(jax.device_get(variables), history)
+
+
+def train_backdoored(dataset: data_lib.Dataset, *, config=None, epochs: int | None = None,
+                     batch_size: int | None = None, learning_rate: float | None = None,
+                     lr_boundaries: tuple | None = None, **options) -> Result:
+  """Trains a model from scratch on `dataset`'s training set poisoned by the attack.
+
+  Args:
+    dataset: the data; the attack poisons `poison_rate` of its training images.
+    config, **options: see `make_config` (model, seed, attack, target_label, ...).
+    epochs, batch_size, learning_rate, lr_boundaries: `backdoor_training.*`
+      (the official code's: 100 epochs, batch 128, lr 0.1, x0.1 at 50 and 75).
+
+  Returns:
+    Result; its history's acc/asr are measured on the test split.
+
+  Raises:
+    ConfigError: a bad option (named).
+  """
+  recipe = {k: v for k, v in dict(epochs=epochs, batch_size=batch_size,
+                                  learning_rate=learning_rate,
+                                  lr_boundaries=lr_boundaries).items() if v is not None}
+  config = make_config(config, backdoor_training=recipe, **options)
+  variables, history, _ = pipeline.backdoored_stage(_context(dataset, config))
+  return _result(variables, history)
+
+
+def erase(dataset: data_lib.Dataset, variables: dict, *, method: str = 'nad',
+          teacher: dict | None = None, config=None, epochs: int | None = None,
+          batch_size: int | None = None, learning_rate: float | None = None,
+          lr_boundaries: tuple | None = None, betas: tuple | None = None,
+          teacher_epochs: int | None = None, **options) -> Result:
+  """Erases the backdoor of `variables` with the defender's clean subset of `dataset`.
+
+  The clean subset is `clean_fraction` (5%) of the training set, drawn from the seed.
+
+  Args:
+    dataset: the data; its test split measures acc, acc_nontarget and asr.
+    variables: the backdoored model's {'params', 'batch_stats'}.
+    method: 'nad' (Li et al., ICLR 2021: CE + attention distillation from a teacher),
+      'ft' (fine-tuning: NAD with every beta 0), 'fp' (fine-pruning, Liu et al. 2018) or
+      'mcr' (mode connectivity repair, Zhao et al. 2020; its curve ends at the FT model).
+    teacher: NAD's teacher variables; None: `variables` fine-tuned on the clean subset
+      (CE only, `teacher_epochs`, the paper's 10).
+    config, **options: see `make_config`.
+    epochs, batch_size, learning_rate, lr_boundaries, betas: `nad.*` (the paper's 20
+      epochs, batch 64, lr 0.1 then 0.01 from epoch 2, betas 500/1000/1000). FP and
+      MCR follow NAD's schedule.
+
+  Returns:
+    Result of the erased model.
+
+  Raises:
+    ConfigError: a bad option or method (named).
+  """
+  if method not in METHODS:
+    raise validation.ConfigError(f'method {method!r}: must be one of {METHODS}')
+  recipe = {k: v for k, v in dict(epochs=epochs, batch_size=batch_size,
+                                  learning_rate=learning_rate, lr_boundaries=lr_boundaries,
+                                  betas=betas).items() if v is not None}
+  teacher_recipe = {} if teacher_epochs is None else {'epochs': teacher_epochs}
+  config = make_config(config, nad=recipe, teacher=teacher_recipe, **options)
+  defaults.defense_stages(config)
+  ctx = _context(dataset, config)
+  student = _on_devices(ctx, variables)
+  clean = pipeline.clean_data(ctx)
+  if method == 'nad':
+    if teacher is None:
+      teacher = pipeline.teacher_stage(ctx, student)[0]
+    result = finetune.nad(ctx, student, _on_devices(ctx, teacher), clean)
+  elif method == 'ft':
+    result = finetune.finetune(ctx, student, clean)
+  elif method == 'fp':
+    result = fine_pruning.fine_prune(ctx, student, clean)
+  else:
+    end = finetune.finetune(ctx, student, clean)[0]
+    result = mcr.repair(ctx, student, end, clean)
+  return _result(result[0], result[1])
+
+
+def evaluate(dataset: data_lib.Dataset, variables: dict, *, config=None,
+             **options) -> dict[str, Any]:
+  """acc (clean test accuracy), acc_nontarget and asr of `variables`, in percent.
+
+  Args:
+    dataset: its test split is evaluated; asr triggers its non-target images.
+    variables: {'params', 'batch_stats'} of the model.
+    config, **options: see `make_config` (model, attack, target_label, ...).
+
+  Returns:
+    {'acc', 'acc_nontarget', 'asr'} as floats in [0, 100].
+  """
+  ctx = _context(dataset, make_config(config, **options))
+  return pipeline.evaluate(ctx, _on_devices(ctx, variables))

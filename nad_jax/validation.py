@@ -1,0 +1,447 @@
+"""Every check of a config, and of a workdir against it, before anything is written.
+
+`RULES` is one table: a row names a config field, the rule it must satisfy and what is
+allowed. `validate` runs the rows that apply before any data is loaded; `validate_data`
+runs the few that need the dataset (class count, split sizes). `check_workdir` compares
+the config with the one each finished or partly trained stage of a workdir was trained
+with, so a rerun never resumes, or reports, a model that another config made.
+"""
+
+import json
+import math
+import os
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+
+from nad_jax import attacks as attacks_lib
+from nad_jax import checkpoint as ckpt_lib
+from nad_jax import models
+
+
+class ConfigError(ValueError):
+  """A config value, file, path or workdir the run cannot use; the message names it."""
+
+
+class Rule(NamedTuple):
+  """One row of the table: `field` (dotted) must satisfy `ok(value, config)`.
+
+  `allowed` says what is allowed; `{devices}` in it is the device count. `when(config)`
+  says whether the row applies (default: always, where the config has the field).
+  """
+  field: str
+  ok: Callable[[Any, Any], bool]
+  allowed: str
+  when: Callable[[Any], bool] = lambda config: True
+
+
+# ------------------------------------------------------------------------ value predicates
+
+def is_int(v) -> bool:
+  return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def is_number(v) -> bool:
+  return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) \
+      and math.isfinite(v)
+
+
+def in_range(low=-math.inf, high=math.inf, low_open=False, high_open=False, integer=False):
+  """A predicate: a finite number (an int where `integer`) within the given bounds."""
+  def ok(v, _=None):
+    if not (is_int(v) if integer else is_number(v)):
+      return False
+    return (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
+  return ok
+
+
+def one_of(choices):
+  return lambda v, _=None: v in tuple(choices)
+
+
+def is_bool(v, _=None) -> bool:
+  return isinstance(v, (bool, np.bool_))
+
+
+def optional(predicate):
+  return lambda v, config=None: v is None or predicate(v, config)
+
+
+def positive_multiple_of_devices(v, _=None) -> bool:
+  return is_int(v) and v > 0 and v % jax.device_count() == 0
+
+
+def number_tuple(length=None, low=-math.inf, low_open=False):
+  def ok(v, _=None):
+    return (isinstance(v, (tuple, list)) and (length is None or len(v) in length)
+            and all(in_range(low, low_open=low_open)(x) for x in v))
+  return ok
+
+
+def increasing_epochs(v, _=None) -> bool:
+  return (isinstance(v, (tuple, list)) and all(is_int(b) and b >= 0 for b in v)
+          and list(v) == sorted(set(v)))
+
+
+def existing_path(v, _=None) -> bool:
+  return v is None or v == '' or (isinstance(v, str) and os.path.exists(v))
+
+
+def has(section):
+  return lambda config: config.get(section) is not None
+
+
+def data_source(*sources):
+  return lambda config: config.data.source in sources
+
+
+def attack_is(*names):
+  return lambda config: config.attack.name in names
+
+
+def distill_layers(config) -> tuple[str, ...]:
+  """The layers NAD distils: `nad.layers`, or the model's low/middle/high groups."""
+  if config.nad.get('layers'):
+    return tuple(config.nad.layers)
+  return tuple(models.build_model(config.model.name, 10).distill_layers)
+
+
+def betas_fit_layers(v, config) -> bool:
+  return number_tuple(low=0.0)(v) and len(v) == len(distill_layers(config))
+
+
+def sgd_rows(section: str, when=lambda config: True) -> list[Rule]:
+  """The rows of a training stage made by configs/common.py's sgd_stage."""
+  return [
+      Rule(f'{section}.epochs', in_range(0, integer=True), 'an integer >= 0', when),
+      Rule(f'{section}.batch_size', positive_multiple_of_devices,
+           'a positive integer multiple of the device count ({devices})', when),
+      Rule(f'{section}.learning_rate', in_range(0, low_open=True), 'a number > 0', when),
+      Rule(f'{section}.lr_boundaries', increasing_epochs,
+           'a tuple of increasing epoch numbers >= 0 (where the learning rate decays)', when),
+      Rule(f'{section}.lr_decay', in_range(0, low_open=True), 'a number > 0', when),
+      Rule(f'{section}.momentum', in_range(0, 1, high_open=True), 'a number in [0, 1)', when),
+      Rule(f'{section}.nesterov', is_bool, 'True or False', when),
+      Rule(f'{section}.weight_decay', in_range(0), 'a number >= 0', when),
+      Rule(f'{section}.crop_flip', is_bool, 'True or False', when),
+      Rule(f'{section}.cutout', in_range(0, integer=True), 'an integer >= 0 (0: no Cutout)',
+           when),
+      Rule(f'{section}.eval_every', in_range(1, integer=True), 'an integer >= 1', when),
+  ]
+
+
+def mean_std_pair(_, config) -> bool:
+  mean, std = config.model.mean, config.model.std
+  return (mean is None) == (std is None)
+
+
+RULES: list[Rule] = [
+    Rule('seed', in_range(0, integer=True), 'an integer >= 0'),
+    Rule('runner', one_of(('nad', 'table1')), "'nad' or 'table1'"),
+    Rule('eval_only', is_bool, 'True or False'),
+    Rule('eval_only', lambda v, c: not v or c.runner != 'table1',
+         "False with runner 'table1', which has no evaluation-only mode (rerun its command: "
+         'finished stages are restored and evaluated, not trained)'),
+    Rule('distributed', is_bool, 'True or False'),
+    Rule('scan_epoch', optional(is_bool), 'None (the backend decides), True or False'),
+    Rule('compilation_cache', lambda v, _: isinstance(v, str), "a folder, or '' for none"),
+    # model
+    Rule('model.name', one_of(models.MODELS), f'one of {sorted(models.MODELS)}'),
+    Rule('model.dtype', one_of(models.DTYPES), f'one of {sorted(models.DTYPES)}'),
+    Rule('model.conv', one_of(models.CONVS), f'one of {list(models.CONVS)}'),
+    Rule('model.conv', lambda v, _: jax.default_backend() == 'cpu' and jax.device_count() == 1,
+         "'xla' here: 'onednn' runs on one CPU device", lambda c: c.model.conv == 'onednn'),
+    Rule('model.mean', optional(number_tuple(length=(1, 3))),
+         'None or a tuple of 1 or 3 numbers (one per channel, on pixels / 255)'),
+    Rule('model.std', optional(number_tuple(length=(1, 3), low=0.0, low_open=True)),
+         'None or a tuple of 1 or 3 numbers > 0'),
+    Rule('model.std', mean_std_pair, 'set together with model.mean (both or neither)'),
+    Rule('model.std', lambda v, c: len(v) == len(c.model.mean),
+         'as many numbers as model.mean',
+         lambda c: c.model.mean is not None and c.model.std is not None),
+    # data
+    Rule('data.source', one_of(('synthetic', 'tfds', 'folder')),
+         "'synthetic', 'tfds' or 'folder'"),
+    Rule('data.name', lambda v, _: isinstance(v, str) and bool(v),
+         'a TensorFlow Datasets name, e.g. cifar10', data_source('tfds')),
+    Rule('data.data_dir', optional(lambda v, _: isinstance(v, str)),
+         'None (tfds default) or a folder', data_source('tfds')),
+    Rule('data.path', lambda v, _: isinstance(v, str) and os.path.isdir(v),
+         'an existing folder holding train/<class>/<image> and test/<class>/<image>',
+         data_source('folder')),
+    Rule('data.train_size', in_range(1, integer=True), 'an integer >= 1',
+         data_source('synthetic')),
+    Rule('data.test_size', in_range(1, integer=True), 'an integer >= 1',
+         data_source('synthetic')),
+    Rule('data.num_classes', in_range(2, integer=True), 'an integer >= 2',
+         data_source('synthetic')),
+    Rule('data.textures_per_class', in_range(1, integer=True), 'an integer >= 1',
+         data_source('synthetic')),
+    Rule('data.clean_fraction', in_range(0, 1, low_open=True), 'a fraction in (0, 1]'),
+    Rule('data.eval_batch_size', positive_multiple_of_devices,
+         'a positive integer multiple of the device count ({devices})'),
+    # attack: the fields every attack shares (nad_jax/attacks/__init__.py)
+    Rule('attack.name', one_of(attacks_lib.ATTACKS), f'one of {sorted(attacks_lib.ATTACKS)}'),
+    Rule('attack.target_label', in_range(0, integer=True), 'an integer >= 0'),
+    Rule('attack.poison_rate', in_range(0, 1),
+         'a fraction in [0, 1] (of the training set; of the target class for clean-label '
+         'attacks; 0 trains an unpoisoned model)'),
+    Rule('attack.mode', one_of(('all_to_one', 'all_to_all')), "'all_to_one' or 'all_to_all'"),
+    Rule('attack.seed', in_range(0, integer=True), 'an integer >= 0'),
+    Rule('attack.clean_label', optional(is_bool),
+         "None (the attack's default), True or False"),
+    Rule('attack.pattern_path', existing_path, "'' or an existing file or folder"),
+    # attack: each attack's own fields (documented in its module)
+    Rule('attack.pattern', one_of(('grid', 'square')), "'grid' or 'square'",
+         attack_is('badnets', 'cl')),
+    Rule('attack.size', in_range(1, integer=True), 'an integer >= 1',
+         attack_is('badnets', 'cl', 'trojan')),
+    Rule('attack.corner', one_of(('bottom_right', 'bottom_left', 'top_right', 'top_left')),
+         "'bottom_right', 'bottom_left', 'top_right' or 'top_left'", attack_is('badnets', 'cl')),
+    Rule('attack.alpha', in_range(0, 1, low_open=True), 'a number in (0, 1]',
+         attack_is('blend', 'sig')),
+    Rule('attack.delta', in_range(0, low_open=True), 'a number > 0 (pixel units)',
+         attack_is('sig')),
+    Rule('attack.frequency', in_range(0, low_open=True), 'a number > 0', attack_is('sig')),
+    Rule('attack.sig_mode', one_of(('add', 'blend')), "'add' or 'blend'", attack_is('sig')),
+    Rule('attack.amplitude', in_range(0, 255, low_open=True), 'a number in (0, 255]',
+         attack_is('cl')),
+    Rule('attack.pgd_eps', in_range(0, 255), 'a number in [0, 255] (pixel units)',
+         attack_is('cl')),
+    Rule('attack.pgd_step', in_range(0, low_open=True), 'a number > 0 (pixel units)',
+         attack_is('cl')),
+    Rule('attack.pgd_steps', in_range(0, integer=True), 'an integer >= 0', attack_is('cl')),
+    Rule('attack.surrogate.model', one_of(models.MODELS), f'one of {sorted(models.MODELS)}',
+         attack_is('cl', 'trojan')),
+    Rule('attack.surrogate.epochs', in_range(1, integer=True), 'an integer >= 1',
+         attack_is('cl')),
+    Rule('attack.surrogate.batch_size', positive_multiple_of_devices,
+         'a positive integer multiple of the device count ({devices})', attack_is('cl')),
+    Rule('attack.surrogate.learning_rate', in_range(0, low_open=True), 'a number > 0',
+         attack_is('cl')),
+    Rule('attack.surrogate.lr_boundaries', increasing_epochs,
+         'a tuple of increasing epoch numbers >= 0', attack_is('cl')),
+    Rule('attack.surrogate.crop_flip', is_bool, 'True or False', attack_is('cl')),
+    Rule('attack.trojan_neurons', in_range(1, integer=True), 'an integer >= 1',
+         attack_is('trojan')),
+    Rule('attack.trojan_steps', in_range(1, integer=True), 'an integer >= 1',
+         attack_is('trojan')),
+    Rule('attack.reflections', in_range(1, integer=True), 'an integer >= 1',
+         attack_is('refool')),
+    Rule('attack.ghost_rate', in_range(0, 1), 'a fraction in [0, 1]', attack_is('refool')),
+    Rule('attack.reflection_strength',
+         lambda v, _: number_tuple(length=(2,), low=0.0)(v) and v[0] <= v[1] <= 1,
+         'a pair (low, high) with 0 <= low <= high <= 1', attack_is('refool')),
+    Rule('attack.warp_k', in_range(2, integer=True), 'an integer >= 2', attack_is('wanet')),
+    Rule('attack.warp_strength', in_range(0, low_open=True), 'a number > 0',
+         attack_is('wanet')),
+    Rule('attack.cross_ratio', in_range(0), 'a number >= 0', attack_is('wanet')),
+    # stages
+    *sgd_rows('backdoor_training'),
+    Rule('student.checkpoint', existing_path, 'None or an existing file or folder'),
+    *sgd_rows('teacher'),
+    Rule('teacher.source', one_of(('finetune', 'scratch')), "'finetune' or 'scratch'"),
+    Rule('teacher.checkpoint', existing_path, 'None or an existing file or folder'),
+    *sgd_rows('nad'),
+    Rule('nad.layers', optional(lambda v, c: isinstance(v, (tuple, list)) and len(v) >= 1
+                                and all(isinstance(x, str) for x in v)),
+         'None (the model\'s low/middle/high groups) or a tuple of sown layer names'),
+    Rule('nad.betas', betas_fit_layers,
+         'one number >= 0 per distilled layer (nad.layers, or the model\'s three groups)'),
+    Rule('nad.p', in_range(0, low_open=True), 'a number > 0'),
+    # the comparison runner (configs/table1.py)
+    *sgd_rows('fp', has('fp')),
+    Rule('fp.holdout_fraction', in_range(0, 1, low_open=True, high_open=True),
+         'a fraction in (0, 1)', has('fp')),
+    Rule('fp.acc_drop', in_range(0), 'a number >= 0 (accuracy points)', has('fp')),
+    *sgd_rows('mcr', has('mcr')),
+    Rule('mcr.t', in_range(0, 1), 'a number in [0, 1]', has('mcr')),
+    Rule('mcr.points', in_range(2, integer=True), 'an integer >= 2', has('mcr')),
+    Rule('table', lambda v, _: v is not None, 'a section (configs/table1.py)',
+         lambda c: c.runner == 'table1'),
+    Rule('table.attacks', lambda v, c: len(v) >= 1 and set(v) <= set(c.table.attack_configs),
+         'a non-empty tuple of names in table.attack_configs', has('table')),
+    Rule('table.defenses', lambda v, _: len(v) >= 1 and set(v) <= {'none', 'ft', 'fp', 'mcr',
+                                                                    'nad'},
+         "a non-empty tuple of 'none', 'ft', 'fp', 'mcr', 'nad'", has('table')),
+    Rule('table.figures', is_bool, 'True or False', has('table')),
+    Rule('table.attention_images', in_range(0, integer=True), 'an integer >= 0', has('table')),
+]
+
+
+def lookup(config, field: str):
+  """The value at a dotted field; KeyError where the config has no such field."""
+  value = config
+  for part in field.split('.'):
+    if value is None or part not in value:
+      raise KeyError(field)
+    value = value[part]
+  return value
+
+
+def validate(config) -> None:
+  """Checks every row of RULES that applies; raises ConfigError naming the first failure.
+
+  Args:
+    config: an ml_collections ConfigDict shaped like configs/common.py's paper_config
+      (a field the config lacks is not checked).
+
+  Raises:
+    ConfigError: `<field> <value>: must be <allowed>`.
+  """
+  for rule in RULES:
+    try:
+      value = lookup(config, rule.field)
+      applies = rule.when(config)
+    except KeyError:
+      continue
+    if applies and not rule.ok(value, config):
+      allowed = rule.allowed.format(devices=jax.device_count())
+      raise ConfigError(f'{rule.field} {value!r}: must be {allowed}')
+
+
+def validate_data(config, num_classes: int, train_size: int, clean_size: int,
+                  test_labels: np.ndarray) -> None:
+  """The rules that need the dataset; raises ConfigError naming the field.
+
+  Args:
+    config: the run's config.
+    num_classes: the dataset's class count.
+    train_size, clean_size: images in the training set and in the clean subset.
+    test_labels: (N,) int labels of the test split.
+  """
+  target = config.attack.target_label
+  if not 0 <= target < num_classes:
+    raise ConfigError(f'attack.target_label {target}: must be in [0, {num_classes}) for a '
+                      f'dataset of {num_classes} classes')
+  sizes = {'backdoor_training': train_size, 'teacher': clean_size, 'nad': clean_size,
+           'fp': clean_size, 'mcr': clean_size}
+  for stage, size in sizes.items():
+    cfg = config.get(stage)
+    if cfg is not None and cfg.epochs and cfg.batch_size > size:
+      raise ConfigError(f'{stage}.batch_size {cfg.batch_size}: must be at most the {size} '
+                        'training images of that stage')
+  if config.attack.mode == 'all_to_one' and np.all(np.asarray(test_labels) == target):
+    raise ConfigError(f'attack.target_label {target}: every test image is of the target class, '
+                      'so ASR and acc_nontarget (measured on the non-target test images) are '
+                      'undefined; use a test split with other classes')
+
+
+def validate_poisoning(config, count: int, candidates: int) -> None:
+  """A poison rate that poisons no training sample is an error, not an ASR of 0.
+
+  Args:
+    config: the run's config.
+    count: the training images the attack poisons.
+    candidates: the images it may poison (the target class's, for clean-label attacks).
+  """
+  if count == 0 and config.attack.poison_rate > 0:
+    raise ConfigError(
+        f'attack.poison_rate {config.attack.poison_rate} with attack.target_label '
+        f'{config.attack.target_label} poisons 0 of the {candidates} candidate training '
+        'images (clean-label attacks poison images of the target class only): raise '
+        'attack.poison_rate or choose a target_label with training images')
+
+
+# ------------------------------------------------------------------- workdir fingerprints
+
+FINGERPRINT = 'stage_config.json'
+# Fields that never change what a stage trains (evaluation cadence, caches, devices).
+NOT_SHAPING = ('eval_only', 'runner', 'distributed', 'compilation_cache', 'scan_epoch',
+               'model.conv', 'data.eval_batch_size', 'table')
+# The sections that shape each stage: its own and those of the stages it starts from.
+BACKDOORED = ('seed', 'data', 'model', 'attack', 'backdoor_training', 'student')
+STAGE_SECTIONS = {
+    'backdoored': BACKDOORED,
+    'teacher': BACKDOORED + ('teacher',),
+    'nad': BACKDOORED + ('teacher', 'nad'),
+    'ft': BACKDOORED + ('nad',),  # FT is the NAD stage with betas 0
+    'fp': BACKDOORED + ('nad', 'fp'),
+    'mcr': BACKDOORED + ('nad', 'mcr'),  # the curve ends at the FT model
+}
+# Fields of a shaping section that do not shape that stage.
+STAGE_IGNORES = {'ft': ('nad.betas', 'nad.p', 'nad.layers'),
+                 'fp': ('nad.betas', 'nad.p', 'nad.layers'),
+                 'mcr': ('nad.betas', 'nad.p', 'nad.layers')}
+
+
+def flatten(tree, prefix='') -> dict:
+  out = {}
+  for key, value in tree.items():
+    name = f'{prefix}{key}'
+    if isinstance(value, dict):
+      out.update(flatten(value, name + '.'))
+    else:
+      out[name] = value
+  return out
+
+
+def stage_fields(config, stage: str) -> dict:
+  """{dotted field: JSON value} of the config fields that shape `stage`."""
+  as_dict = config.to_dict()
+  fields = flatten({k: as_dict[k] for k in STAGE_SECTIONS[stage] if k in as_dict})
+  ignored = NOT_SHAPING + STAGE_IGNORES.get(stage, ())
+  fields = {k: v for k, v in fields.items()
+            if not k.endswith('.eval_every')
+            and not any(k == i or k.startswith(i + '.') for i in ignored)}
+  return json.loads(json.dumps(fields, default=str))  # tuples -> lists, as read back
+
+
+def differences(recorded: dict, current: dict) -> list[str]:
+  missing = object()
+  return [f'{k} {recorded.get(k, "(unset)")!r} -> {current.get(k, "(unset)")!r}'
+          for k in sorted(recorded.keys() | current.keys())
+          if recorded.get(k, missing) != current.get(k, missing)]
+
+
+def check_workdir(config, workdir: str, stages) -> None:
+  """Raises ConfigError where a stage folder of `workdir` was trained with other values.
+
+  Args:
+    config: the run's config.
+    workdir: the run's folder (it may not exist yet).
+    stages: the stage names (keys of STAGE_SECTIONS) this run may resume.
+
+  Raises:
+    ConfigError: naming the stage, its folder, each differing field (old -> new) and what
+      to do; also for a stage folder with checkpoints but no record of its config.
+  """
+  for stage in stages:
+    directory = os.path.join(workdir, stage)
+    if not os.path.isdir(directory):
+      continue
+    record = os.path.join(directory, FINGERPRINT)
+    if not os.path.isfile(record):
+      if ckpt_lib.finished_epochs(directory):
+        raise ConfigError(f'stage {stage!r}: {directory} holds checkpoints without a record of '
+                          'the config that trained them; use another --workdir or delete '
+                          'the folder')
+      continue
+    try:
+      with open(record) as f:
+        recorded = json.load(f)['fields']
+    except (OSError, ValueError, KeyError, TypeError):
+      raise ConfigError(f'stage {stage!r}: {record} is unreadable; use another --workdir '
+                        'or delete the folder') from None
+    changed = differences(recorded, stage_fields(config, stage))
+    if changed:
+      raise ConfigError(
+          f'stage {stage!r} in {directory} was trained with other values: '
+          + '; '.join(changed) + '. Rerun with the old values, use another --workdir, or '
+          f'delete {directory} (and the folders of the stages that start from it) to train '
+          'it again')
+
+
+def record_stage(config, directory: str, stage: str) -> None:
+  """Writes the fields that shape `stage` into its folder, once, before it trains."""
+  record = os.path.join(directory, FINGERPRINT)
+  if jax.process_index() != 0 or os.path.isfile(record):
+    return
+  os.makedirs(directory, exist_ok=True)
+  tmp = record + '.tmp'
+  with open(tmp, 'w') as f:
+    json.dump({'stage': stage, 'fields': stage_fields(config, stage)}, f, indent=1,
+              allow_nan=False)
+  os.replace(tmp, record)

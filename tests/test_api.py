@@ -1,0 +1,49 @@
+"""The Python API: the README's example on tiny data (tests/test_pipeline.py checks that it
+gives the pipeline's numbers)."""
+
+import jax
+import numpy as np
+import pytest
+
+import nad_jax
+
+TINY = dict(model='tiny', clean_fraction=0.25)
+
+
+@pytest.fixture(scope='module')
+def data():
+  return nad_jax.load_data('synthetic', train_size=512, test_size=256)
+
+
+@pytest.fixture(scope='module')
+def backdoored(data):
+  return nad_jax.train_backdoored(data, attack='badnets', epochs=2, batch_size=32,
+                                  learning_rate=0.05, lr_boundaries=(), **TINY)
+
+
+def test_the_readme_example_on_tiny_data(data, backdoored):
+  assert [h['epoch'] for h in backdoored.history] == [0, 1, 2]
+  leaves = jax.tree.leaves(backdoored.variables)
+  assert leaves and all(isinstance(x, np.ndarray) for x in leaves)  # host arrays
+  before = nad_jax.evaluate(data, backdoored.variables, **TINY)
+  assert before == {k: backdoored.history[-1][k] for k in before}
+  erased = nad_jax.erase(data, backdoored.variables, method='nad', epochs=1, teacher_epochs=1,
+                         **TINY)
+  assert len(erased.history[-1]['at']) == 3
+  assert nad_jax.evaluate(data, erased.variables, **TINY) == {
+      k: erased.history[-1][k] for k in ('acc', 'acc_nontarget', 'asr')}
+
+
+@pytest.mark.parametrize('method', ['ft', 'fp', 'mcr'])
+def test_the_baseline_defenses(data, backdoored, method):
+  result = nad_jax.erase(data, backdoored.variables, method=method, epochs=1, **TINY)
+  assert result.history[-1]['epoch'] == 1 and 0 <= result.history[-1]['asr'] <= 100
+
+
+def test_a_bad_option_names_it(data, backdoored):
+  with pytest.raises(nad_jax.ConfigError, match="method 'prune'"):
+    nad_jax.erase(data, backdoored.variables, method='prune', **TINY)
+  with pytest.raises(nad_jax.ConfigError, match='nad.epochs -1'):
+    nad_jax.erase(data, backdoored.variables, epochs=-1, **TINY)
+  with pytest.raises(nad_jax.ConfigError, match='attack.target_label 12'):
+    nad_jax.evaluate(data, backdoored.variables, target_label=12, **TINY)

@@ -1,0 +1,144 @@
+"""Every config rule, in-process: a bad value of each field is one ConfigError naming it."""
+
+import re
+
+import ml_collections
+import numpy as np
+import pytest
+
+from configs import table1, tiny
+from nad_jax import validation
+
+NOT_A_FILE = '/nonexistent/model.pth'
+# (field, bad value, other fields to set first), one case per rule at least.
+CASES = [
+    ('seed', -1, {}), ('runner', 'nosuch', {}), ('eval_only', 'yes', {}),
+    ('eval_only', True, {'runner': 'table1'}),  # no evaluation-only mode
+    ('distributed', 1, {}), ('scan_epoch', 'auto', {}), ('compilation_cache', None, {}),
+    ('model.name', 'resnet999', {}), ('model.dtype', 'float16', {}),
+    ('model.conv', 'cudnn', {}), ('model.conv', 'onednn', {}),  # the tests' 4 forced devices
+    ('model.mean', (0.5, 0.5), {'model.std': (0.2, 0.2)}),
+    ('model.std', (0.0, 0.2, 0.2), {'model.mean': (0.5, 0.5, 0.5)}),
+    ('model.std', None, {'model.mean': (0.5, 0.5, 0.5)}),
+    ('model.std', (0.2,), {'model.mean': (0.5, 0.5, 0.5)}),
+    ('data.source', 'csv', {}), ('data.name', '', {'data.source': 'tfds'}),
+    ('data.data_dir', 5, {'data.source': 'tfds'}),
+    ('data.path', '/nonexistent/cifar', {'data.source': 'folder'}),
+    ('data.train_size', 0, {}), ('data.test_size', 0, {}), ('data.num_classes', 1, {}),
+    ('data.textures_per_class', 0, {}), ('data.clean_fraction', 0.0, {}),
+    ('data.clean_fraction', 1.5, {}), ('data.eval_batch_size', 0, {}),
+    ('data.eval_batch_size', 6, {}),
+    ('attack.name', 'nosuchattack', {}), ('attack.target_label', -1, {}),
+    ('attack.poison_rate', 1.5, {}), ('attack.poison_rate', float('nan'), {}),
+    ('attack.mode', 'one_to_one', {}), ('attack.seed', -3, {}),
+    ('attack.clean_label', 'no', {}), ('attack.pattern_path', NOT_A_FILE, {}),
+    ('attack.pattern', 'circle', {}), ('attack.size', 0, {}), ('attack.corner', 'middle', {}),
+    ('attack.alpha', 0.0, {'attack.name': 'blend'}), ('attack.delta', 0.0, {'attack.name': 'sig'}),
+    ('attack.frequency', -1.0, {'attack.name': 'sig'}),
+    ('attack.sig_mode', 'mul', {'attack.name': 'sig'}),
+    ('attack.amplitude', 300.0, {'attack.name': 'cl'}),
+    ('attack.pgd_eps', -1.0, {'attack.name': 'cl'}), ('attack.pgd_step', 0.0, {'attack.name': 'cl'}),
+    ('attack.pgd_steps', -1, {'attack.name': 'cl'}),
+    ('attack.surrogate.model', 'x', {'attack.name': 'cl'}),
+    ('attack.surrogate.epochs', 0, {'attack.name': 'cl'}),
+    ('attack.surrogate.batch_size', 6, {'attack.name': 'cl'}),
+    ('attack.surrogate.learning_rate', 0.0, {'attack.name': 'cl'}),
+    ('attack.surrogate.lr_boundaries', (5, 2), {'attack.name': 'cl'}),
+    ('attack.surrogate.crop_flip', 'y', {'attack.name': 'cl'}),
+    ('attack.trojan_neurons', 0, {'attack.name': 'trojan'}),
+    ('attack.trojan_steps', 0, {'attack.name': 'trojan'}),
+    ('attack.reflections', 0, {'attack.name': 'refool'}),
+    ('attack.ghost_rate', 2.0, {'attack.name': 'refool'}),
+    ('attack.reflection_strength', (0.5, 0.1), {'attack.name': 'refool'}),
+    ('attack.warp_k', 1, {'attack.name': 'wanet'}),
+    ('attack.warp_strength', 0.0, {'attack.name': 'wanet'}),
+    ('attack.cross_ratio', -1.0, {'attack.name': 'wanet'}),
+    ('student.checkpoint', NOT_A_FILE, {}), ('teacher.checkpoint', NOT_A_FILE, {}),
+    ('teacher.source', 'pretrained', {}),
+    ('nad.layers', ('group1', 3), {}), ('nad.betas', (1.0, 2.0), {}),
+    ('nad.betas', (500.0, -1.0, 1000.0), {}), ('nad.p', 0.0, {}),
+    ('fp.holdout_fraction', 1.0, {}), ('fp.acc_drop', -1.0, {}), ('mcr.t', 2.0, {}),
+    ('mcr.points', 1, {}), ('table', None, {}), ('table.attacks', ('nosuch',), {}),
+    ('table.attacks', (), {}), ('table.defenses', ('xx',), {}), ('table.figures', 'y', {}),
+    ('table.attention_images', -1, {}),
+]
+STAGE_FIELDS = [('epochs', -1), ('batch_size', 0), ('learning_rate', 0.0),
+                ('lr_boundaries', (3, 1)), ('lr_decay', 0.0), ('momentum', 1.0),
+                ('nesterov', 'y'), ('weight_decay', -1.0), ('crop_flip', 'y'), ('cutout', -1),
+                ('eval_every', 0)]
+for _stage in ('backdoor_training', 'teacher', 'nad', 'fp', 'mcr'):
+  CASES += [(f'{_stage}.{name}', value, {}) for name, value in STAGE_FIELDS]
+
+
+def base_config(field: str):
+  """A valid config that has `field`, as an untyped ConfigDict so any value can be set."""
+  config = table1.get_config() if field.split('.')[0] in ('fp', 'mcr', 'table') else \
+      tiny.get_config()
+  return ml_collections.ConfigDict(config.to_dict(), type_safe=False)
+
+
+def assign(config, field: str, value) -> None:
+  *parents, leaf = field.split('.')
+  node = config
+  for part in parents:
+    node = node[part]
+  node[leaf] = value
+
+
+def test_every_rule_has_a_case():
+  assert {rule.field for rule in validation.RULES} <= {field for field, _, _ in CASES}
+
+
+def test_the_base_configs_are_valid():
+  validation.validate(tiny.get_config())
+  validation.validate(table1.get_config())
+
+
+@pytest.mark.parametrize('field,value,setup', CASES, ids=[f'{c[0]}={c[1]!r}' for c in CASES])
+def test_a_bad_value_names_its_field_and_what_is_allowed(field, value, setup):
+  config = base_config(field)
+  for other, other_value in setup.items():
+    assign(config, other, other_value)
+  if field == 'table':
+    config.runner = 'table1'
+  assign(config, field, value)
+  with pytest.raises(validation.ConfigError) as error:
+    validation.validate(config)
+  message = str(error.value)
+  assert message.startswith(f'{field} ') and ': must be ' in message, message
+  assert '\n' not in message
+
+
+def test_data_rules():
+  config = tiny.get_config()
+  labels = np.arange(20) % 10
+  validation.validate_data(config, 10, 512, 128, labels)
+  with pytest.raises(validation.ConfigError, match=r'attack.target_label 5: must be in \[0, 3\)'):
+    validation.validate_data(config, 3, 512, 128, labels % 3)
+  with pytest.raises(validation.ConfigError, match='teacher.batch_size 32: must be at most the 16'):
+    validation.validate_data(config, 10, 512, 16, labels)
+  with pytest.raises(validation.ConfigError, match='every test image is of the target class'):
+    validation.validate_data(config, 10, 512, 128, np.full(20, 5))
+  config.attack.mode = 'all_to_all'  # every test image then has another backdoor label
+  validation.validate_data(config, 10, 512, 128, np.full(20, 5))
+
+
+def test_an_attack_that_poisons_nothing_is_an_error_but_rate_zero_is_a_clean_model():
+  config = tiny.get_config()
+  with pytest.raises(validation.ConfigError,
+                     match=re.escape('attack.poison_rate 0.1 with attack.target_label 5 '
+                                     'poisons 0 of the 0')):
+    validation.validate_poisoning(config, 0, 0)
+  config.attack.poison_rate = 0.0
+  validation.validate_poisoning(config, 0, 512)
+
+
+def test_stage_fields_ignore_what_does_not_shape_the_stage():
+  config = tiny.get_config()
+  backdoored = validation.stage_fields(config, 'backdoored')
+  assert 'attack.target_label' in backdoored and 'seed' in backdoored
+  assert not any(k.startswith(('nad.', 'teacher.')) for k in backdoored)
+  assert 'backdoor_training.eval_every' not in backdoored
+  assert 'data.eval_batch_size' not in backdoored and 'model.conv' not in backdoored
+  assert 'nad.betas' in validation.stage_fields(config, 'nad')
+  assert 'nad.betas' not in validation.stage_fields(config, 'ft')

@@ -1,0 +1,143 @@
+"""A workdir belongs to the config that made it; a finished stage costs nothing on a rerun."""
+
+import os
+import shutil
+
+import pytest
+
+from configs import tiny
+from nad_jax import attacks, checkpoint, pipeline, validation
+
+
+def tiny_config(**overrides):
+  config = tiny.get_config()
+  for key, value in overrides.items():
+    *parents, field = key.split('.')
+    node = config
+    for part in parents:
+      node = node[part]
+    node[field] = value
+  return config
+
+
+def snapshot(directory) -> dict:
+  """Every file under `directory` with its size and modification time."""
+  out = {}
+  for root, _, files in os.walk(directory):
+    for name in files:
+      stat = os.stat(os.path.join(root, name))
+      out[os.path.relpath(os.path.join(root, name), directory)] = (stat.st_size, stat.st_mtime_ns)
+  return out
+
+
+@pytest.fixture(scope='module')
+def finished_run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('workdir'))
+  return workdir, pipeline.run(tiny_config(), workdir)
+
+
+@pytest.mark.parametrize('override,stage,change', [
+    ({'attack.target_label': 3}, 'backdoored', 'attack.target_label 5 -> 3'),
+    ({'model.name': 'wrn16_1'}, 'backdoored', "model.name 'tiny' -> 'wrn16_1'"),
+    ({'seed': 1}, 'backdoored', 'seed 0 -> 1'),
+    ({'teacher.learning_rate': 0.01}, 'teacher', 'teacher.learning_rate 0.05 -> 0.01'),
+    ({'nad.betas': (1.0, 2.0, 3.0)}, 'nad', 'nad.betas [500.0, 1000.0, 1000.0] -> [1.0, 2.0, 3.0]'),
+])
+def test_a_changed_field_stops_the_rerun_before_anything_is_written(finished_run, override,
+                                                                     stage, change):
+  workdir, _ = finished_run
+  before = snapshot(workdir)
+  with pytest.raises(validation.ConfigError) as error:
+    pipeline.run(tiny_config(**override), workdir)
+  message = str(error.value)
+  assert f"stage {stage!r} in {os.path.join(workdir, stage)}" in message
+  assert change in message and 'another --workdir' in message
+  assert '\n' not in message
+  assert snapshot(workdir) == before
+
+
+def test_fields_that_shape_no_stage_do_not_block_a_rerun(finished_run):
+  workdir, results = finished_run
+  again = pipeline.run(tiny_config(**{'nad.eval_every': 2, 'data.eval_batch_size': 64,
+                                      'compilation_cache': ''}), workdir)
+  assert again['stages'] == results['stages']
+  assert all(t['from_earlier_run'] for t in again['timing'].values())  # nothing trained
+
+
+def test_new_betas_rerun_nad_on_the_same_backdoored_model_and_teacher(finished_run, tmp_path):
+  workdir, results = finished_run
+  copy = str(tmp_path / 'copy')
+  shutil.copytree(workdir, copy)
+  shutil.rmtree(os.path.join(copy, 'nad'))  # what the error message says to do
+  rerun = pipeline.run(tiny_config(**{'nad.betas': (0.0, 0.0, 5000.0)}), copy)
+  assert rerun['history']['backdoored'] == results['history']['backdoored']
+  assert rerun['history']['teacher'] == results['history']['teacher']
+  assert rerun['timing']['backdoored']['from_earlier_run']
+  assert rerun['timing']['teacher']['from_earlier_run']
+  assert 'from_earlier_run' not in rerun['timing']['nad']
+  assert len(rerun['timing']['nad']['img_per_s']) == 2  # NAD alone trained again
+  assert rerun['history']['nad'] != results['history']['nad']
+
+
+def test_checkpoints_without_a_record_are_refused(finished_run, tmp_path):
+  workdir, _ = finished_run
+  copy = str(tmp_path / 'copy')
+  shutil.copytree(workdir, copy)
+  os.remove(os.path.join(copy, 'teacher', validation.FINGERPRINT))
+  with pytest.raises(validation.ConfigError, match="stage 'teacher'.*without a record"):
+    pipeline.run(tiny_config(), copy)
+
+
+def test_a_corrupt_checkpoint_is_one_message_naming_the_folder(finished_run, tmp_path):
+  workdir, _ = finished_run
+  copy = str(tmp_path / 'copy')
+  shutil.copytree(workdir, copy)
+  for root, _, files in os.walk(os.path.join(copy, 'teacher', '2')):
+    for name in files:
+      with open(os.path.join(root, name), 'wb') as f:
+        f.write(b'\0' * 7)
+  shutil.rmtree(os.path.join(copy, 'nad'))
+  with pytest.raises(validation.ConfigError) as error:
+    pipeline.run(tiny_config(), copy)
+  assert os.path.join(copy, 'teacher') in str(error.value)
+  assert '\n' not in str(error.value)
+
+
+def test_all_betas_zero_records_no_attention_term(tmp_path):
+  results = pipeline.run(tiny_config(**{'nad.betas': (0.0, 0.0, 0.0), 'backdoor_training.epochs': 1,
+                                        'teacher.epochs': 1, 'nad.epochs': 1}), str(tmp_path))
+  assert all('at' not in entry for entry in results['history']['nad'])
+
+
+class Interrupted(Exception):
+  pass
+
+
+def test_a_clean_label_stage_prepares_once_across_kill_resume_and_rerun(tmp_path, monkeypatch):
+  """CL trains a surrogate and runs PGD in `prepare`; a resumed or finished stage reuses it."""
+  config = tiny_config(**{'attack.name': 'cl', 'attack.poison_rate': 0.8,
+                          'attack.surrogate.epochs': 1, 'teacher.epochs': 1, 'nad.epochs': 1})
+  workdir = str(tmp_path)
+  calls = []
+  prepare = attacks.prepare
+  monkeypatch.setattr(pipeline.attacks_lib, 'prepare',
+                      lambda *args: calls.append(1) or prepare(*args))
+  save = checkpoint.StageCheckpoints.save
+
+  def save_then_stop(self, epoch, state, history):
+    save(self, epoch, state, history)
+    raise Interrupted  # as if killed right after the first epoch's checkpoint
+
+  monkeypatch.setattr(checkpoint.StageCheckpoints, 'save', save_then_stop)
+  with pytest.raises(Interrupted):
+    pipeline.run(config, workdir)
+  assert calls == [1]
+  prepared = os.path.join(workdir, 'backdoored', pipeline.PREPARED)
+  assert os.path.isfile(prepared)
+  monkeypatch.setattr(checkpoint.StageCheckpoints, 'save', save)
+  resumed = pipeline.run(config, workdir)
+  assert calls == [1]  # the resumed stage read the prepared set
+  assert len(resumed['timing']['backdoored']['img_per_s']) == 1
+  assert not os.path.exists(prepared)  # dropped once the stage finished
+  rerun = pipeline.run(config, workdir)
+  assert calls == [1] and rerun['stages'] == resumed['stages']
