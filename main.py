@@ -15,9 +15,9 @@ from ml_collections import config_flags
 
 from nad_jax import pipeline
 from nad_jax import validation
-from nad_jax.defenses import table
+from nad_jax.experiments import table1
 
-RUNNERS = {'nad': pipeline.run, 'table1': table.run}
+RUNNERS = {'nad': pipeline.run, 'table1': table1.run}
 
 FLAGS = flags.DEFINE_string('workdir', None, 'Where checkpoints and results.json go.')
 config_flags.DEFINE_config_file('config', None, 'A configs/*.py file[:variant].',

@@ -246,7 +246,7 @@ def make_context(config, dataset: data_lib.Dataset, workdir: str | None) -> Cont
                            clean_count(config, dataset), dataset.test_labels)
   try:
     attack = attacks_lib.build_attack(config.attack, dataset.num_classes,
-                                      dataset.train_images.shape[1:], dataset)
+                                      dataset.train_images.shape[1:], dataset, fit=train_lib.fit)
   except ValueError as e:
     raise ConfigError(str(e)) from None
   poisoned = attacks_lib.poison_mask(dataset.train_labels, attack, config.attack.poison_rate,

@@ -335,6 +335,37 @@ class TrainEpoch:
     return state, jax.tree.map(lambda *m: jnp.mean(jnp.stack(m), axis=0), *per_step)
 
 
+
+def fit(model: nn.Module, cfg, images: np.ndarray, labels: np.ndarray,
+        key: jax.Array) -> dict:
+  """Trains `model` from a fresh initialisation on clean data with cross-entropy.
+
+  The inputs are scaled to [0, 1] (pixels / 255), without a trigger; SGD as
+  `make_optimizer` builds it from `cfg`. Used for models an attack needs (CL's
+  surrogate), handed to `attacks.build_attack` as its `fit`.
+
+  Args:
+    model: a Flax module of the registry.
+    cfg: epochs, batch_size, learning_rate, lr_boundaries, lr_decay, momentum,
+      nesterov, weight_decay, crop_flip (random crop + flip).
+    images: (N, H, W, C) uint8 images in [0, 255].
+    labels: (N,) int32 labels.
+    key: PRNG key for the initialisation, the shuffling and the augmentation.
+
+  Returns:
+    The trained {'params', 'batch_stats'}, replicated on all devices.
+  """
+  mesh = make_mesh()
+  tx = make_optimizer(cfg, len(images) // cfg.batch_size)
+  k_init, k_train = jax.random.split(key)
+  state = replicate(init_state(model, tx, k_init, images.shape[1:]), mesh)
+  on_device = replicate((images, labels, np.zeros(len(images), bool)), mesh)
+  run_epoch = TrainEpoch(model, tx, mesh, Recipe(cfg.batch_size, cfg.crop_flip),
+                         normalizer(None, None), None)
+  for epoch in range(cfg.epochs):
+    state, _ = run_epoch(state, {}, *on_device, jax.random.fold_in(k_train, epoch))
+  return state.variables
+
 # ---------------------------------------------------------------------------- evaluation
 
 class TestSet(NamedTuple):

@@ -17,6 +17,7 @@ import jax
 import numpy as np
 
 from nad_jax import attacks as attacks_lib
+from nad_jax.attacks import sig
 from nad_jax import checkpoint as ckpt_lib
 from nad_jax import models
 
@@ -205,7 +206,7 @@ RULES: list[Rule] = [
     Rule('attack.delta', in_range(0, low_open=True), 'a number > 0 (pixel units)',
          attack_is('sig')),
     Rule('attack.frequency', in_range(0, low_open=True), 'a number > 0', attack_is('sig')),
-    Rule('attack.sig_mode', one_of(('add', 'blend')), "'add' or 'blend'", attack_is('sig')),
+    Rule('attack.sig_mode', one_of(sig.MODES), f'one of {list(sig.MODES)}', attack_is('sig')),
     Rule('attack.amplitude', in_range(0, 255, low_open=True), 'a number in (0, 255]',
          attack_is('cl')),
     Rule('attack.pgd_eps', in_range(0, 255), 'a number in [0, 255] (pixel units)',

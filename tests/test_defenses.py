@@ -14,7 +14,8 @@ from configs import ablations, common, table1
 from nad_jax import data as data_lib
 from nad_jax import models, pipeline
 from nad_jax import train as train_lib
-from nad_jax.defenses import fine_pruning, mcr, table
+from nad_jax.defenses import fine_pruning, mcr
+from nad_jax.experiments import table1 as table
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

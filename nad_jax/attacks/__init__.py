@@ -38,16 +38,15 @@ def relabel_fn(mode: str, target_label: int,
   Returns:
     labels -> backdoor labels, elementwise: integer labels (N,) (numpy or jax;
     int32 in this project) in, the same shape and dtype out. Pure and jittable.
-
-  Raises:
-    ValueError: `mode` is neither of the two.
+    `mode` is checked by `validation.RULES` (attack.mode) before any attack is built.
   """
-  if mode == 'all_to_one':
-    return lambda labels: jnp.full_like(labels, target_label)
   if mode == 'all_to_all':
     return lambda labels: (labels + 1) % num_classes
-  raise ValueError(f"unknown attack.mode {mode!r}; choose 'all_to_one' or 'all_to_all'")
+  return lambda labels: jnp.full_like(labels, target_label)
 
+
+# Attacks whose `prepare` trains a model with the `fit` handed to build_attack.
+TRAIN_A_MODEL = ('cl',)
 
 ATTACKS = {
     'badnets': badnets.build,
@@ -61,7 +60,7 @@ ATTACKS = {
 
 
 def build_attack(cfg, num_classes: int, image_shape: tuple[int, int, int],
-                 dataset=None) -> Attack:
+                 dataset=None, fit=None) -> Attack:
   """Builds the attack named by `cfg.name`; ValueError names the bad field.
 
   `dataset` (a `data.Dataset`) is needed only by attacks that draw material from
@@ -73,18 +72,24 @@ def build_attack(cfg, num_classes: int, image_shape: tuple[int, int, int],
     num_classes: the number of classes.
     image_shape: (H, W, C) of the images.
     dataset: a `data.Dataset`, or None where the attack needs none.
+    fit: the engine's trainer (`nad_jax.train.fit`), for attacks that train a model
+      (TRAIN_A_MODEL: CL's surrogate); the attacks do not import the engine.
 
   Returns:
     The Attack, its `relabel` set from `cfg.mode` / `cfg.target_label` and its
     `clean_label` from `cfg.clean_label` (None: the attack's default).
 
   Raises:
-    ValueError: an unknown name or mode, clean_label with mode 'all_to_all', or an
-      invalid field of the attack (the message names the `attack.` field).
+    ValueError: an unknown name, clean_label with mode 'all_to_all', or a field of
+      the attack that does not fit the images, the dataset or a file (the message
+      names the `attack.` field). Each field's own range, choices and type are
+      checked before, by `validation.validate` (`validation.RULES`).
   """
   if cfg.name not in ATTACKS:
     raise ValueError(f'unknown attack.name {cfg.name!r}; choose one of {sorted(ATTACKS)}')
-  attack = ATTACKS[cfg.name](cfg, num_classes, tuple(image_shape), dataset)
+  # Attacks that train a model get the engine's trainer handed in (they sit below it).
+  extra = {'fit': fit} if cfg.name in TRAIN_A_MODEL else {}
+  attack = ATTACKS[cfg.name](cfg, num_classes, tuple(image_shape), dataset, **extra)
   relabel = relabel_fn(cfg.get('mode', 'all_to_one'), cfg.target_label, num_classes)
   clean_label = cfg.get('clean_label')
   clean_label = attack.clean_label if clean_label is None else bool(clean_label)

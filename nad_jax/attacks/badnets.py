@@ -7,6 +7,8 @@
 config.attack fields: pattern ('grid' | 'square'), size (3 for grid), corner
 ('bottom_right' | 'bottom_left' | 'top_right' | 'top_left'), mode ('all_to_one':
 every poisoned sample -> target_label; 'all_to_all': label y -> (y + 1) mod classes).
+Their allowed values are checked by `validation.RULES`; this module checks only
+what needs the images (a patch larger than them) and the grid's fixed size.
 """
 
 from collections.abc import Callable
@@ -32,17 +34,13 @@ def patch(pattern: str, size: int) -> np.ndarray:
     (size, size) float32 values in {0, 255}.
 
   Raises:
-    ValueError: an unknown pattern, size < 1, or a grid of size other than 3.
+    ValueError: a grid of size other than 3.
   """
-  if size < 1:
-    raise ValueError(f'attack.size must be >= 1, got {size}')
-  if pattern == 'grid':
-    if size != 3:
-      raise ValueError(f'the grid pattern is 3x3; attack.size must be 3, got {size}')
-    return GRID
   if pattern == 'square':
     return np.full((size, size), 255, np.float32)
-  raise ValueError(f"unknown attack.pattern {pattern!r}; choose 'grid' or 'square'")
+  if size != 3:
+    raise ValueError(f'the grid pattern is 3x3; attack.size must be 3, got {size}')
+  return GRID
 
 
 def corner_origin(corner: str, size: int, height: int, width: int) -> tuple[int, int]:
@@ -58,10 +56,8 @@ def corner_origin(corner: str, size: int, height: int, width: int) -> tuple[int,
     (row, col) of the patch's top-left pixel.
 
   Raises:
-    ValueError: an unknown corner, or a patch larger than the image.
+    ValueError: a patch larger than the image.
   """
-  if corner not in CORNERS:
-    raise ValueError(f'unknown attack.corner {corner!r}; choose one of {CORNERS}')
   if size > min(height, width):
     raise ValueError(f'attack.size {size} exceeds the {height}x{width} images')
   row = height - size if corner.startswith('bottom') else 0

@@ -64,12 +64,11 @@ def build(cfg, num_classes: int, image_shape: tuple[int, int, int], dataset=None
     The dirty-label Blend Attack; its trigger ignores the PRNG key.
 
   Raises:
-    ValueError: alpha outside (0, 1], or a pattern file that cannot be read,
-      does not fit the images or has values outside [0, 255].
+    ValueError: a pattern file that cannot be read, does not fit the images or
+      has values outside [0, 255] (alpha's range is a rule of `validation.RULES`).
   """
   del num_classes, dataset
   alpha = float(field(cfg, 'alpha', 0.2))
-  require(0.0 < alpha <= 1.0, f'attack.alpha must be in (0, 1], got {alpha}')
   path = field(cfg, 'pattern_path', '')
   if path:
     pattern = load_pattern(path, image_shape).astype(np.float32)

@@ -134,10 +134,9 @@ def pgd(model: 'nn.Module', variables: dict, normalize: Callable[[jax.Array], ja
 
 
 def train_surrogate(sur: types.SimpleNamespace, num_classes: int, images: np.ndarray,
-                    labels: np.ndarray, key: jax.Array) -> tuple['nn.Module', dict]:
-  """Trains the clean surrogate with the project's TrainEpoch; returns (model, variables).
-
-  Inputs are scaled to [0, 1] (`train.normalizer(None, None)`), without a trigger.
+                    labels: np.ndarray, key: jax.Array, fit: Callable | None
+                    ) -> tuple['nn.Module', dict]:
+  """Trains the clean surrogate with the trainer handed in; returns (model, variables).
 
   Args:
     sur: the settings from `surrogate_config`.
@@ -145,29 +144,29 @@ def train_surrogate(sur: types.SimpleNamespace, num_classes: int, images: np.nda
     images: (N, H, W, C) uint8 training images in [0, 255].
     labels: (N,) int32 clean labels.
     key: PRNG key for initialisation and the epochs' shuffling and augmentation.
+    fit: `nad_jax.train.fit` or a function like it: (model, settings, images, labels,
+      key) -> variables, training from scratch on pixels / 255 with cross-entropy.
+      The attacks sit below the engine, so the engine is handed in, not imported.
 
   Returns:
     (model, variables): the Flax module and its trained {'params', 'batch_stats'}.
+
+  Raises:
+    ValueError: no trainer was handed in.
   """
   from nad_jax import models  # pylint: disable=g-import-not-at-top
-  from nad_jax import train as train_lib  # pylint: disable=g-import-not-at-top
+  if fit is None:
+    raise ValueError('the cl attack trains a surrogate: build it with '
+                     'build_attack(..., fit=nad_jax.train.fit)')
   model = models.build_model(sur.model, num_classes)
-  mesh = train_lib.make_mesh()
-  steps = len(images) // sur.batch_size
-  tx = train_lib.make_optimizer(sur, steps)
-  k_init, k_train = jax.random.split(key)
-  state = train_lib.replicate(train_lib.init_state(model, tx, k_init, images.shape[1:]), mesh)
-  on_device = train_lib.replicate((images, labels, np.zeros(len(images), bool)), mesh)
-  run_epoch = train_lib.TrainEpoch(model, tx, mesh, train_lib.Recipe(sur.batch_size,
-                                                                     sur.crop_flip),
-                                   train_lib.normalizer(None, None), None)
-  for epoch in range(sur.epochs):
-    state, _ = run_epoch(state, {}, *on_device, jax.random.fold_in(k_train, epoch))
-  return model, state.variables
+  return model, fit(model, sur, images, labels, key)
 
 
 def surrogate_config(cfg, num_images: int) -> types.SimpleNamespace:
-  """The surrogate's training settings from `config.attack.surrogate`, validated.
+  """The surrogate's training settings from `config.attack.surrogate`.
+
+  Each field's range and type is a rule of `validation.RULES`; only the batch size
+  against the training set is checked here.
 
   Args:
     cfg: `config.attack`; its `surrogate` holds model ('tiny'), epochs (10),
@@ -179,8 +178,7 @@ def surrogate_config(cfg, num_images: int) -> types.SimpleNamespace:
     reads (lr_decay 0.1, momentum 0.9, nesterov True, weight_decay 5e-4).
 
   Raises:
-    ValueError: an unknown model, epochs < 1, learning_rate <= 0, or a batch size
-      that is not a positive multiple of the device count or exceeds `num_images`.
+    ValueError: a batch size that exceeds `num_images`.
   """
   sur = field(cfg, 'surrogate', {})
   get = lambda name, default: field(sur, name, default)
@@ -189,22 +187,14 @@ def surrogate_config(cfg, num_images: int) -> types.SimpleNamespace:
       batch_size=int(get('batch_size', 128)), learning_rate=float(get('learning_rate', 0.05)),
       lr_boundaries=tuple(get('lr_boundaries', ())), lr_decay=0.1, momentum=0.9, nesterov=True,
       weight_decay=5e-4, crop_flip=bool(get('crop_flip', True)))
-  from nad_jax import models  # pylint: disable=g-import-not-at-top
-  require(out.model in models.MODELS, f'attack.surrogate.model {out.model!r} is unknown; '
-          f'choose one of {sorted(models.MODELS)}')
-  require(out.epochs >= 1, f'attack.surrogate.epochs must be >= 1, got {out.epochs}')
-  require(out.batch_size >= 1 and out.batch_size % jax.device_count() == 0,
-          f'attack.surrogate.batch_size must be a positive multiple of the '
-          f'{jax.device_count()} devices, got {out.batch_size}')
-  require(out.learning_rate > 0,
-          f'attack.surrogate.learning_rate must be > 0, got {out.learning_rate}')
   if num_images:
     require(out.batch_size <= num_images, f'attack.surrogate.batch_size {out.batch_size} exceeds '
             f'the {num_images} training images')
   return out
 
 
-def build(cfg, num_classes: int, image_shape: tuple[int, int, int], dataset=None) -> Attack:
+def build(cfg, num_classes: int, image_shape: tuple[int, int, int], dataset=None,
+          fit: Callable | None = None) -> Attack:
   """Builds CL (Turner et al. 2019) from `config.attack` (fields in the module docstring).
 
   Args:
@@ -213,33 +203,31 @@ def build(cfg, num_classes: int, image_shape: tuple[int, int, int], dataset=None
     image_shape: (H, W, C) of the images.
     dataset: a `data.Dataset` or None; only its training set size is used, to
       validate the surrogate's batch size early.
+    fit: the trainer of the surrogate (`nad_jax.train.fit`), needed by `prepare`.
 
   Returns:
     A clean-label Attack whose `prepare` trains the surrogate and replaces the
     poisoned images by their PGD perturbations, rounded to uint8.
 
   Raises:
-    ValueError: an invalid trigger, PGD or surrogate field.
+    ValueError: a grid pattern of size other than 3, a patch larger than the images,
+      or a surrogate batch size larger than the training set (each field's own range
+      is a rule of `validation.RULES`).
   """
   amplitude = float(field(cfg, 'amplitude', 255.0))
-  require(0 < amplitude <= 255, f'attack.amplitude must be in (0, 255], got {amplitude}')
   trigger = make_trigger(field(cfg, 'pattern', 'grid'), int(field(cfg, 'size', 3)), amplitude,
                          image_shape)
   eps, step = float(field(cfg, 'pgd_eps', 8.0)), float(field(cfg, 'pgd_step', 2.0))
   steps = int(field(cfg, 'pgd_steps', 10))
-  require(0 <= eps <= 255, f'attack.pgd_eps must be in [0, 255] (pixel units), got {eps}')
-  require(step > 0, f'attack.pgd_step must be > 0, got {step}')
-  require(steps >= 0, f'attack.pgd_steps must be >= 0, got {steps}')
   surrogate_config(cfg, 0 if dataset is None else len(dataset.train_images))  # fail early
 
   def prepare(images, labels, poisoned, key):
-    from nad_jax import train as train_lib  # pylint: disable=g-import-not-at-top
     chosen = np.flatnonzero(poisoned)
     if not len(chosen) or eps == 0 or steps == 0:
       return images, labels, poisoned
     sur = surrogate_config(cfg, len(images))
-    model, variables = train_surrogate(sur, num_classes, images, labels, key)
-    normalize = train_lib.normalizer(None, None)
+    model, variables = train_surrogate(sur, num_classes, images, labels, key, fit)
+    normalize = lambda x: x / 255.0  # the surrogate's input scaling (train.fit's)
     attack = jax.jit(lambda v, x, y: pgd(model, v, normalize, x, y, eps, step, steps))
     predict = jax.jit(lambda v, x: jnp.argmax(model.apply(v, normalize(x), train=False), -1))
     batch = 256

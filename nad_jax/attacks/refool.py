@@ -241,16 +241,14 @@ def build(cfg, num_classes: int, image_shape: tuple[int, int, int], dataset=None
     removes them from the victim's training set.
 
   Raises:
-    ValueError: an invalid field, images of at most MAX_RADIUS pixels a side,
-      no dataset and no pattern_path, or a folder without a readable image.
+    ValueError: images of at most MAX_RADIUS pixels a side, a pattern_path that is
+      not a folder or holds no readable image, no dataset and no pattern_path, or
+      more reflections than non-target training images (each field's own range is
+      a rule of `validation.RULES`).
   """
   del num_classes
   ghost_rate = float(field(cfg, 'ghost_rate', 0.69))
-  require(0.0 <= ghost_rate <= 1.0, f'attack.ghost_rate must be in [0, 1], got {ghost_rate}')
   strength = tuple(float(s) for s in field(cfg, 'reflection_strength', (0.05, 0.45)))
-  require(len(strength) == 2 and 0.0 <= strength[0] <= strength[1] <= 1.0,
-          f'attack.reflection_strength must be (low, high) with 0 <= low <= high <= 1, '
-          f'got {strength}')
   require(min(image_shape[:2]) > MAX_RADIUS,
           f'refool needs images larger than {MAX_RADIUS} pixels, got {image_shape}')
   path = field(cfg, 'pattern_path', '')
@@ -261,7 +259,6 @@ def build(cfg, num_classes: int, image_shape: tuple[int, int, int], dataset=None
     bank = load_folder(path, image_shape)
   else:
     count = int(field(cfg, 'reflections', 200))
-    require(count >= 1, f'attack.reflections must be >= 1, got {count}')
     require(dataset is not None, 'attack.name refool draws its reflection images from the '
             'training set: pass the dataset to build_attack, or set attack.pattern_path')
     heldout = heldout_indices(dataset.train_labels, cfg.target_label, count,

@@ -34,7 +34,7 @@ frequency NAD_CODE_FREQUENCY (0.8 rad per pixel on a 32-pixel width): sig_mode
 import jax.numpy as jnp
 import numpy as np
 
-from nad_jax.attacks.core import Attack, field, load_pattern, require
+from nad_jax.attacks.core import Attack, field, load_pattern
 
 MODES = ('add', 'blend', 'blend_raw')
 NAD_CODE_FREQUENCY = 0.8 * 32 / (2 * np.pi)  # cycles per width of the released mask
@@ -86,14 +86,12 @@ def build(cfg, num_classes: int, image_shape: tuple[int, int, int], dataset=None
     the same, clipped to [0, 255], and ignores the PRNG key.
 
   Raises:
-    ValueError: an unknown sig_mode, alpha outside (0, 1], delta or frequency
-      <= 0, or a pattern file that cannot be read or does not fit the images.
+    ValueError: a pattern file that cannot be read or does not fit the images
+      (sig_mode, alpha, delta and frequency are rules of `validation.RULES`).
   """
   del num_classes, dataset
   mode = field(cfg, 'sig_mode', 'add')
-  require(mode in MODES, f'unknown attack.sig_mode {mode!r}; choose one of {MODES}')
   alpha = float(field(cfg, 'alpha', 0.2))
-  require(0.0 < alpha <= 1.0, f'attack.alpha must be in (0, 1], got {alpha}')
   path = field(cfg, 'pattern_path', '')
   if path:
     raw = load_pattern(path, image_shape)
@@ -102,8 +100,6 @@ def build(cfg, num_classes: int, image_shape: tuple[int, int, int], dataset=None
       pattern = np.mod(pattern, 256.0)
   else:
     delta, frequency = float(field(cfg, 'delta', 20.0)), float(field(cfg, 'frequency', 6.0))
-    require(delta > 0, f'attack.delta must be > 0, got {delta}')
-    require(frequency > 0, f'attack.frequency must be > 0, got {frequency}')
     pattern = signal(delta, frequency, image_shape)
     if mode == 'blend_raw':
       pattern = np.mod(np.trunc(pattern), 256.0)

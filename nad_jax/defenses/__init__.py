@@ -12,7 +12,8 @@ Each defense starts from the backdoored model and the defender's clean subset
        from the backdoored to the fine-tuned model, read at t -- `mcr.repair`.
   nad  the teacher (fine-tuned backdoored model) and NAD -- `finetune.nad`.
 
-`table.run` runs them for several attacks and writes the comparison table.
+`nad_jax.experiments.table1.run` runs them for several attacks and writes the comparison
+table.
 """
 
 DEFENSES = ('none', 'ft', 'fp', 'mcr', 'nad')
