@@ -15,11 +15,13 @@ keyword arguments given override it.
     print(nad_jax.evaluate(data, erased.variables))  # {'acc': .., 'acc_nontarget': .., 'asr': ..}
 """
 
+import difflib
 from typing import Any, NamedTuple
 
 import jax
 import ml_collections
 
+from nad_jax import checkpoint as ckpt_lib
 from nad_jax import data as data_lib
 from nad_jax import defaults
 from nad_jax import pipeline
@@ -72,10 +74,20 @@ def make_config(config: ml_collections.ConfigDict | None = None, *, model: str |
       section, _, leaf = field.rpartition('.')
       (config[section] if section else config)[leaf] = value
   for section, fields in stages.items():
-    if section not in config:
-      raise validation.ConfigError(f'{section}: no such config section')
-    config[section].update(fields)
+    if section not in config or not isinstance(config[section], ml_collections.ConfigDict):
+      raise validation.ConfigError(f'unknown option {section!r}{_suggest(section, config)}')
+    for field, value in fields.items():
+      if field not in config[section]:
+        raise validation.ConfigError(f'unknown option {section}.{field}'
+                                     f'{_suggest(field, config[section])}')
+      config[section][field] = value
   return config
+
+
+def _suggest(name: str, options) -> str:
+  close = difflib.get_close_matches(name, list(options), n=1)
+  return f'; did you mean {close[0]!r}?' if close else ''
+
 
 
 def load_data(source: str = 'synthetic', *, seed: int = 0, **fields) -> data_lib.Dataset:
@@ -93,6 +105,9 @@ def load_data(source: str = 'synthetic', *, seed: int = 0, **fields) -> data_lib
     ConfigError: the source cannot be read (the message names the field).
   """
   cfg = defaults.paper_config().data
+  for field in fields:
+    if field not in cfg:
+      raise validation.ConfigError(f'unknown option {field!r} of load_data{_suggest(field, cfg)}')
   cfg.update(dict(source=source, **fields))
   try:
     return data_lib.load_dataset(cfg, seed)
@@ -100,12 +115,17 @@ def load_data(source: str = 'synthetic', *, seed: int = 0, **fields) -> data_lib
     raise validation.ConfigError(str(e)) from None
 
 
-def _context(dataset: data_lib.Dataset, config) -> pipeline.Context:
+def _context(dataset: data_lib.Dataset, config, stages: tuple[str, ...]) -> pipeline.Context:
   pipeline.validate(config)
-  return pipeline.make_context(config, dataset, workdir=None)
+  return pipeline.make_context(config, dataset, workdir=None, stages=stages)
 
 
 def _on_devices(ctx: pipeline.Context, variables: dict) -> dict:
+  """`variables` on the devices, once checked against the configured model."""
+  problems = ckpt_lib.mismatches(variables, ctx.abstract_variables)
+  if problems:
+    raise validation.ConfigError(f'the variables do not fit model.name '
+                                 f'{ctx.config.model.name!r}: {problems}')
   return train_lib.replicate(variables, ctx.mesh)
 
 
@@ -134,7 +154,8 @@ def train_backdoored(dataset: data_lib.Dataset, *, config=None, epochs: int | No
                                   learning_rate=learning_rate,
                                   lr_boundaries=lr_boundaries).items() if v is not None}
   config = make_config(config, backdoor_training=recipe, **options)
-  variables, history, _ = pipeline.backdoored_stage(_context(dataset, config))
+  ctx = _context(dataset, config, ('backdoor_training',))
+  variables, history, _ = pipeline.backdoored_stage(ctx)
   return _result(variables, history)
 
 
@@ -174,7 +195,9 @@ def erase(dataset: data_lib.Dataset, variables: dict, *, method: str = 'nad',
   teacher_recipe = {} if teacher_epochs is None else {'epochs': teacher_epochs}
   config = make_config(config, nad=recipe, teacher=teacher_recipe, **options)
   defaults.defense_stages(config)
-  ctx = _context(dataset, config)
+  trains = {'nad': ('teacher', 'nad') if teacher is None else ('nad',), 'ft': ('nad',),
+            'fp': ('fp',), 'mcr': ('nad', 'mcr')}[method]
+  ctx = _context(dataset, config, trains)
   student = _on_devices(ctx, variables)
   clean = pipeline.clean_data(ctx)
   if method == 'nad':
@@ -203,5 +226,5 @@ def evaluate(dataset: data_lib.Dataset, variables: dict, *, config=None,
   Returns:
     {'acc', 'acc_nontarget', 'asr'} as floats in [0, 100].
   """
-  ctx = _context(dataset, make_config(config, **options))
+  ctx = _context(dataset, make_config(config, **options), ())
   return pipeline.evaluate(ctx, _on_devices(ctx, variables))

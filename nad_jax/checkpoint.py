@@ -183,6 +183,20 @@ def load_variables(path: str, abstract_variables: dict) -> dict:
   return {'params': state['params'], 'batch_stats': state.get('batch_stats', {})}
 
 
+def mismatches(variables, abstract_variables, limit: int = LIST_LIMIT) -> str:
+  """'' where `variables` has the arrays of `abstract_variables`, else what differs.
+
+  Args:
+    variables: a pytree of arrays (e.g. {'params', 'batch_stats'}).
+    abstract_variables: the expected pytree, as arrays or ShapeDtypeStructs.
+    limit: how many arrays to name per kind of mismatch.
+
+  Returns:
+    One line: missing, unexpected, mis-shaped and mis-typed arrays, or ''.
+  """
+  return _mismatches(_arrays(variables), _arrays(abstract_variables), limit)
+
+
 def _arrays(tree) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
   """{'params/conv1/kernel': (shape, dtype)} for every array-like leaf of `tree`.
 

@@ -46,6 +46,7 @@ class Context(NamedTuple):
   evaluate: Any
   abstract_variables: Any
   checkpoints: dict  # {'backdoored' | 'teacher': variables} from student/teacher.checkpoint
+  data_digest: str  # validation.data_digest of `dataset`
 
 
 # -------------------------------------------------------------------------- validation
@@ -94,7 +95,7 @@ def open_stage(ctx: Context, name: str) -> ckpt_lib.StageCheckpoints:
   """The stage's checkpoints in `workdir/name`, with the config fields that shape it
   recorded there before its first epoch (validation.check_workdir reads them)."""
   directory = os.path.join(ctx.workdir, name)
-  validation.record_stage(ctx.config, directory, name)
+  validation.record_stage(ctx.config, directory, name, ctx.data_digest)
   return ckpt_lib.StageCheckpoints(directory)
 
 
@@ -222,8 +223,8 @@ def setup(config, workdir: str | None) -> Context:
     ConfigError: naming the field, file or folder.
   """
   validate(config)
-  log(f'loading the {config.data.source} data '
-      f'({config.data.get("path") or config.data.get("name") or "in memory"})')
+  where = {'folder': config.data.path, 'tfds': config.data.name}.get(config.data.source, 'made in memory')
+  log(f'loading the {config.data.source} data ({where})')
   try:
     dataset = data_lib.load_dataset(config.data, config.seed)
   except data_lib.DataError as e:
@@ -231,19 +232,21 @@ def setup(config, workdir: str | None) -> Context:
   return make_context(config, dataset, workdir)
 
 
-def make_context(config, dataset: data_lib.Dataset, workdir: str | None) -> Context:
+def make_context(config, dataset: data_lib.Dataset, workdir: str | None,
+                 stages: tuple[str, ...] = validation.TRAINED_SECTIONS) -> Context:
   """The Context of a validated config over `dataset` (host arrays).
 
   Args:
     config: a config that passed `validate`.
     dataset: the data the stages train and evaluate on.
     workdir: where stages checkpoint; None: they keep nothing (the Python API).
+    stages: the config sections that will train, whose batch sizes must fit the data.
 
   Raises:
     ConfigError: the rules that need the data, the attack, the checkpoints to load.
   """
   validation.validate_data(config, dataset.num_classes, len(dataset.train_images),
-                           clean_count(config, dataset), dataset.test_labels)
+                           clean_count(config, dataset), dataset.test_labels, stages)
   try:
     attack = attacks_lib.build_attack(config.attack, dataset.num_classes,
                                       dataset.train_images.shape[1:], dataset, fit=train_lib.fit)
@@ -274,7 +277,7 @@ def make_context(config, dataset: data_lib.Dataset, workdir: str | None) -> Cont
                                      config.data.eval_batch_size, mesh)
   return Context(config, workdir, model, mesh, normalize, attack, dataset, poisoned, test_set,
                  train_lib.make_evaluate(model, mesh, normalize, attack, config.get('scan_epoch')),
-                 abstract, loaded)
+                 abstract, loaded, validation.data_digest(dataset))
 
 
 def clean_data(ctx: Context):
@@ -366,7 +369,7 @@ def run(config, workdir: str) -> dict:
       trained with other values (validation.check_workdir); nothing is written then.
   """
   ctx = setup(config, workdir)
-  validation.check_workdir(config, workdir, STAGES)
+  validation.check_workdir(config, workdir, STAGES, ctx.data_digest)
   clean_images, clean_labels, no_poison = clean_data(ctx)
   stages = {'backdoored': backdoored_stage(ctx)}
   student = stages['backdoored'][0]

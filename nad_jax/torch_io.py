@@ -159,11 +159,12 @@ def from_state_dict(state_dict: dict, abstract_variables: dict, source: str = 's
 
 # ----------------------------------------------------------------------------- files
 
-def _torch():
+def _torch(path: str):
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError:
-    raise CheckpointError("PyTorch checkpoints need torch: pip install 'nad-jax[torch]'") from None
+    raise CheckpointError(f'{path}: files are read and written as PyTorch checkpoints, which '
+                          "needs torch: pip install 'nad-jax[torch]'") from None
   return torch
 
 
@@ -204,7 +205,7 @@ def read_state_dict(path: str) -> dict:
     raise CheckpointError(f'{path} is a folder, not a PyTorch checkpoint file')
   if os.path.getsize(path) == 0:
     raise CheckpointError(f'{path} is an empty file, not a PyTorch checkpoint')
-  torch = _torch()
+  torch = _torch(path)
   try:
     content = torch.load(path, map_location='cpu', weights_only=True)
   except Exception as e:  # pylint: disable=broad-except  (unpickling, zip and I/O errors)
@@ -247,7 +248,7 @@ def save(variables: dict, path: str) -> None:
   Raises:
     CheckpointError: torch is not installed.
   """
-  torch = _torch()
+  torch = _torch(path)
   state_dict = {}
   for name, array in to_state_dict(variables).items():
     state_dict[name] = torch.tensor(array)

@@ -7,6 +7,7 @@ the config with the one each finished or partly trained stage of a workdir was t
 with, so a rerun never resumes, or reports, a model that another config made.
 """
 
+import hashlib
 import json
 import math
 import os
@@ -303,8 +304,12 @@ def validate(config) -> None:
       raise ConfigError(f'{rule.field} {value!r}: must be {allowed}')
 
 
+# The config sections of the stages that train, and the data each trains on.
+TRAINED_SECTIONS = ('backdoor_training', 'teacher', 'nad', 'fp', 'mcr')
+
+
 def validate_data(config, num_classes: int, train_size: int, clean_size: int,
-                  test_labels: np.ndarray) -> None:
+                  test_labels: np.ndarray, stages: tuple[str, ...] = TRAINED_SECTIONS) -> None:
   """The rules that need the dataset; raises ConfigError naming the field.
 
   Args:
@@ -312,6 +317,7 @@ def validate_data(config, num_classes: int, train_size: int, clean_size: int,
     num_classes: the dataset's class count.
     train_size, clean_size: images in the training set and in the clean subset.
     test_labels: (N,) int labels of the test split.
+    stages: the sections (of TRAINED_SECTIONS) that will train.
   """
   target = config.attack.target_label
   if not 0 <= target < num_classes:
@@ -320,7 +326,7 @@ def validate_data(config, num_classes: int, train_size: int, clean_size: int,
   sizes = {'backdoor_training': train_size, 'teacher': clean_size, 'nad': clean_size,
            'fp': clean_size, 'mcr': clean_size}
   for stage, size in sizes.items():
-    cfg = config.get(stage)
+    cfg = config.get(stage) if stage in stages else None
     if cfg is not None and cfg.epochs and cfg.batch_size > size:
       raise ConfigError(f'{stage}.batch_size {cfg.batch_size}: must be at most the {size} '
                         'training images of that stage')
@@ -379,31 +385,37 @@ def flatten(tree, prefix='') -> dict:
   return out
 
 
-def stage_fields(config, stage: str) -> dict:
-  """{dotted field: JSON value} of the config fields that shape `stage`."""
+def stage_fields(config, stage: str, data_digest: str | None = None) -> dict:
+  """{dotted field: JSON value} of the config fields that shape `stage`, plus
+  'data.digest' (of the images and labels themselves) where `data_digest` is given."""
   as_dict = config.to_dict()
   fields = flatten({k: as_dict[k] for k in STAGE_SECTIONS[stage] if k in as_dict})
   ignored = NOT_SHAPING + STAGE_IGNORES.get(stage, ())
   fields = {k: v for k, v in fields.items()
             if not k.endswith('.eval_every')
             and not any(k == i or k.startswith(i + '.') for i in ignored)}
+  if data_digest:
+    fields['data.digest'] = data_digest
   return json.loads(json.dumps(fields, default=str))  # tuples -> lists, as read back
 
 
 def differences(recorded: dict, current: dict) -> list[str]:
   missing = object()
-  return [f'{k} {recorded.get(k, "(unset)")!r} -> {current.get(k, "(unset)")!r}'
-          for k in sorted(recorded.keys() | current.keys())
-          if recorded.get(k, missing) != current.get(k, missing)]
+  changed = [f'{k} {recorded.get(k, "(unset)")!r} -> {current.get(k, "(unset)")!r}'
+             for k in sorted(recorded.keys() | current.keys())
+             if recorded.get(k, missing) != current.get(k, missing)]
+  return [c.replace('data.digest', 'the data (its images or labels changed; digest)', 1)
+          for c in changed]
 
 
-def check_workdir(config, workdir: str, stages) -> None:
+def check_workdir(config, workdir: str, stages, data_digest: str | None = None) -> None:
   """Raises ConfigError where a stage folder of `workdir` was trained with other values.
 
   Args:
     config: the run's config.
     workdir: the run's folder (it may not exist yet).
     stages: the stage names (keys of STAGE_SECTIONS) this run may resume.
+    data_digest: `data_digest` of the run's dataset; None checks the config alone.
 
   Raises:
     ConfigError: naming the stage, its folder, each differing field (old -> new) and what
@@ -426,7 +438,10 @@ def check_workdir(config, workdir: str, stages) -> None:
     except (OSError, ValueError, KeyError, TypeError):
       raise ConfigError(f'stage {stage!r}: {record} is unreadable; use another --workdir '
                         'or delete the folder') from None
-    changed = differences(recorded, stage_fields(config, stage))
+    current = stage_fields(config, stage, data_digest)
+    if data_digest is None:  # a check before the data is loaded
+      recorded = {k: v for k, v in recorded.items() if k != 'data.digest'}
+    changed = differences(recorded, current)
     if changed:
       raise ConfigError(
           f'stage {stage!r} in {directory} was trained with other values: '
@@ -435,14 +450,24 @@ def check_workdir(config, workdir: str, stages) -> None:
           'it again')
 
 
-def record_stage(config, directory: str, stage: str) -> None:
-  """Writes the fields that shape `stage` into its folder, once, before it trains."""
+def data_digest(dataset) -> str:
+  """A short SHA-256 of a dataset's images and labels (both splits): a rerun over other
+  data, e.g. an image folder whose files changed, is not taken for the same run."""
+  digest = hashlib.sha256()
+  for array in dataset[:4]:
+    digest.update(np.ascontiguousarray(array).tobytes())
+  return digest.hexdigest()[:16]
+
+
+def record_stage(config, directory: str, stage: str, data_digest: str | None = None) -> None:
+  """Writes the fields that shape `stage` (and the data's digest) into its folder, once,
+  before it trains."""
   record = os.path.join(directory, FINGERPRINT)
   if jax.process_index() != 0 or os.path.isfile(record):
     return
   os.makedirs(directory, exist_ok=True)
   tmp = record + '.tmp'
   with open(tmp, 'w') as f:
-    json.dump({'stage': stage, 'fields': stage_fields(config, stage)}, f, indent=1,
+    json.dump({'stage': stage, 'fields': stage_fields(config, stage, data_digest)}, f, indent=1,
               allow_nan=False)
   os.replace(tmp, record)

@@ -47,3 +47,15 @@ def test_a_bad_option_names_it(data, backdoored):
     nad_jax.erase(data, backdoored.variables, epochs=-1, **TINY)
   with pytest.raises(nad_jax.ConfigError, match='attack.target_label 12'):
     nad_jax.evaluate(data, backdoored.variables, target_label=12, **TINY)
+  with pytest.raises(nad_jax.ConfigError, match="unknown option 'epoch'.*'epochs'"):
+    nad_jax.make_config(epoch=3)
+  with pytest.raises(nad_jax.ConfigError, match="unknown option 'trainsize'.*'train_size'"):
+    nad_jax.load_data('synthetic', trainsize=10)
+  with pytest.raises(nad_jax.ConfigError, match="do not fit model.name 'wrn16_1'"):
+    nad_jax.evaluate(data, backdoored.variables)  # tiny variables, the default model
+
+
+def test_evaluate_needs_no_training_batch_to_fit(backdoored):
+  few = nad_jax.load_data('synthetic', train_size=40, test_size=64)  # 2 clean images at 5%
+  metrics = nad_jax.evaluate(few, backdoored.variables, model='tiny')
+  assert set(metrics) == {'acc', 'acc_nontarget', 'asr'}

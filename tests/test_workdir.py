@@ -1,5 +1,6 @@
 """A workdir belongs to the config that made it; a finished stage costs nothing on a rerun."""
 
+import json
 import os
 import shutil
 
@@ -141,3 +142,17 @@ def test_a_clean_label_stage_prepares_once_across_kill_resume_and_rerun(tmp_path
   assert not os.path.exists(prepared)  # dropped once the stage finished
   rerun = pipeline.run(config, workdir)
   assert calls == [1] and rerun['stages'] == resumed['stages']
+
+
+def test_other_data_under_the_same_config_is_refused(finished_run, tmp_path):
+  """An image folder whose files changed keeps its config; the data's digest tells."""
+  workdir, _ = finished_run
+  with open(os.path.join(workdir, 'backdoored', validation.FINGERPRINT)) as f:
+    digest = json.load(f)['fields']['data.digest']
+  copy = str(tmp_path / 'copy')
+  shutil.copytree(workdir, copy)
+  validation.check_workdir(tiny_config(), copy, pipeline.STAGES, digest)
+  with pytest.raises(validation.ConfigError, match='the data .its images or labels changed'):
+    validation.check_workdir(tiny_config(), copy, pipeline.STAGES, '0123456789abcdef')
+  # Before the data is loaded, the config alone is compared.
+  validation.check_workdir(tiny_config(), copy, pipeline.STAGES)

@@ -151,6 +151,8 @@ def run(config, workdir: str) -> dict:
     pipeline.log(f'=== {attack} ===')
     cfg = attack_config(config, attack)
     ctx = pipeline.setup(cfg, os.path.join(workdir, attack))
+    validation.check_workdir(cfg, ctx.workdir, ('backdoored', 'teacher', 'nad', 'ft', 'fp', 'mcr'),
+                             ctx.data_digest)
     start = clock()
     out = run_attack(ctx, defenses)
     cells[attack] = out['metrics']
