@@ -32,6 +32,10 @@ from nad_jax.defenses import finetune
 from nad_jax.defenses import mcr
 
 METHODS = ('nad', 'ft', 'fp', 'mcr')
+# The keyword options of the functions below, for suggestions on a misspelt one.
+KEYWORDS = ('model', 'seed', 'attack', 'target_label', 'poison_rate', 'clean_fraction', 'epochs',
+            'batch_size', 'learning_rate', 'lr_boundaries', 'betas', 'teacher', 'teacher_epochs',
+            'method', 'config')
 
 
 class Result(NamedTuple):
@@ -75,7 +79,8 @@ def make_config(config: ml_collections.ConfigDict | None = None, *, model: str |
       (config[section] if section else config)[leaf] = value
   for section, fields in stages.items():
     if section not in config or not isinstance(config[section], ml_collections.ConfigDict):
-      raise validation.ConfigError(f'unknown option {section!r}{_suggest(section, config)}')
+      raise validation.ConfigError(f'unknown option {section!r}'
+                                   f'{_suggest(section, KEYWORDS + tuple(config))}')
     for field, value in fields.items():
       if field not in config[section]:
         raise validation.ConfigError(f'unknown option {section}.{field}'

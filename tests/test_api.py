@@ -48,7 +48,7 @@ def test_a_bad_option_names_it(data, backdoored):
   with pytest.raises(nad_jax.ConfigError, match='attack.target_label 12'):
     nad_jax.evaluate(data, backdoored.variables, target_label=12, **TINY)
   with pytest.raises(nad_jax.ConfigError, match="unknown option 'epoch'.*'epochs'"):
-    nad_jax.make_config(epoch=3)
+    nad_jax.erase(data, backdoored.variables, epoch=3, **TINY)
   with pytest.raises(nad_jax.ConfigError, match="unknown option 'trainsize'.*'train_size'"):
     nad_jax.load_data('synthetic', trainsize=10)
   with pytest.raises(nad_jax.ConfigError, match="do not fit model.name 'wrn16_1'"):
