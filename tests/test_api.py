@@ -7,6 +7,8 @@ import pytest
 
 import nad_jax
 
+pytestmark = pytest.mark.slow  # whole-pipeline runs: `pytest -m "not slow"` skips them
+
 TINY = dict(model='tiny', clean_fraction=0.25)
 
 

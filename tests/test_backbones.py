@@ -13,6 +13,8 @@ import pytest
 from nad_jax import models, torch_io
 from nad_jax.models import vgg
 
+pytestmark = pytest.mark.slow  # whole-pipeline runs: `pytest -m "not slow"` skips them
+
 torch = pytest.importorskip('torch', reason="torch is not installed (pip install 'nad-jax[torch]')")
 nn, F = torch.nn, torch.nn.functional
 

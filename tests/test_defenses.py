@@ -17,6 +17,8 @@ from nad_jax import train as train_lib
 from nad_jax.defenses import fine_pruning, mcr
 from nad_jax.experiments import table1 as table
 
+pytestmark = pytest.mark.slow  # whole-pipeline runs: `pytest -m "not slow"` skips them
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -18,6 +18,8 @@ from jax import lax
 from nad_jax import models
 from nad_jax.kernels import onednn
 
+pytestmark = pytest.mark.slow  # whole-pipeline runs: `pytest -m "not slow"` skips them
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIMS = ('NHWC', 'HWIO', 'NHWC')
 

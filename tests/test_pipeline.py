@@ -16,6 +16,8 @@ from configs import tiny
 import nad_jax
 from nad_jax import attacks, data, models, pipeline, train
 
+pytestmark = pytest.mark.slow  # whole-pipeline runs: `pytest -m "not slow"` skips them
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

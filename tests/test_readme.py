@@ -15,6 +15,8 @@ import tomllib
 
 import pytest
 
+pytestmark = pytest.mark.slow  # whole-pipeline runs: `pytest -m "not slow"` skips them
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Overrides that shrink each README command to a smoke run; the rest of the command is as shown.

@@ -14,6 +14,8 @@ pytest.importorskip('tensorflow_datasets',
                     reason="tfds is not installed (pip install 'nad-jax[tfds]')")
 from tests.tfds_builders import TEST, TRAIN  # pylint: disable=g-import-not-at-top  (registers them)
 
+pytestmark = pytest.mark.slow  # whole-pipeline runs: `pytest -m "not slow"` skips them
+
 
 def tfds_config(name, data_dir):
   config = tiny.get_config()

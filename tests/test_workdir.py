@@ -9,6 +9,8 @@ import pytest
 from configs import tiny
 from nad_jax import attacks, checkpoint, pipeline, validation
 
+pytestmark = pytest.mark.slow  # whole-pipeline runs: `pytest -m "not slow"` skips them
+
 
 def tiny_config(**overrides):
   config = tiny.get_config()
