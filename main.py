@@ -6,6 +6,8 @@ python main.py --config=configs/quickstart.py --workdir=runs/q
 import os
 import re
 import sys
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 from absl import app
@@ -13,11 +15,24 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from nad_jax import pipeline
+from nad_jax import distributed
 from nad_jax import validation
+from nad_jax.experiments import nad
 from nad_jax.experiments import table1
 
-RUNNERS = {'nad': pipeline.run, 'table1': table1.run}
+
+class Runner(NamedTuple):
+  """What `config.runner` names: `run(config, workdir)` trains (or resumes) and writes the
+  results; `evaluate_only(config, workdir)` is its `config.eval_only` mode (restore,
+  evaluate, write, train nothing); `check_overrides(config, fields)` raises ConfigError
+  for a command-line override (`--config.<field>`) that the run would not use."""
+  run: Callable
+  evaluate_only: Callable
+  check_overrides: Callable = lambda config, fields: None
+
+
+RUNNERS = {'nad': Runner(nad.run, nad.evaluate_only, nad.check_overrides),
+           'table1': Runner(table1.run, table1.evaluate_only, table1.check_overrides)}
 
 FLAGS = flags.DEFINE_string('workdir', None, 'Where checkpoints and results.json go.')
 config_flags.DEFINE_config_file('config', None, 'A configs/*.py file[:variant].',
@@ -53,12 +68,13 @@ def main(argv):
   if config.compilation_cache:
     jax.config.update('jax_compilation_cache_dir', os.path.expanduser(config.compilation_cache))
   try:
-    if config.distributed:
-      jax.distributed.initialize()
+    validation.validate(config, 'distributed')  # before JAX starts a backend
+    distributed.initialize(config.distributed)
     validation.validate(config)
-    run = pipeline.evaluate_only if config.eval_only else RUNNERS[config.runner]
-    run(config, FLAGS.value)
-  except (validation.ConfigError, FloatingPointError) as e:
+    runner = RUNNERS[config.runner]
+    runner.check_overrides(config, tuple(config_flags.get_override_values(flags.FLAGS['config'])))
+    (runner.evaluate_only if config.eval_only else runner.run)(config, FLAGS.value)
+  except (validation.ConfigError, distributed.DistributedError, FloatingPointError) as e:
     sys.exit(f'error: {e}')
 
 

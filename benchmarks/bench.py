@@ -49,8 +49,9 @@ def parse(argv=None):
   p.add_argument('--torch-eval-batch', type=int, default=64,
                  help='PyTorch stage eval batch (the official code: 64)')
   p.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'))
-  p.add_argument('--conv', default='xla', choices=('xla', 'onednn'),
-                 help="nad-jax's convolutions (model.conv): XLA's or oneDNN's (CPU)")
+  p.add_argument('--conv', default='auto', choices=('auto', 'xla', 'onednn'),  # models.CONVS
+                 help="nad-jax's convolutions (model.conv): 'auto' (the default: oneDNN on one "
+                      "CPU device, else XLA), XLA's or oneDNN's")
   p.add_argument('--scan', default='auto', choices=('auto', 'on', 'off'),
                  help='one dispatch per epoch (lax.scan); auto: on GPU/TPU, off on CPU')
   p.add_argument('--xla-flags', default='',
@@ -105,9 +106,12 @@ def jax_worker(args, num_devices):
         learning_rate=0.1, lr_boundaries=tuple(lr_boundaries), lr_decay=0.1, momentum=0.9,
         nesterov=True, weight_decay=1e-4, batch_size=batch))
 
+  ran = models.build_model('tiny', 10, args.dtype, args.conv)  # what 'auto' resolves to here
+
   def row(**kw):
     kw.update(framework='nad-jax', devices=num_devices, backend=jax.default_backend(),
-              dtype=args.dtype, conv=args.conv, load=load())
+              dtype=jnp.dtype(ran.dtype).name, conv='xla' if ran.conv is None else 'onednn',
+              load=load())
     if 'img_per_s' in kw:
       kw['img_per_s_per_device'] = round(kw['img_per_s'] / num_devices, 1)
     print(json.dumps(kw), flush=True)
@@ -156,7 +160,7 @@ def jax_worker(args, num_devices):
             warmup_epoch_s=round(warm_s, 2), scan=run.scan)
         del state, on_device
       if 'eval' in csv(args.parts):
-        test = T.make_test_set(ds.train_images, ds.train_labels, batch, mesh)
+        test = T.make_test_set(ds.train_images, ds.train_labels, batch, mesh, attack)
         evaluate = T.make_evaluate(model, mesh, normalize, attack, scan)
         v = T.replicate(variables, mesh)
         start = time.perf_counter()
@@ -167,7 +171,8 @@ def jax_worker(args, num_devices):
           start = time.perf_counter()
           jax.block_until_ready(evaluate(v, test, jax.random.key(0)))
           best = min(best, time.perf_counter() - start)
-        row(model=name, part='eval', batch=batch, steps=steps, img_per_s=round(2 * n / best, 1),
+        forwards = n + int(np.sum(test.backdoor_valid))  # clean pass + triggered non-target pass
+        row(model=name, part='eval', batch=batch, steps=steps, img_per_s=round(forwards / best, 1),
             step_ms=round(1e3 * best / steps, 2), warmup_s=round(warm_s, 2))
 
   if 'stage' in csv(args.parts):
@@ -186,7 +191,7 @@ def jax_worker(args, num_devices):
       teacher = T.replicate(variables, mesh)
       on_device = T.replicate((ds.train_images, ds.train_labels, np.zeros(2500, bool)), mesh)
       eval_batch = args.eval_batch - args.eval_batch % num_devices
-      test = T.make_test_set(ds.test_images, ds.test_labels, eval_batch, mesh)
+      test = T.make_test_set(ds.test_images, ds.test_labels, eval_batch, mesh, attack)
       run = T.TrainEpoch(model, tx, mesh, recipe, normalize, None, scan)
       evaluate = T.make_evaluate(model, mesh, normalize, attack, scan)
       start = time.perf_counter()
@@ -218,7 +223,10 @@ def jax_worker(args, num_devices):
 # ------------------------------------------------------------------------ PyTorch worker
 
 def torch_worker(args):
-  import torch_reference as R
+  import torch  # pylint: disable=g-import-not-at-top
+  import torch_reference as R  # pylint: disable=g-import-not-at-top
+  if args.torch_device == 'cuda' and not torch.cuda.is_available():
+    sys.exit('--torch-device cuda: PyTorch sees no CUDA device on this machine')
   R.setup(args.torch_threads, args.torch_device)
   rows = []
 
@@ -279,6 +287,11 @@ def machine():
 
 
 def spawn(args, worker, env_flags):
+  """Runs one worker ('jax:N' or 'torch') in a subprocess; returns (rows, its XLA_FLAGS).
+
+  Exits with status 1 and one line naming the worker (and, for PyTorch, the device)
+  where it fails: a table with a missing column is not a result.
+  """
   with tempfile.NamedTemporaryFile(suffix='.json', delete=False) as f:
     result = f.name
   env = dict(os.environ)
@@ -293,7 +306,9 @@ def spawn(args, worker, env_flags):
       rows = json.load(f)
   os.unlink(result)
   if proc.returncode:
-    print(f'--- {worker} exited with {proc.returncode}', flush=True)
+    what = (f'the PyTorch reference (--torch-device {args.torch_device})' if worker == 'torch'
+            else f'the nad-jax run on {worker.split(":")[1]} device(s)')
+    sys.exit(f'error: {what} failed (exit status {proc.returncode}); its output is above')
   return rows, env['XLA_FLAGS']
 
 

@@ -1,10 +1,13 @@
 """Where a training or NAD gradient's time goes on CPU: XLA's profiler, summed per HLO op kind.
 
-  python benchmarks/profile_step.py [--conv onednn] [--batch 64] [--part nad|ce]
+  python benchmarks/profile_step.py [--conv auto|xla|onednn] [--dtype float32|bfloat16]
+                                    [--batch 64] [--part nad|ce|eval]
 
 Traces 5 calls of the jitted gradient (student forward + backward; for `nad` also the
-frozen teacher's forward and the AT loss) and prints the time per op kind, e.g. `ffi_call`
-(oneDNN convolutions), `ynn_fusion` (YNNPACK reductions), `*_fusion` (XLA element-wise).
+frozen teacher's forward and the AT loss), or of the evaluation forward (`eval`), and
+prints the time per op kind, e.g. `ffi_call` (oneDNN convolutions), `ynn_fusion`
+(YNNPACK reductions), `*_fusion` (XLA element-wise).
+One CPU device: --conv auto (the default, as model.conv) is oneDNN's where it builds.
 """
 
 import argparse
@@ -30,7 +33,12 @@ CALLS = 5
 
 
 def gradient(model, part):
-  """The jitted gradient of the loss the project trains with (train.make_loss)."""
+  """The jitted gradient of the loss the project trains with (train.make_loss), or for
+  `eval` the evaluation forward (BatchNorm in inference mode)."""
+  if part == 'eval':
+    return jax.jit(lambda params, batch_stats, teacher, x, y, key: model.apply(
+        {'params': params, 'batch_stats': batch_stats}, x, train=False),
+                   compiler_options=T.cpu_compiler_options(training=False))
   nad = part == 'nad'
   recipe = T.Recipe(batch_size=0, betas=(500.0, 1000.0, 1000.0) if nad else (),
                     layers=tuple(model.distill_layers) if nad else ())
@@ -42,17 +50,19 @@ def gradient(model, part):
 def main():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument('--model', default='wrn16_1')
-  p.add_argument('--conv', default='xla', choices=('xla', 'onednn'))
+  p.add_argument('--conv', default='auto', choices=models.CONVS)
+  p.add_argument('--dtype', default='float32', choices=sorted(models.DTYPES))
   p.add_argument('--batch', type=int, default=64)
-  p.add_argument('--part', default='nad', choices=('nad', 'ce'))
+  p.add_argument('--part', default='nad', choices=('nad', 'ce', 'eval'))
   args = p.parse_args()
 
-  model = models.build_model(args.model, 10, 'float32', args.conv)
+  model = models.build_model(args.model, 10, args.dtype, args.conv)
   variables = jax.jit(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
                                          train=False))()
   ds = data.synthetic(0, args.batch, 0)
   inputs = (variables['params'], variables['batch_stats'], variables,
-            jnp.asarray(ds.train_images, jnp.float32) / 255, jnp.asarray(ds.train_labels))
+            jnp.asarray(ds.train_images, jnp.float32) / 255, jnp.asarray(ds.train_labels),
+            jax.random.key(0))
   grad = gradient(model, args.part)
   for _ in range(3):  # compile and warm up
     jax.block_until_ready(grad(*inputs))
@@ -71,8 +81,9 @@ def main():
         if name.startswith(('$', 'Pjit', 'ThunkExecutor')):  # Python frames, whole-call spans
           continue
         per_kind[re.sub(r'\.\d+$', '', name)] += event.duration_ns
-  print(f'{args.model} {args.part} gradient, batch {args.batch}, conv {args.conv}: '
-        f'ms per call by op kind')
+  conv = 'xla' if model.conv is None else 'onednn'
+  print(f'{args.model} {args.part} call, batch {args.batch}, conv {conv}, '
+        f'dtype {jnp.dtype(model.dtype).name}: ms per call by op kind')
   for name, ns in per_kind.most_common(12):
     print(f'{ns / CALLS / 1e6:8.2f}  {name}')
   print(f'{sum(per_kind.values()) / CALLS / 1e6:8.2f}  total (concurrent ops overlap)')

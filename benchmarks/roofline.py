@@ -5,9 +5,14 @@ XLA's own cost analysis (the compiled functions nad-jax runs), measures what thi
 machine's float32 matrix multiply sustains (the best case for any convolution
 code: jnp.dot and, when installed, torch.mm), and prints the shortest time the
 stage's arithmetic can take at that rate next to the stage times in a bench.py
-result file.
+result file. That file must come from this machine (the same CPU model, core count,
+backend and accelerator, as bench.py records them): a GEMM rate measured here and a
+stage time measured elsewhere make no ratio, so another machine's file is refused.
+Measure the stage here first, or pass --stage-json '' for the bound alone.
 
-  python benchmarks/roofline.py [--stage-json benchmarks/results/stage_wrn16_1.json]
+  python benchmarks/bench.py --models wrn16_1 --parts stage --batches 64 --torch on \
+      --out benchmarks/results/stage_here
+  python benchmarks/roofline.py --stage-json benchmarks/results/stage_here.json
 """
 
 import argparse
@@ -17,11 +22,14 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
+
+import bench  # noqa: E402
 
 from nad_jax import models  # noqa: E402
 from nad_jax import train as T  # noqa: E402
@@ -86,10 +94,46 @@ def gemm_rates(n: int = 2048) -> dict:
   return rates
 
 
+def this_machine() -> dict:
+  """What a stage time depends on, as bench.py records it: CPU model, cores, backend and
+  accelerator (the host name is left out: rented machines share theirs)."""
+  accelerator = '' if jax.default_backend() == 'cpu' else jax.devices()[0].device_kind
+  cpu = bench.machine()
+  return {'cpu': cpu['cpu'], 'cores': cpu['cores'], 'backend': jax.default_backend(),
+          'accelerator': accelerator}
+
+
+def stage_rows(path: str) -> list:
+  """The 'stage' rows of a bench.py result file measured on this machine.
+
+  Raises:
+    SystemExit: one line naming the file, where it is missing, unreadable or from
+      another machine.
+  """
+  try:
+    with open(path) as f:
+      result = json.load(f)
+    meta = result['meta']
+    recorded = {'cpu': meta['machine']['cpu'], 'cores': meta['machine']['cores'],
+                'backend': meta['backend'], 'accelerator': meta.get('accelerator', '')}
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    sys.exit(f'error: --stage-json {path}: not a readable bench.py result ({e})')
+  here = this_machine()
+  if recorded != here:
+    describe = lambda m: (f"{m['cpu']}, {m['cores']} cores, {m['backend']}"
+                          + (f" ({m['accelerator']})" if m['accelerator'] else ''))
+    sys.exit(f'error: --stage-json {path} was measured on {describe(recorded)}, not on this '
+             f'machine ({describe(here)}); measure the stage here with benchmarks/bench.py '
+             "(see this file's docstring) or pass --stage-json ''")
+  return [row for row in result['rows'] if row.get('part') == 'stage']
+
+
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--stage-json', default='benchmarks/results/stage_wrn16_1.json')
+  parser.add_argument('--stage-json', default='benchmarks/results/stage_wrn16_1.json',
+                      help="a bench.py result from this machine; '' for the bound alone")
   args = parser.parse_args(argv)
+  rows = stage_rows(args.stage_json) if args.stage_json else []  # before the long part
   model = models.build_model('wrn16_1', 10)
   variables = jax.jit(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
                                          train=False))()
@@ -108,19 +152,15 @@ def main(argv=None) -> None:
   print('float32 GEMM 2048^3 on this machine: '
         + ', '.join(f'{k} {v:.0f} GFLOP/s' for k, v in rates.items()))
   print(f'stage (d) at the GEMM rate ({peak:.0f} GFLOP/s): at least {total / peak / 1e9:.1f} s')
-  if os.path.exists(args.stage_json):
-    with open(args.stage_json) as f:
-      rows = json.load(f)['rows']
-    for row in rows:
-      if row.get('part') == 'stage':
-        rate = total / row['wall_s'] / 1e9
-        print(f'{row["framework"]:>8}: {row["wall_s"]:.1f} s measured = {rate:.0f} GFLOP/s '
-              f'({100 * rate / peak:.0f}% of the GEMM rate)')
-    torch_rows = [r for r in rows if r.get('part') == 'stage' and r['framework'] == 'pytorch']
-    if torch_rows:
-      target = torch_rows[0]['wall_s'] / 2
-      print(f'target (half of PyTorch): {target:.1f} s = {total / target / 1e9:.0f} GFLOP/s '
-            f'({100 * total / target / 1e9 / peak:.0f}% of the GEMM rate)')
+  for row in rows:
+    rate = total / row['wall_s'] / 1e9
+    print(f'{row["framework"]:>8}: {row["wall_s"]:.1f} s measured = {rate:.0f} GFLOP/s '
+          f'({100 * rate / peak:.0f}% of the GEMM rate)')
+  torch_rows = [r for r in rows if r['framework'] == 'pytorch']
+  if torch_rows:
+    target = torch_rows[0]['wall_s'] / 2
+    print(f'target (half of PyTorch): {target:.1f} s = {total / target / 1e9:.0f} GFLOP/s '
+          f'({100 * total / target / 1e9 / peak:.0f}% of the GEMM rate)')
 
 
 if __name__ == '__main__':

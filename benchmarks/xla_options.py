@@ -49,10 +49,10 @@ def main(part: str, options: str | None, batch: int = 128, steps: int = 4) -> No
     attack = attacks.build_attack(ml_collections.ConfigDict(dict(
         name='badnets', target_label=5, poison_rate=0.1, mode='all_to_one', pattern='grid',
         size=3, corner='bottom_right', seed=0)), 10, (32, 32, 3))
-    test = T.make_test_set(ds.train_images, ds.train_labels, batch, mesh)
+    test = T.make_test_set(ds.train_images, ds.train_labels, batch, mesh, attack)
     evaluate = T.make_evaluate(model, mesh, T.normalizer(None, None), attack, False)
     run = lambda: evaluate(state.variables, test, jax.random.key(0))
-    n *= 2  # a clean and a triggered forward per image
+    n += int(np.sum(test.backdoor_valid))  # the clean pass and the triggered non-target pass
   else:
     epoch = T.TrainEpoch(model, tx, mesh, recipe, T.normalizer(None, None), None, False)
 

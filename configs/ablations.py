@@ -1,7 +1,8 @@
 """NAD ablations on the synthetic quickstart data (configs/quickstart.py), one variant each:
 
-  fraction_0.01, fraction_0.05 (the paper's default), fraction_0.1, fraction_0.2:
-      the share of the training set the defender holds as clean data;
+  fraction_0.01, fraction_0.05 (the paper's default: exactly configs/quickstart.py),
+  fraction_0.1, fraction_0.2: the share of the training set the defender holds as clean
+      data; a clean subset that cannot fill two batches trains teacher and NAD at batch 16;
   teacher_finetune (the paper's: the backdoored model fine-tuned on the clean subset),
   teacher_scratch (an independently trained clean model: a fresh network trained on
       the clean subset only, 20 epochs);
@@ -30,7 +31,7 @@ def get_config(arg=None):
   if arg.startswith('fraction_'):
     config.data.clean_fraction = float(arg.split('_')[1])
     count = int(round(config.data.clean_fraction * config.data.train_size))
-    if count < 4 * config.nad.batch_size:  # 1%: 50 images; keep a few steps per epoch
+    if count < 2 * config.nad.batch_size:  # 1%: 50 images, not two batches of 64
       config.nad.batch_size = config.teacher.batch_size = 16
   elif arg == 'teacher_scratch':
     config.teacher.update(dict(epochs=20, batch_size=64, learning_rate=0.1,

@@ -8,13 +8,12 @@ The NAD authors' Trojan trigger:
 The local JPEG copy: --config.data.source=folder --config.data.path=../shared/data/cifar10-jpeg
 """
 
-from configs import common
 from nad_jax import defaults
 
 
 def get_config(arg=None):
   config = defaults.paper_config()
-  config = common.set_attack(config, arg, 'configs/nad_cifar.py')
+  config = defaults.set_attack(config, arg, 'configs/nad_cifar.py')
   if arg == 'cl':
-    config.attack.surrogate.update(common.WRN_SURROGATE)
+    config.attack.surrogate.update(defaults.WRN_SURROGATE)
   return config

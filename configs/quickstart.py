@@ -3,7 +3,6 @@
 python main.py --config=configs/quickstart.py --workdir=runs/quickstart
 """
 
-from configs import common
 from nad_jax import defaults
 
 # Triggers learnt late: the clean-label ones and WaNet's subtle warp.
@@ -17,15 +16,15 @@ def get_config(arg=None):
   config.data.test_size = 1000
   config.backdoor_training = defaults.sgd_stage(5, 64, 0.05, lr_boundaries=(4,), crop_flip=False)
   config.teacher.epochs = 5
-  # Attack variants: configs/quickstart.py:ATTACK (see configs/common.py ATTACK_VARIANTS).
-  config = common.set_attack(config, arg, 'configs/quickstart.py')
+  # Attack variants: configs/quickstart.py:ATTACK (see nad_jax/defaults.py ATTACK_VARIANTS).
+  config = defaults.set_attack(config, arg, 'configs/quickstart.py')
   if arg in LONG_RECIPE_VARIANTS:
     # These triggers only pay once the net starts fitting its hard images: 5 epochs leave
     # their ASR swinging between 5% and 90%; 15 (lr drops at 10, 13) settle it (about 90%
     # or above for CL, Refool and WaNet, not for SIG: docs/attacks.md).
     config.backdoor_training = defaults.sgd_stage(15, 64, 0.05, lr_boundaries=(10, 13),
                                                 crop_flip=False)
-  if arg in common.CLEAN_LABEL_VARIANTS:
+  if arg in defaults.CLEAN_LABEL_VARIANTS:
     # The teacher's 5 epochs of 3 batches are 15 SGD steps (the paper's: 390). Whether they
     # remove a clean-label backdoor from the teacher is chance, and NAD keeps what its teacher
     # keeps; 75 steps (batch 16, lr scaled by 16/64) remove it far more often (docs/attacks.md).
@@ -39,7 +38,7 @@ def get_config(arg=None):
   if arg == 'cl':
     # PGD against the tiny surrogate transfers weakly to WRN-16-1 (ASR 78-90 over seeds 0-2);
     # against the victim's own architecture, as in configs/nad_cifar.py, it transfers better.
-    config.attack.surrogate.update(common.WRN_SURROGATE)
+    config.attack.surrogate.update(defaults.WRN_SURROGATE)
   if arg == 'refool':
     # Synthetic images are themselves blends of two textures, so a reflection must be strong
     # to stand out (0.05-0.45 and 0.2-0.5: ASR 80-87%), and it lives in features that clean

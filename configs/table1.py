@@ -2,24 +2,52 @@
 
 python main.py --config=configs/table1.py --workdir=runs/table1
 On the synthetic quickstart data by default, BadNets and Blend. The variant is a
-comma-separated list: attack variants (configs/common.py ATTACK_VARIANTS), 'all'
+comma-separated list: attack variants (nad_jax/defaults.py ATTACK_VARIANTS), 'all'
 for every one, 'cifar' for the paper's CIFAR-10 setting instead of quickstart's:
   configs/table1.py:all    configs/table1.py:badnets,sig    configs/table1.py:cifar,all
 Writes runs/table1/table1.{md,csv,json} and runs/table1/figures/*.png.
-Every attack trains on quickstart's 5-epoch backdoor recipe, including the variants that
-configs/quickstart.py trains for 15 epochs (LONG_RECIPE_VARIANTS): their rows are weaker backdoors.
-"""
 
-import copy
+Each attack runs exactly what its base config runs (configs/quickstart.py:ATTACK, or
+configs/nad_cifar.py:ATTACK with 'cifar'). The top-level sections are the base config's
+default (BadNets); `table.attack_configs.<attack>` holds the fields where that attack's
+config differs from them (always attack.name and attack.mode), laid over them for its
+rows. A top-level override reaches every attack, unless an attack of the table sets that
+field itself: then main.py refuses it and names the per-attack field to set instead, e.g.
+  --config.table.attack_configs.blend.teacher.batch_size=8
+"""
 
 import ml_collections
 
-from configs import common
+from configs import nad_cifar
 from configs import quickstart
 from nad_jax import defaults
 
 DEFAULT_ATTACKS = ('badnets', 'blend')
 EVAL_EVERY = 2
+# The sections an attack variant may set: those of the stages an attack shapes.
+ATTACK_SECTIONS = ('attack', 'backdoor_training', 'teacher', 'nad')
+
+
+def changed_fields(variant: dict, base: dict) -> dict:
+  """The nested fields of `variant` whose value differs from `base` (same shape)."""
+  out = {}
+  for key, value in variant.items():
+    if isinstance(value, dict):
+      inner = changed_fields(value, base[key])
+      if inner:
+        out[key] = inner
+    elif value != base[key]:
+      out[key] = value
+  return out
+
+
+def attack_sections(base_file, variant: str) -> ml_collections.ConfigDict:
+  """What `base_file.get_config(variant)` sets differently from `base_file.get_config()`
+  in ATTACK_SECTIONS, with attack.name and attack.mode always (they name the attack)."""
+  config, base = base_file.get_config(variant).to_dict(), base_file.get_config().to_dict()
+  sections = {s: changed_fields(config[s], base[s]) for s in ATTACK_SECTIONS}
+  sections['attack'].update(name=config['attack']['name'], mode=config['attack']['mode'])
+  return ml_collections.ConfigDict({s: fields for s, fields in sections.items() if fields})
 
 
 def get_config(arg=None):
@@ -29,28 +57,23 @@ def get_config(arg=None):
   if 'all' in tokens:
     if tokens != ['all']:
       raise ValueError(f"configs/table1.py: 'all' stands alone (with 'cifar' at most), got {arg!r}")
-    attacks = common.ATTACK_VARIANTS
+    attacks = defaults.ATTACK_VARIANTS
   else:
     attacks = tuple(tokens) or DEFAULT_ATTACKS
   for attack in attacks:
-    if attack not in common.ATTACK_VARIANTS:
+    if attack not in defaults.ATTACK_VARIANTS:
       raise ValueError(f'configs/table1.py has no attack {attack!r}; choose from '
-                       f"{common.ATTACK_VARIANTS}, 'all' or 'cifar'")
-  config = defaults.paper_config() if cifar else quickstart.get_config()
+                       f"{defaults.ATTACK_VARIANTS}, 'all' or 'cifar'")
+  base_file = nad_cifar if cifar else quickstart
+  config = base_file.get_config()
   config.runner = 'table1'
   if not cifar:  # the 15-minute budget on 2 CPU cores: evaluate and checkpoint every 2 epochs
     for stage in ('backdoor_training', 'teacher', 'nad'):
       config[stage].eval_every = EVAL_EVERY
   defaults.defense_stages(config)
-  attack_configs = {}
-  for variant in common.ATTACK_VARIANTS:
-    variant_config = common.set_attack(copy.deepcopy(config), variant, 'configs/table1.py')
-    attack_configs[variant] = variant_config.attack
   config.table = ml_collections.ConfigDict(dict(
       attacks=tuple(attacks), defenses=('none', 'ft', 'fp', 'mcr', 'nad'),
-      attack_configs=ml_collections.ConfigDict(attack_configs),
+      attack_configs=ml_collections.ConfigDict(
+          {variant: attack_sections(base_file, variant) for variant in defaults.ATTACK_VARIANTS}),
       figures=True, attention_images=4))
-  # Each attack's settings live in table.attack_configs.<attack>; a top-level attack section
-  # would take overrides that no run reads.
-  del config['attack']
   return config

@@ -24,12 +24,11 @@ import ml_collections
 from nad_jax import checkpoint as ckpt_lib
 from nad_jax import data as data_lib
 from nad_jax import defaults
-from nad_jax import pipeline
+from nad_jax import stages
 from nad_jax import train as train_lib
 from nad_jax import validation
-from nad_jax.defenses import fine_pruning
-from nad_jax.defenses import finetune
-from nad_jax.defenses import mcr
+from nad_jax import defenses
+from nad_jax.defenses import nad as nad_lib
 
 METHODS = ('nad', 'ft', 'fp', 'mcr')
 # The keyword options of the functions below, for suggestions on a misspelt one.
@@ -59,7 +58,9 @@ def make_config(config: ml_collections.ConfigDict | None = None, *, model: str |
     config: a ConfigDict shaped like `defaults.paper_config()`; copied, not changed.
     model: `model.name`, e.g. 'wrn16_1', 'preact_resnet18', 'tiny'.
     seed: `seed`, from which every random choice is derived.
-    attack: `attack.name`, e.g. 'badnets', 'blend', 'sig' (nad_jax/attacks).
+    attack: an attack variant (defaults.ATTACK_VARIANTS: 'badnets', 'all2all', 'blend',
+      'sig', ...; a clean-label one poisons 80% of the target class, as
+      `configs/*.py:ATTACK` does), or another `attack.name` ('files'; nad_jax/attacks).
     target_label: `attack.target_label`.
     poison_rate: `attack.poison_rate`, a fraction.
     clean_fraction: `data.clean_fraction`, the defender's share of the training set.
@@ -70,7 +71,11 @@ def make_config(config: ml_collections.ConfigDict | None = None, *, model: str |
     A new ConfigDict; it is checked by `validation.validate` when used.
   """
   config = (config or defaults.paper_config()).copy_and_resolve_references()
-  for field, value in (('model.name', model), ('seed', seed), ('attack.name', attack),
+  if attack in defaults.ATTACK_VARIANTS:  # the variant's definition, as configs/*.py:ATTACK
+    defaults.set_attack(config, attack)
+  elif attack is not None:
+    config.attack.name = attack
+  for field, value in (('model.name', model), ('seed', seed),
                        ('attack.target_label', target_label),
                        ('attack.poison_rate', poison_rate),
                        ('data.clean_fraction', clean_fraction)):
@@ -120,12 +125,12 @@ def load_data(source: str = 'synthetic', *, seed: int = 0, **fields) -> data_lib
     raise validation.ConfigError(str(e)) from None
 
 
-def _context(dataset: data_lib.Dataset, config, stages: tuple[str, ...]) -> pipeline.Context:
-  pipeline.validate(config)
-  return pipeline.make_context(config, dataset, workdir=None, stages=stages)
+def _context(dataset: data_lib.Dataset, config, trained: tuple[str, ...]) -> stages.Context:
+  stages.validate(config)
+  return stages.make_context(config, dataset, workdir=None, stages=trained)
 
 
-def _on_devices(ctx: pipeline.Context, variables: dict) -> dict:
+def _on_devices(ctx: stages.Context, variables: dict) -> dict:
   """`variables` on the devices, once checked against the configured model."""
   problems = ckpt_lib.mismatches(variables, ctx.abstract_variables)
   if problems:
@@ -134,8 +139,8 @@ def _on_devices(ctx: pipeline.Context, variables: dict) -> dict:
   return train_lib.replicate(variables, ctx.mesh)
 
 
-def _result(variables, history) -> Result:
-  return Result(jax.device_get(variables), history)
+def _result(result: stages.StageResult) -> Result:
+  return Result(jax.device_get(result.variables), result.history)
 
 
 def train_backdoored(dataset: data_lib.Dataset, *, config=None, epochs: int | None = None,
@@ -160,8 +165,7 @@ def train_backdoored(dataset: data_lib.Dataset, *, config=None, epochs: int | No
                                   lr_boundaries=lr_boundaries).items() if v is not None}
   config = make_config(config, backdoor_training=recipe, **options)
   ctx = _context(dataset, config, ('backdoor_training',))
-  variables, history, _ = pipeline.backdoored_stage(ctx)
-  return _result(variables, history)
+  return _result(stages.backdoored(ctx))
 
 
 def erase(dataset: data_lib.Dataset, variables: dict, *, method: str = 'nad',
@@ -204,19 +208,10 @@ def erase(dataset: data_lib.Dataset, variables: dict, *, method: str = 'nad',
             'fp': ('fp',), 'mcr': ('nad', 'mcr')}[method]
   ctx = _context(dataset, config, trains)
   student = _on_devices(ctx, variables)
-  clean = pipeline.clean_data(ctx)
-  if method == 'nad':
-    if teacher is None:
-      teacher = pipeline.teacher_stage(ctx, student)[0]
-    result = finetune.nad(ctx, student, _on_devices(ctx, teacher), clean)
-  elif method == 'ft':
-    result = finetune.finetune(ctx, student, clean)
-  elif method == 'fp':
-    result = fine_pruning.fine_prune(ctx, student, clean)
-  else:
-    end = finetune.finetune(ctx, student, clean)[0]
-    result = mcr.repair(ctx, student, end, clean)
-  return _result(result[0], result[1])
+  clean = stages.clean_data(ctx)
+  if method == 'nad' and teacher is not None:
+    return _result(nad_lib.distill(ctx, student, _on_devices(ctx, teacher), clean))
+  return _result(defenses.ERASE[method](ctx, student, clean))
 
 
 def evaluate(dataset: data_lib.Dataset, variables: dict, *, config=None,
@@ -232,4 +227,4 @@ def evaluate(dataset: data_lib.Dataset, variables: dict, *, config=None,
     {'acc', 'acc_nontarget', 'asr'} as floats in [0, 100].
   """
   ctx = _context(dataset, make_config(config, **options), ())
-  return pipeline.evaluate(ctx, _on_devices(ctx, variables))
+  return stages.evaluate(ctx, _on_devices(ctx, variables))

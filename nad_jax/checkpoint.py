@@ -115,7 +115,7 @@ class StageCheckpoints:
     prefix = f"stage checkpoint {step} cannot be restored as this run's model and optimizer"
     advice = 'use another --workdir or delete the folder'
     try:
-      stored = _stored_arrays(os.path.join(step, 'state'))
+      stored = _arrays(_metadata(os.path.join(step, 'state')))
     except Exception as e:  # pylint: disable=broad-except  (missing or corrupt metadata)
       raise CheckpointError(f'{prefix} (cannot read it: {_gist(e)}); '
                             f'it is damaged or incomplete: {advice}') from None
@@ -164,17 +164,23 @@ def load_variables(path: str, abstract_variables: dict) -> dict:
     raise CheckpointError(f'checkpoint {path} holds no nad-jax state '
                           '(expected a stage folder or one of its epoch folders)')
   try:
-    stored = _stored_arrays(state_path)
+    metadata = _metadata(state_path)
   except Exception as e:  # pylint: disable=broad-except  (missing or corrupt metadata)
     raise CheckpointError(f'checkpoint {path} is not a readable nad-jax checkpoint '
                           f'({_gist(e)})') from None
-  stored = {k: v for k, v in stored.items() if k.startswith(('params/', 'batch_stats/'))}
+  stored = {k: v for k, v in _arrays(metadata).items()
+            if k.startswith(('params/', 'batch_stats/'))}
   problems = _mismatches(stored, _arrays(abstract_variables), limit=LIST_LIMIT)
   if problems:
     raise CheckpointError(f'checkpoint {path} does not fit the model: {problems}')
+  # Onto this process's first device, whatever devices wrote it: the devices of another
+  # run (more or fewer, or another process's, as after a multi-process run) may not exist here.
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                        metadata)
   handler = ocp.StandardCheckpointHandler()
   try:
-    state = handler.restore(epath.Path(state_path))
+    state = handler.restore(epath.Path(state_path), args=ocp.args.StandardRestore(target))
   except Exception as e:  # pylint: disable=broad-except  (orbax and tensorstore errors)
     raise CheckpointError(f'checkpoint {path} cannot be read, its files are damaged or '
                           f'incomplete ({_gist(e)})') from None
@@ -211,11 +217,11 @@ def _arrays(tree) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
           if hasattr(leaf, 'shape') and hasattr(leaf, 'dtype')}
 
 
-def _stored_arrays(state_path: str) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-  """Names, shapes and dtypes of a saved state, from its metadata (no array is read)."""
+def _metadata(state_path: str):
+  """The tree of a saved state's array metadata (shape, dtype, sharding; no array is read)."""
   handler = ocp.StandardCheckpointHandler()
   try:
-    return _arrays(handler.metadata(epath.Path(state_path)).tree)
+    return handler.metadata(epath.Path(state_path)).tree
   finally:
     handler.close()
 

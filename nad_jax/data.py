@@ -12,6 +12,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tqdm
+
+from nad_jax import streams
 
 
 class Dataset(NamedTuple):
@@ -50,7 +53,7 @@ def synthetic(seed: int, train_size: int, test_size: int, num_classes: int = 10,
   With `textures_per_class` > 1 each image draws one of its class's textures.
 
   Args:
-    seed: fixes every draw (default_rng([seed, 0])).
+    seed: fixes every draw (the stream streams.rng(seed, 'synthetic_data')).
     train_size: the number of training images.
     test_size: the number of test images.
     num_classes: the number of classes (>= 2: the distractor is another class).
@@ -65,7 +68,7 @@ def synthetic(seed: int, train_size: int, test_size: int, num_classes: int = 10,
   """
   if textures_per_class < 1:
     raise DataError(f'data.textures_per_class must be >= 1, got {textures_per_class}')
-  rng = np.random.default_rng([seed, 0])
+  rng = streams.rng(seed, 'synthetic_data')
   grid = np.arange(image_size) / image_size
   textures = np.zeros((num_classes * textures_per_class, image_size, image_size, 3))
   for c in range(len(textures)):
@@ -278,7 +281,9 @@ def folder(path: str) -> Dataset:
 
   files = scan.train_files + scan.test_files
   with concurrent.futures.ThreadPoolExecutor(os.cpu_count()) as pool:
-    images = list(pool.map(read, files, chunksize=256))
+    # A progress bar where stderr is a terminal (tqdm's disable=None).
+    images = list(tqdm.tqdm(pool.map(read, files), total=len(files), desc='reading images',
+                            unit='img', leave=False, dynamic_ncols=True, disable=None))
   for file, image in zip(files, images):
     if image.shape != images[0].shape:
       raise DataError(f'data.path {path!r}: images differ in size: {file} is '
@@ -323,12 +328,12 @@ def clean_subset(num_train: int, fraction: float, seed: int) -> np.ndarray:
   Args:
     num_train: the training set size N.
     fraction: a fraction in (0, 1] (`config.data.clean_fraction`, not a percentage).
-    seed: the run's seed; the generator is default_rng([seed, 1]).
+    seed: the run's seed; the draw is the stream streams.rng(seed, 'clean_subset').
 
   Returns:
     max(1, round(fraction * N)) distinct indices in [0, N), sorted, int64.
   """
-  rng = np.random.default_rng([seed, 1])
+  rng = streams.rng(seed, 'clean_subset')
   count = max(1, int(round(fraction * num_train)))
   return np.sort(rng.choice(num_train, size=count, replace=False))
 

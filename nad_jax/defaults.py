@@ -1,9 +1,13 @@
-"""The paper's defaults: every config field, its default and what it means, in one place.
+"""The paper's defaults: every config field, its default and what it means, in one place
+(the attack's fields: nad_jax/attacks/core.py DEFAULTS).
 
 `configs/*.py` and the Python API (nad_jax.api) start from `paper_config()`.
 """
 
 import ml_collections
+from ml_collections.config_dict import config_dict
+
+from nad_jax import attacks
 
 
 def sgd_stage(epochs: int, batch_size: int, learning_rate: float, lr_boundaries=(),
@@ -26,8 +30,19 @@ def paper_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0
   config.eval_only = False
-  config.runner = 'nad'  # 'nad': pipeline.run; 'table1': the defense comparison (configs/table1.py)
-  config.distributed = False  # True: jax.distributed.initialize() (multi-host TPU/GPU)
+  # nad_jax/experiments: 'nad' (the NAD pipeline) or 'table1' (configs/table1.py)
+  config.runner = 'nad'
+  # Several processes as one run (multi-host TPU/GPU; docs/multihost.md). enabled: join the
+  # others through jax.distributed.initialize before JAX starts. Unset addressing fields
+  # ('' / None) are detected by JAX on Cloud TPU, SLURM and Open MPI.
+  config.distributed = ml_collections.ConfigDict(dict(
+      enabled=False,
+      coordinator_address='',  # 'host:port' of process 0, the same for every process
+      num_processes=ml_collections.config_dict.placeholder(int),
+      process_id=ml_collections.config_dict.placeholder(int),  # 0 .. num_processes - 1
+      local_device_ids=ml_collections.config_dict.placeholder(tuple),  # GPUs: None = all
+      initialization_timeout=300,  # seconds to wait for every process to connect
+      heartbeat_timeout=100))  # seconds of silence after which a process counts as dead
   # JAX's persistent compilation cache: a rerun or a resumed run loads its compiled steps
   # instead of compiling them again. '' turns it off.
   config.compilation_cache = '~/.cache/nad_jax/xla'
@@ -35,9 +50,12 @@ def paper_config() -> ml_collections.ConfigDict:
   config.scan_epoch = ml_collections.config_dict.placeholder(bool)
 
   config.model = ml_collections.ConfigDict(dict(
+      # dtype 'bfloat16': computation in bf16; params, BatchNorm statistics, logits float32
+      # (on CPU with oneDNN's convolutions: native bf16 where the CPU has it, else float32).
       name='wrn16_1', dtype='float32',
-      # 'onednn': oneDNN's convolutions on one CPU device (pip install -e '.[onednn]').
-      conv='xla',
+      # 'auto': oneDNN's convolutions on one CPU device where they build (pip install -e
+      # '.[onednn]' and g++), else XLA's, saying why in one line; 'xla'; 'onednn' (or an error).
+      conv='auto',
       # Input scaling: pixels / 255, then (x - mean) / std when both are set.
       mean=ml_collections.config_dict.placeholder(tuple),
       std=ml_collections.config_dict.placeholder(tuple)))
@@ -48,23 +66,11 @@ def paper_config() -> ml_collections.ConfigDict:
       clean_fraction=0.05, eval_batch_size=1000,
       textures_per_class=1))  # synthetic: how many textures a class draws its images from
 
-  # nad_jax/attacks/<name>.py documents each attack's fields and source paper.
-  config.attack = ml_collections.ConfigDict(dict(
-      name='badnets', target_label=5, poison_rate=0.1, mode='all_to_one',
-      pattern='grid', size=3, corner='bottom_right',
-      seed=0,  # the attack's own draws: noise pattern, warp field, reflection images
-      clean_label=ml_collections.config_dict.placeholder(bool),  # None: the attack's default
-      pattern_path='',  # trojan/blend/sig: a trigger file; refool: a folder of reflections
-      alpha=0.2,  # blend; sig with sig_mode 'blend'
-      delta=20.0, frequency=6.0, sig_mode='add',  # sig
-      amplitude=255.0, pgd_eps=8.0, pgd_step=2.0, pgd_steps=10,  # cl (pixel units)
-      # cl: the clean model PGD attacks; trojan: the random model a patch is generated for.
-      surrogate=ml_collections.ConfigDict(dict(
-          model='tiny', epochs=10, batch_size=128, learning_rate=0.05, lr_boundaries=(),
-          crop_flip=True)),
-      trojan_neurons=1, trojan_steps=200,  # trojan without pattern_path
-      reflections=200, ghost_rate=0.69, reflection_strength=(0.05, 0.45),  # refool
-      warp_k=4, warp_strength=0.5, cross_ratio=2.0))  # wanet
+  # The attack's fields and defaults: nad_jax/attacks/core.py DEFAULTS; each attack module
+  # documents the fields it reads and its source paper.
+  attack = {**attacks.DEFAULTS, 'clean_label': ml_collections.config_dict.placeholder(bool),
+            'surrogate': ml_collections.ConfigDict(attacks.DEFAULTS['surrogate'])}
+  config.attack = ml_collections.ConfigDict(attack)
 
   # The official backdoor training: SGD lr 0.1 without augmentation.
   config.backdoor_training = sgd_stage(100, 128, 0.1, lr_boundaries=(50, 75), crop_flip=False)
@@ -81,11 +87,19 @@ def paper_config() -> ml_collections.ConfigDict:
   return config
 
 
+def halfway(epochs: ml_collections.FieldReference) -> ml_collections.FieldReference:
+  """A tuple reference `(epochs // 2,)` that follows `epochs` (ml_collections builds
+  derived references through its `_Op`; its public operators keep the field's type)."""
+  op = config_dict._Op(lambda _, n: (n // 2,), [epochs])  # pylint: disable=protected-access
+  return ml_collections.FieldReference((), field_type=tuple, op=op)
+
+
 def defense_stages(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Adds the fine-pruning (`fp`) and MCR (`mcr`) sections; FT is `nad` with betas 0.
 
-  FP and MCR follow NAD's schedule by reference, so a later change of `nad.epochs`,
-  `nad.batch_size`, ... reaches every defense.
+  FP and MCR follow NAD's schedule by one-way reference: a later change of `nad.epochs`,
+  `nad.batch_size`, ... reaches every defense (MCR's lr decay point, halfway, too), and
+  setting a field of `fp` or `mcr` changes that defense only.
 
   Args:
     config: a config with a `nad` section; changed in place.
@@ -93,7 +107,7 @@ def defense_stages(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   Returns:
     `config`.
   """
-  nad = lambda field: config.nad.get_ref(field)
+  nad = lambda field: config.nad.get_oneway_ref(field)
   # FP: prune (held-out acc may fall by acc_drop points), then fine-tune with NAD's schedule.
   config.fp = sgd_stage(nad('epochs'), nad('batch_size'), nad('learning_rate'),
                         lr_boundaries=nad('lr_boundaries'), cutout=nad('cutout'),
@@ -101,6 +115,48 @@ def defense_stages(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   # MCR: the Bezier control point, t ~ U(0, 1) per step; the curve read at t (paper: 0.3)
   # and evaluated at `points` equally spaced t; lr x0.1 halfway.
   config.mcr = sgd_stage(nad('epochs'), nad('batch_size'), 0.02,
-                         lr_boundaries=(config.nad.epochs // 2,), t=0.3, points=11,
+                         lr_boundaries=halfway(nad('epochs')), t=0.3, points=11,
                          eval_every=nad('eval_every'))
+  return config
+
+
+# ------------------------------------------------------------------------- attack variants
+
+ATTACK_VARIANTS = ('badnets', 'all2all', 'trojan', 'blend', 'sig', 'cl', 'refool', 'wanet')
+CLEAN_LABEL_RATE = 0.8  # share of the target class, as the NAD code's SIG (8% of CIFAR-10)
+CLEAN_LABEL_VARIANTS = ('sig', 'cl', 'refool')
+# CL's clean model for the PGD perturbation: the victim's architecture, 20 epochs.
+WRN_SURROGATE = dict(model='wrn16_1', epochs=20, learning_rate=0.1, lr_boundaries=(10, 15))
+
+
+def set_attack(config: ml_collections.ConfigDict, variant: str | None,
+               source: str = 'attack') -> ml_collections.ConfigDict:
+  """Selects the attack a variant names (`configs/<file>.py:<variant>`, the API's `attack=`).
+
+  'all2all' is BadNets with mode all_to_all. The clean-label attacks (sig, cl,
+  refool) poison CLEAN_LABEL_RATE of the target class's images, the others
+  `attack.poison_rate` (10%) of the training set. The configs add their own
+  per-attack stage settings on top (configs/quickstart.py).
+
+  Args:
+    config: changed in place.
+    variant: one of ATTACK_VARIANTS; None or '' leaves `config` as it is.
+    source: what named the variant, for the message.
+
+  Returns:
+    `config`.
+
+  Raises:
+    ValueError: an unknown variant.
+  """
+  if variant in (None, ''):
+    return config
+  if variant not in ATTACK_VARIANTS:
+    raise ValueError(f'{source} has no variant {variant!r}; choose one of {ATTACK_VARIANTS}')
+  if variant == 'all2all':
+    config.attack.name, config.attack.mode = 'badnets', 'all_to_all'
+  else:
+    config.attack.name, config.attack.mode = variant, 'all_to_one'
+  if variant in CLEAN_LABEL_VARIANTS:
+    config.attack.poison_rate = CLEAN_LABEL_RATE
   return config

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nad_jax import streams
 from nad_jax.attention import attention_map
 
 if TYPE_CHECKING:  # annotations only: figures.py imports no attack code at run time
@@ -33,21 +34,27 @@ def triggered_examples(attack: 'Attack', images: np.ndarray, labels: np.ndarray,
   """The first `count` test images whose backdoor label differs from theirs, triggered.
 
   Args:
-    attack: supplies the trigger and relabel.
+    attack: supplies the trigger and relabel; one without a trigger (attack 'files')
+      supplies its poisoned test images instead, and `images`, `labels` are unused.
     images: (N, H, W, C) uint8 test images in [0, 255].
     labels: (N,) int32 labels.
     count: at most this many images.
-    seed: the trigger's PRNG key is key(seed + 7).
+    seed: the run's seed; the triggers draw from streams.key(seed, 'evaluation').
 
   Returns:
     (triggered (M, H, W, C) float32 in [0, 255], true labels (M,), backdoor
     labels (M,)), M <= count.
   """
+  if attack.trigger is None:  # poisoned test images given as files (attacks/files.py)
+    given = attack.test_set
+    return (np.asarray(given.images[:count], np.float32),
+            np.asarray(given.original_labels[:count]), np.asarray(given.labels[:count]))
   labels = np.asarray(labels)
   targets = np.asarray(attack.relabel(jnp.asarray(labels)))
   index = np.flatnonzero(targets != labels)[:count]
   x = jnp.asarray(images[index], jnp.float32)
-  return np.asarray(attack.trigger(x, jax.random.key(seed + 7))), labels[index], targets[index]
+  triggered = attack.trigger(x, streams.key(seed, 'evaluation'))
+  return np.asarray(triggered), labels[index], targets[index]
 
 
 def attention_maps(model: nn.Module, variables: dict, images: np.ndarray,

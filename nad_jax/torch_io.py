@@ -21,8 +21,11 @@ Export a stage that the pipeline trained to a PyTorch state_dict:
 """
 
 import argparse
+import contextlib
 import os
 import re
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from flax import traverse_util
@@ -186,6 +189,45 @@ def _load_failure(error: Exception) -> str:
   return gist if len(gist) <= 200 else gist[:197] + '...'
 
 
+def read_file(path: str, allowed: Sequence[Any] = (), what: str = 'a PyTorch checkpoint') -> Any:
+  """torch.load of any file torch.save wrote, without running code from it.
+
+  The file is unpickled with weights_only=True: tensors, containers and plain
+  Python values, plus the classes and functions of `allowed` and nothing else.
+
+  Args:
+    path: a file written by torch.save (.pth, .pt, .pth.tar, .ckpt, ...).
+    allowed: further globals the unpickler may use, as
+      `torch.serialization.safe_globals` takes them (an object, or an (object,
+      'module.name') pair for a name it was pickled under); needs torch >= 2.6.
+    what: what the file should be, for the messages (e.g. 'a BackdoorBench record').
+
+  Returns:
+    The unpickled content, tensors on the CPU.
+
+  Raises:
+    CheckpointError: `path` is missing, a folder, empty, or not something
+      torch.load reads with weights_only=True under `allowed`; torch is not
+      installed. The message is one line naming `path`.
+  """
+  if not os.path.exists(path):
+    raise CheckpointError(f'{path} does not exist')
+  if os.path.isdir(path):
+    raise CheckpointError(f'{path} is a folder, not {what} file')
+  if os.path.getsize(path) == 0:
+    raise CheckpointError(f'{path} is an empty file, not {what}')
+  torch = _torch(path)
+  if allowed and not hasattr(torch.serialization, 'safe_globals'):
+    raise CheckpointError(f'{path}: reading {what} needs torch >= 2.6 (found {torch.__version__})')
+  context = torch.serialization.safe_globals(list(allowed)) if allowed else contextlib.nullcontext()
+  try:
+    with context:
+      return torch.load(path, map_location='cpu', weights_only=True)
+  except Exception as e:  # pylint: disable=broad-except  (unpickling, zip and I/O errors)
+    raise CheckpointError(f'{path} is not {what} nad-jax can read safely '
+                          f'(torch.load with weights_only=True failed: {_load_failure(e)})') from None
+
+
 def read_state_dict(path: str) -> dict:
   """Reads a PyTorch checkpoint file, whatever its name, without running code from it.
 
@@ -196,25 +238,31 @@ def read_state_dict(path: str) -> dict:
     {name: numpy array}, floats as float32; {'state_dict': {...}} is unwrapped.
 
   Raises:
-    CheckpointError: `path` is missing, a folder, or not a state_dict that
-      torch.load reads with weights_only=True; the message is one line.
+    CheckpointError: as `read_file`, or the file holds no state_dict; the
+      message is one line.
   """
-  if not os.path.exists(path):
-    raise CheckpointError(f'{path} does not exist')
-  if os.path.isdir(path):
-    raise CheckpointError(f'{path} is a folder, not a PyTorch checkpoint file')
-  if os.path.getsize(path) == 0:
-    raise CheckpointError(f'{path} is an empty file, not a PyTorch checkpoint')
-  torch = _torch(path)
-  try:
-    content = torch.load(path, map_location='cpu', weights_only=True)
-  except Exception as e:  # pylint: disable=broad-except  (unpickling, zip and I/O errors)
-    raise CheckpointError(f'{path} is not a PyTorch checkpoint nad-jax can read safely '
-                          f'(torch.load with weights_only=True failed: {_load_failure(e)})') from None
+  content = read_file(path)
   if isinstance(content, dict) and isinstance(content.get('state_dict'), dict):
     content = content['state_dict']
+  return numpy_state_dict(content, path)
+
+
+def numpy_state_dict(content: Any, source: str) -> dict:
+  """A state_dict of torch tensors as numpy arrays, checked to be one.
+
+  Args:
+    content: what should be {name: torch.Tensor}.
+    source: what the message calls it (e.g. its file).
+
+  Returns:
+    {name: numpy array}, floating tensors as float32, others in their dtype.
+
+  Raises:
+    CheckpointError: `content` is not a dict of tensors.
+  """
+  torch = _torch(source)
   if not isinstance(content, dict) or not all(torch.is_tensor(v) for v in content.values()):
-    raise CheckpointError(f'{path} holds no state_dict (expected a dict of tensors, '
+    raise CheckpointError(f'{source} holds no state_dict (expected a dict of tensors, '
                           "or a dict with one under 'state_dict')")
   return {k: v.detach().float().numpy() if v.is_floating_point() else v.numpy()
           for k, v in content.items()}
@@ -236,25 +284,54 @@ def load(path: str, abstract_variables: dict) -> dict:
   return from_state_dict(read_state_dict(path), abstract_variables, path)
 
 
-def save(variables: dict, path: str) -> None:
-  """Writes `variables` as a plain PyTorch state_dict (loads with strict=True).
+def torch_state_dict(variables: dict, source: str = 'export') -> dict:
+  """Flax variables -> a PyTorch state_dict of tensors that loads with strict=True.
 
   Each BatchNorm also gets num_batches_tracked = 0.
 
   Args:
-    variables: {'params', 'batch_stats'} of a WideResNet or PreAct-ResNet-18.
-    path: the file to write.
+    variables: {'params', 'batch_stats'} of a model of FAMILIES.
+    source: what a missing-torch message names.
+
+  Returns:
+    {PyTorch name: float32 torch.Tensor in PyTorch layout} (num_batches_tracked int64).
 
   Raises:
     CheckpointError: torch is not installed.
   """
-  torch = _torch(path)
+  torch = _torch(source)
   state_dict = {}
   for name, array in to_state_dict(variables).items():
     state_dict[name] = torch.tensor(array)
     if name.endswith('running_var'):
       state_dict[name.replace('running_var', 'num_batches_tracked')] = torch.tensor(0)
-  torch.save(state_dict, path)
+  return state_dict
+
+
+def write_file(content: Any, path: str) -> None:
+  """torch.save(content, path).
+
+  Args:
+    content: tensors, containers and plain values (what `read_file` reads back).
+    path: the file to write.
+
+  Raises:
+    CheckpointError: torch is not installed.
+  """
+  _torch(path).save(content, path)
+
+
+def save(variables: dict, path: str) -> None:
+  """Writes `variables` as a plain PyTorch state_dict (`torch_state_dict`; strict=True loads it).
+
+  Args:
+    variables: {'params', 'batch_stats'} of a model of FAMILIES.
+    path: the file to write.
+
+  Raises:
+    CheckpointError: torch is not installed.
+  """
+  write_file(torch_state_dict(variables, path), path)
 
 
 def main(argv: list[str] | None = None) -> None:

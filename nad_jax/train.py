@@ -200,7 +200,7 @@ def cpu_compiler_options(training: bool) -> dict[str, str]:
 
 
 def make_loss(model: nn.Module, recipe: Recipe) -> Callable[..., tuple[jax.Array, tuple]]:
-  """loss(params, batch_stats, teacher, x, y) -> (total, (batch_stats, ce, at per layer)).
+  """loss(params, batch_stats, teacher, x, y, key) -> (total, (batch_stats, ce, at per layer)).
 
   Cross-entropy, plus sum(betas * AT) against the frozen teacher when a beta is non-zero.
   This is NAD's objective (Li et al., ICLR 2021), with the AT loss of `attention.at_loss`.
@@ -210,15 +210,17 @@ def make_loss(model: nn.Module, recipe: Recipe) -> Callable[..., tuple[jax.Array
     recipe: supplies betas, layers (sown names) and p.
 
   Returns:
-    loss(params, batch_stats, teacher, x, y): teacher is the teacher's variables
+    loss(params, batch_stats, teacher, x, y, key): teacher is the teacher's variables
     (unused without distillation), x (N, H, W, C) normalised float32 inputs, y (N,)
-    int32 labels; it returns (total float32 scalar, (new batch_stats, mean CE
+    int32 labels, key the step's PRNG key (unused here); it returns (total float32
+    scalar, (new batch_stats, mean CE
     float32 scalar, (len(betas),) float32 AT losses, zeros without distillation)).
   """
   distill = any(recipe.betas)
   betas = jnp.asarray(recipe.betas, jnp.float32)
 
-  def loss(params, batch_stats, teacher, x, y):
+  def loss(params, batch_stats, teacher, x, y, key):
+    del key  # deterministic given the batch
     logits, new = model.apply({'params': params, 'batch_stats': batch_stats}, x, train=True,
                               mutable=['batch_stats', 'intermediates'])
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
@@ -236,13 +238,17 @@ class TrainEpoch:
 
   `poisoned` marks the samples that get the attack's trigger and label; the
   teacher is used only when `recipe.betas` has a non-zero weight, and gets no
-  gradient. `compile(...)` compiles ahead of time so that its cost is known.
+  gradient. Every stage trains through this class, the baseline defenses too: a
+  defense whose objective is not NAD's hands in its own `loss` (MCR's curve), and
+  the `teacher` argument carries whatever frozen variables that loss reads.
+  `compile(...)` compiles ahead of time so that its cost is known.
   """
 
   def __init__(self, model: nn.Module, tx: optax.GradientTransformation,
                mesh: jax.sharding.Mesh, recipe: Recipe,
                normalize: Callable[[jax.Array], jax.Array],
-               attack: Attack | None, scan: bool | None = None):
+               attack: Attack | None, scan: bool | None = None,
+               loss: Callable[..., tuple[jax.Array, tuple]] | None = None):
     """Builds the jitted step (or scanned epoch); nothing is compiled yet.
 
     Args:
@@ -254,15 +260,17 @@ class TrainEpoch:
       attack: poisons the samples marked `poisoned`; None: no poisoning.
       scan: one dispatch per epoch (lax.scan) if True, one per step if False;
         None: `scan_by_default()`.
+      loss: a function with `make_loss`'s signature and returns, differentiated
+        with respect to its first argument; None: `make_loss(model, recipe)`.
     """
     self.recipe = recipe
     self.scan = scan_by_default() if scan is None else scan
     batch_sharding = NamedSharding(mesh, P('data'))
-    loss_fn = make_loss(model, recipe)
+    loss_fn = loss or make_loss(model, recipe)
 
     def step(state, teacher, images, labels, poisoned, order, keys, i):
       indices, key = order[i], keys[i]
-      k_trigger, k_augment = jax.random.split(key)
+      k_trigger, k_augment, k_loss = jax.random.split(key, 3)
       x = jax.lax.with_sharding_constraint(images[indices].astype(jnp.float32), batch_sharding)
       y = jax.lax.with_sharding_constraint(labels[indices], batch_sharding)
       x = data_lib.augment(x, k_augment, recipe.crop_flip, recipe.cutout)
@@ -273,7 +281,7 @@ class TrainEpoch:
         y = jnp.where(mask, attack.relabel(y), y)
       x = normalize(x)
       grads, (batch_stats, ce, at) = jax.grad(loss_fn, has_aux=True)(
-          state.params, state.batch_stats, teacher, x, y)
+          state.params, state.batch_stats, teacher, x, y, k_loss)
       updates, opt_state = tx.update(grads, state.opt_state, state.params)
       state = TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                          batch_stats=batch_stats, opt_state=opt_state)
@@ -369,92 +377,150 @@ def fit(model: nn.Module, cfg, images: np.ndarray, labels: np.ndarray,
 # ---------------------------------------------------------------------------- evaluation
 
 class TestSet(NamedTuple):
-  """The test split padded to whole evaluation batches; `valid` marks real samples."""
-  images: jax.Array  # (batches, batch, H, W, C) uint8
-  labels: jax.Array  # (batches, batch) int32
-  valid: jax.Array   # (batches, batch) bool
+  """The clean test split and the backdoor test images, each padded to whole evaluation batches.
+
+  B = ceil(N / batch) clean batches, B' = ceil(N' / batch) backdoor batches; the
+  `valid` masks are False on the zero padding.
+
+  Attributes:
+    images: (B, batch, H, W, C) uint8 clean test images.
+    labels: (B, batch) int32 their true labels.
+    valid: (B, batch) bool.
+    backdoor_images: (B', batch, H, W, C) uint8: for an attack with a trigger the
+      clean test images whose backdoor label differs from their label (triggered
+      at evaluation; for all-to-one the non-target ones), for an attack with a
+      given poisoned test set (`Attack.test_set`) its images.
+    backdoor_labels: (B', batch) int32 their backdoor labels.
+    true_labels: (B', batch) int32 their true labels.
+    backdoor_valid: (B', batch) bool.
+  """
+  images: jax.Array
+  labels: jax.Array
+  valid: jax.Array
+  backdoor_images: jax.Array
+  backdoor_labels: jax.Array
+  true_labels: jax.Array
+  backdoor_valid: jax.Array
+
+
+def _batched(batch_size: int, *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
+  """Arrays of N rows -> zero-padded (ceil(N / batch_size), batch_size, ...) arrays and a valid mask."""
+  count = len(arrays[0])
+  batches = -(-count // batch_size)
+  pad = batches * batch_size - count
+  shape = lambda x: x.reshape(batches, batch_size, *x.shape[1:])
+  padded = [shape(np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])) for x in arrays]
+  return (*padded, shape(np.arange(batches * batch_size) < count))
 
 
 def make_test_set(images: np.ndarray, labels: np.ndarray, batch_size: int,
-                  mesh: jax.sharding.Mesh) -> TestSet:
-  """Pads the test split with zeros to whole batches and replicates it on the mesh.
+                  mesh: jax.sharding.Mesh, attack: Attack) -> TestSet:
+  """The clean test split and the attack's backdoor test images, batched and replicated on the mesh.
+
+  Built once: the images whose backdoor label equals their label (for all-to-one,
+  the target class) are left out of the backdoor set, so that the evaluation
+  triggers only the images its asr and ra count.
 
   Args:
     images: (N, H, W, C) uint8 test images in [0, 255].
     labels: (N,) int32 labels.
     batch_size: the evaluation batch size.
     mesh: the device mesh.
+    attack: its `test_set` where it has one (used as given), else its `relabel`
+      picks the clean images to trigger.
 
   Returns:
-    A TestSet of ceil(N / batch_size) batches; padding has valid False.
+    A TestSet; padding has valid False.
   """
-  batches = -(-len(images) // batch_size)
-  pad = batches * batch_size - len(images)
-  shape = lambda x: x.reshape(batches, batch_size, *x.shape[1:])
-  return replicate(TestSet(
-      shape(np.concatenate([images, np.zeros((pad, *images.shape[1:]), images.dtype)])),
-      shape(np.concatenate([labels, np.zeros(pad, labels.dtype)])),
-      shape(np.arange(batches * batch_size) < len(images))), mesh)
+  if attack.test_set is not None:
+    given = attack.test_set
+    backdoor = (given.images, np.asarray(given.labels, np.int32),
+                np.asarray(given.original_labels, np.int32))
+  else:
+    targets = np.asarray(attack.relabel(labels)).astype(np.int32)
+    keep = targets != labels
+    backdoor = (images[keep], targets[keep], np.asarray(labels, np.int32)[keep])
+  return replicate(TestSet(*_batched(batch_size, images, np.asarray(labels, np.int32)),
+                           *_batched(batch_size, *backdoor)), mesh)
 
 
 def make_evaluate(model: nn.Module, mesh: jax.sharding.Mesh,
                   normalize: Callable[[jax.Array], jax.Array], attack: Attack,
                   scan: bool | None = None) -> Callable[..., dict]:
-  """Returns evaluate(variables, test_set, key) -> dict of acc, acc_nontarget, asr (percent).
+  """Returns evaluate(variables, test_set, key) -> dict of acc, acc_nontarget, asr, ra (percent).
 
   acc: clean accuracy on the whole test set. acc_nontarget: clean accuracy on the
   images whose backdoor label differs from their true label (the official code's
-  figure). asr: share of those images, triggered, classified as the backdoor label.
+  figure). On the backdoor test images (`TestSet.backdoor_*`: those non-target
+  images, triggered here, or the attack's given poisoned images): asr, the share
+  classified as the backdoor label, and ra (robust accuracy), the share
+  classified as the true label. One clean forward per test image and one
+  triggered forward per backdoor test image.
 
   Args:
     model: the Flax module.
     mesh: the mesh whose 'data' axis shards each batch.
     normalize: `normalizer`'s function, applied after the trigger.
-    attack: supplies the trigger and relabel.
+    attack: supplies relabel and the trigger (None: the backdoor test images are
+      used as they are).
     scan: one jitted lax.map over the batches if True, one call per batch if
       False; None: `scan_by_default()`.
 
   Returns:
     evaluate(variables, test_set, key): variables {'params', 'batch_stats'}, a
-    `TestSet`, a PRNG key for the triggers (split per batch); it returns
-    {'acc', 'acc_nontarget', 'asr'} float32 scalars in [0, 100] (NaN for the
-    last two where no test image has a backdoor label other than its own).
+    `TestSet` from `make_test_set` with the same attack, a PRNG key for the
+    triggers (split per backdoor batch); it returns {'acc', 'acc_nontarget',
+    'asr', 'ra'} float32 scalars in [0, 100] (acc_nontarget NaN where no test
+    image has a backdoor label other than its own, asr and ra NaN where the
+    backdoor test set is empty).
   """
   batch_sharding = NamedSharding(mesh, P('data'))
 
-  def counts(variables, batch, key):
-    images, labels, valid = batch
-    x = jax.lax.with_sharding_constraint(images.astype(jnp.float32), batch_sharding)
-    predict = lambda x: jnp.argmax(model.apply(variables, normalize(x), train=False), -1)
-    clean = predict(x)
-    triggered = predict(attack.trigger(x, key))
-    target = attack.relabel(labels)
-    nontarget = valid & (target != labels)
-    return jnp.stack([jnp.sum(valid & (clean == labels)), jnp.sum(valid),
-                      jnp.sum(nontarget & (clean == labels)), jnp.sum(nontarget),
-                      jnp.sum(nontarget & (triggered == target))])
+  def predict(variables, images):
+    x = jax.lax.with_sharding_constraint(images, batch_sharding)
+    return jnp.argmax(model.apply(variables, normalize(x), train=False), -1)
 
-  def percentages(c):
-    c = c.astype(jnp.float32)
-    return {'acc': 100 * c[0] / c[1], 'acc_nontarget': 100 * c[2] / c[3],
-            'asr': 100 * c[4] / c[3]}
+  def clean_counts(variables, images, labels, valid):
+    correct = predict(variables, images.astype(jnp.float32)) == labels
+    nontarget = valid & (attack.relabel(labels) != labels)
+    return jnp.stack([jnp.sum(valid & correct), jnp.sum(valid),
+                      jnp.sum(nontarget & correct), jnp.sum(nontarget)])
+
+  def backdoor_counts(variables, images, labels, true_labels, valid, key):
+    x = images.astype(jnp.float32)
+    if attack.trigger is not None:
+      x = attack.trigger(jax.lax.with_sharding_constraint(x, batch_sharding), key)
+    predicted = predict(variables, x)
+    return jnp.stack([jnp.sum(valid & (predicted == labels)),
+                      jnp.sum(valid & (predicted == true_labels)), jnp.sum(valid)])
+
+  def percentages(clean, backdoor):
+    clean, backdoor = clean.astype(jnp.float32), backdoor.astype(jnp.float32)
+    return {'acc': 100 * clean[0] / clean[1], 'acc_nontarget': 100 * clean[2] / clean[3],
+            'asr': 100 * backdoor[0] / backdoor[2], 'ra': 100 * backdoor[1] / backdoor[2]}
 
   options = cpu_compiler_options(training=False)
 
   @functools.partial(jax.jit, compiler_options=options)
   def evaluate_scanned(variables, test_set: TestSet, key):
-    keys = jax.random.split(key, test_set.labels.shape[0])
-    per_batch = jax.lax.map(lambda b: counts(variables, b[:3], b[3]), (*test_set, keys))
-    return percentages(jnp.sum(per_batch, axis=0))
+    clean = jax.lax.map(lambda b: clean_counts(variables, *b), tuple(test_set[:3]))
+    keys = jax.random.split(key, test_set.backdoor_labels.shape[0])
+    backdoor = jax.lax.map(lambda b: backdoor_counts(variables, *b), (*test_set[3:], keys))
+    return percentages(jnp.sum(clean, axis=0), jnp.sum(backdoor, axis=0))
 
-  batch_counts = jax.jit(lambda variables, test_set, keys, i: counts(
-      variables, (test_set.images[i], test_set.labels[i], test_set.valid[i]), keys[i]),
-      compiler_options=options)
+  clean_batch = jax.jit(lambda variables, t, i: clean_counts(
+      variables, t.images[i], t.labels[i], t.valid[i]), compiler_options=options)
+  backdoor_batch = jax.jit(lambda variables, t, keys, i: backdoor_counts(
+      variables, t.backdoor_images[i], t.backdoor_labels[i], t.true_labels[i],
+      t.backdoor_valid[i], keys[i]), compiler_options=options)
 
   def evaluate_looped(variables, test_set: TestSet, key):
-    keys = jax.random.split(key, test_set.labels.shape[0])
-    total = sum(batch_counts(variables, test_set, keys, i) for i in range(len(keys)))
-    return percentages(total)
+    keys = jax.random.split(key, test_set.backdoor_labels.shape[0])
+    clean = sum((clean_batch(variables, test_set, i) for i in range(test_set.labels.shape[0])),
+                jnp.zeros(4, jnp.int32))
+    backdoor = sum((backdoor_batch(variables, test_set, keys, i) for i in range(len(keys))),
+                   jnp.zeros(3, jnp.int32))
+    return percentages(clean, backdoor)
 
   use_scan = scan_by_default() if scan is None else scan
   return evaluate_scanned if use_scan else evaluate_looped

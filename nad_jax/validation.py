@@ -42,10 +42,12 @@ class Rule(NamedTuple):
 # ------------------------------------------------------------------------ value predicates
 
 def is_int(v) -> bool:
+  """An int (numpy ints too), not a bool."""
   return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
 
 
 def is_number(v) -> bool:
+  """A finite int or float (numpy scalars too), not a bool."""
   return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) \
       and math.isfinite(v)
 
@@ -60,22 +62,28 @@ def in_range(low=-math.inf, high=math.inf, low_open=False, high_open=False, inte
 
 
 def one_of(choices):
+  """A predicate: a member of `choices`."""
   return lambda v, _=None: v in tuple(choices)
 
 
 def is_bool(v, _=None) -> bool:
+  """True or False (numpy bools too)."""
   return isinstance(v, (bool, np.bool_))
 
 
 def optional(predicate):
+  """A predicate: None, or what `predicate` accepts."""
   return lambda v, config=None: v is None or predicate(v, config)
 
 
 def positive_multiple_of_devices(v, _=None) -> bool:
+  """A positive int that the device count divides (a batch split over the mesh)."""
   return is_int(v) and v > 0 and v % jax.device_count() == 0
 
 
 def number_tuple(length=None, low=-math.inf, low_open=False):
+  """A predicate: a tuple or list of numbers >= `low` (> where `low_open`), of a length in
+  `length` (any where None)."""
   def ok(v, _=None):
     return (isinstance(v, (tuple, list)) and (length is None or len(v) in length)
             and all(in_range(low, low_open=low_open)(x) for x in v))
@@ -83,23 +91,28 @@ def number_tuple(length=None, low=-math.inf, low_open=False):
 
 
 def increasing_epochs(v, _=None) -> bool:
+  """A tuple or list of strictly increasing epoch numbers >= 0."""
   return (isinstance(v, (tuple, list)) and all(is_int(b) and b >= 0 for b in v)
           and list(v) == sorted(set(v)))
 
 
 def existing_path(v, _=None) -> bool:
+  """None, '', or a file or folder that exists."""
   return v is None or v == '' or (isinstance(v, str) and os.path.exists(v))
 
 
 def has(section):
+  """A `when`: the config has `section` (not None)."""
   return lambda config: config.get(section) is not None
 
 
 def data_source(*sources):
+  """A `when`: `data.source` is one of `sources`."""
   return lambda config: config.data.source in sources
 
 
 def attack_is(*names):
+  """A `when`: `attack.name` is one of `names`."""
   return lambda config: config.attack.name in names
 
 
@@ -111,11 +124,12 @@ def distill_layers(config) -> tuple[str, ...]:
 
 
 def betas_fit_layers(v, config) -> bool:
+  """Non-negative numbers, one per distilled layer (`distill_layers`)."""
   return number_tuple(low=0.0)(v) and len(v) == len(distill_layers(config))
 
 
 def sgd_rows(section: str, when=lambda config: True) -> list[Rule]:
-  """The rows of a training stage made by configs/common.py's sgd_stage."""
+  """The rows of a training stage made by nad_jax/defaults.py's sgd_stage."""
   return [
       Rule(f'{section}.epochs', in_range(0, integer=True), 'an integer >= 0', when),
       Rule(f'{section}.batch_size', positive_multiple_of_devices,
@@ -134,7 +148,18 @@ def sgd_rows(section: str, when=lambda config: True) -> list[Rule]:
   ]
 
 
+def coordinator_address(v, _=None) -> bool:
+  """'' or 'host:port' (an IPv6 host in brackets), the port an integer in 1..65535."""
+  if v == '':
+    return True
+  if not isinstance(v, str) or ':' not in v:
+    return False
+  host, port = v.rsplit(':', 1)
+  return bool(host) and port.isdigit() and 1 <= int(port) <= 65535
+
+
 def mean_std_pair(_, config) -> bool:
+  """`model.mean` and `model.std` are both set or both None."""
   mean, std = config.model.mean, config.model.std
   return (mean is None) == (std is None)
 
@@ -143,10 +168,29 @@ RULES: list[Rule] = [
     Rule('seed', in_range(0, integer=True), 'an integer >= 0'),
     Rule('runner', one_of(('nad', 'table1')), "'nad' or 'table1'"),
     Rule('eval_only', is_bool, 'True or False'),
-    Rule('eval_only', lambda v, c: not v or c.runner != 'table1',
-         "False with runner 'table1', which has no evaluation-only mode (rerun its command: "
-         'finished stages are restored and evaluated, not trained)'),
-    Rule('distributed', is_bool, 'True or False'),
+    # distributed: checked before jax.distributed.initialize, so no row may start a backend
+    Rule('distributed.enabled', is_bool, 'True or False'),
+    Rule('distributed.coordinator_address', coordinator_address,
+         "'' (JAX detects it) or 'host:port' of process 0, the port in 1..65535"),
+    Rule('distributed.num_processes', optional(in_range(1, integer=True)),
+         'None (JAX detects it) or an integer >= 1'),
+    Rule('distributed.process_id', optional(in_range(0, integer=True)),
+         'None (JAX detects it) or an integer >= 0'),
+    Rule('distributed.process_id', lambda v, c: v < c.distributed.num_processes,
+         'less than distributed.num_processes (ids run 0 .. num_processes - 1)',
+         lambda c: is_int(c.distributed.process_id) and is_int(c.distributed.num_processes)),
+    Rule('distributed.local_device_ids',
+         optional(lambda v, _: isinstance(v, (tuple, list)) and len(v) >= 1
+                  and all(in_range(0, integer=True)(x) for x in v) and len(set(v)) == len(v)),
+         'None (all local devices) or a tuple of distinct device indices >= 0'),
+    Rule('distributed.initialization_timeout', in_range(1, integer=True),
+         'an integer >= 1 (seconds)'),
+    Rule('distributed.heartbeat_timeout', in_range(1, integer=True), 'an integer >= 1 (seconds)'),
+    Rule('distributed.enabled', lambda v, c: v or all(
+        lookup(c, f'distributed.{f}') in (None, '')
+        for f in ('coordinator_address', 'num_processes', 'process_id', 'local_device_ids')),
+         'True where distributed.coordinator_address, num_processes, process_id or '
+         'local_device_ids is set (else each process would run alone)'),
     Rule('scan_epoch', optional(is_bool), 'None (the backend decides), True or False'),
     Rule('compilation_cache', lambda v, _: isinstance(v, str), "a folder, or '' for none"),
     # model
@@ -154,7 +198,8 @@ RULES: list[Rule] = [
     Rule('model.dtype', one_of(models.DTYPES), f'one of {sorted(models.DTYPES)}'),
     Rule('model.conv', one_of(models.CONVS), f'one of {list(models.CONVS)}'),
     Rule('model.conv', lambda v, _: jax.default_backend() == 'cpu' and jax.device_count() == 1,
-         "'xla' here: 'onednn' runs on one CPU device", lambda c: c.model.conv == 'onednn'),
+         "'auto' or 'xla' here: 'onednn' runs on one CPU device",
+         lambda c: c.model.conv == 'onednn'),
     Rule('model.mean', optional(number_tuple(length=(1, 3))),
          'None or a tuple of 1 or 3 numbers (one per channel, on pixels / 255)'),
     Rule('model.std', optional(number_tuple(length=(1, 3), low=0.0, low_open=True)),
@@ -195,6 +240,8 @@ RULES: list[Rule] = [
     Rule('attack.clean_label', optional(is_bool),
          "None (the attack's default), True or False"),
     Rule('attack.pattern_path', existing_path, "'' or an existing file or folder"),
+    Rule('attack.path', lambda v, _: isinstance(v, str) and os.path.exists(v),
+         'an existing .npz file, image folder or BackdoorBench record', attack_is('files')),
     # attack: each attack's own fields (documented in its module)
     Rule('attack.pattern', one_of(('grid', 'square')), "'grid' or 'square'",
          attack_is('badnets', 'cl')),
@@ -243,6 +290,9 @@ RULES: list[Rule] = [
     # stages
     *sgd_rows('backdoor_training'),
     Rule('student.checkpoint', existing_path, 'None or an existing file or folder'),
+    Rule('student.checkpoint', lambda v, _: bool(v),
+         "a backdoored model to load: attack 'files' has no trigger to train one with",
+         attack_is('files')),
     *sgd_rows('teacher'),
     Rule('teacher.source', one_of(('finetune', 'scratch')), "'finetune' or 'scratch'"),
     Rule('teacher.checkpoint', existing_path, 'None or an existing file or folder'),
@@ -283,17 +333,21 @@ def lookup(config, field: str):
   return value
 
 
-def validate(config) -> None:
+def validate(config, section: str = '') -> None:
   """Checks every row of RULES that applies; raises ConfigError naming the first failure.
 
   Args:
-    config: an ml_collections ConfigDict shaped like configs/common.py's paper_config
+    config: an ml_collections ConfigDict shaped like nad_jax/defaults.py's paper_config
       (a field the config lacks is not checked).
+    section: check only the rows of this section (e.g. 'distributed', before JAX starts);
+      '' checks every row.
 
   Raises:
     ConfigError: `<field> <value>: must be <allowed>`.
   """
   for rule in RULES:
+    if section and not rule.field.startswith(section + '.'):
+      continue
     try:
       value = lookup(config, rule.field)
       applies = rule.when(config)
@@ -375,6 +429,7 @@ STAGE_IGNORES = {'ft': ('nad.betas', 'nad.p', 'nad.layers'),
 
 
 def flatten(tree, prefix='') -> dict:
+  """A nested dict as {dotted key: leaf}."""
   out = {}
   for key, value in tree.items():
     name = f'{prefix}{key}'
@@ -400,6 +455,7 @@ def stage_fields(config, stage: str, data_digest: str | None = None) -> dict:
 
 
 def differences(recorded: dict, current: dict) -> list[str]:
+  """'field old -> new' for each field whose value differs between two `stage_fields`."""
   missing = object()
   changed = [f'{k} {recorded.get(k, "(unset)")!r} -> {current.get(k, "(unset)")!r}'
              for k in sorted(recorded.keys() | current.keys())

@@ -33,7 +33,7 @@ def test_the_readme_example_on_tiny_data(data, backdoored):
                          **TINY)
   assert len(erased.history[-1]['at']) == 3
   assert nad_jax.evaluate(data, erased.variables, **TINY) == {
-      k: erased.history[-1][k] for k in ('acc', 'acc_nontarget', 'asr')}
+      k: erased.history[-1][k] for k in ('acc', 'acc_nontarget', 'asr', 'ra')}
 
 
 @pytest.mark.parametrize('method', ['ft', 'fp', 'mcr'])
@@ -60,4 +60,4 @@ def test_a_bad_option_names_it(data, backdoored):
 def test_evaluate_needs_no_training_batch_to_fit(backdoored):
   few = nad_jax.load_data('synthetic', train_size=40, test_size=64)  # 2 clean images at 5%
   metrics = nad_jax.evaluate(few, backdoored.variables, model='tiny')
-  assert set(metrics) == {'acc', 'acc_nontarget', 'asr'}
+  assert set(metrics) == {'acc', 'acc_nontarget', 'asr', 'ra'}

@@ -56,6 +56,8 @@ CASES = [
     ('onednn on 4 devices', lambda d: ['--config.model.conv=onednn'], 'model.conv'),
     ('mean without std', lambda d: ['--config.model.mean=(0.5,0.5,0.5)'], 'model.std'),
     ('attack.name', lambda d: ['--config.attack.name=nosuchattack'], 'attack.name'),
+    ('attack variant by name', lambda d: ['--config.attack.name=sig'], 'configs/<file>.py:sig'),
+    ('files without its path', lambda d: ['--config.attack.name=files'], 'attack.path'),
     ('poison_rate', lambda d: ['--config.attack.poison_rate=1.5'], 'attack.poison_rate'),
     ('poisons nothing', lambda d: ['--config.attack.poison_rate=0.0005'], 'attack.poison_rate'),
     ('target_label', lambda d: ['--config.attack.target_label=10'], 'attack.target_label'),
@@ -71,6 +73,13 @@ CASES = [
     ('wrong type', lambda d: ['--config.nad.epochs=abc'], '--config.nad.epochs'),
     ('no config file', lambda d: ['--config=configs/nosuch.py'], 'configs/nosuch.py'),
     ('variant refused', lambda d: ['--config=configs/tiny.py:blend'], 'configs/tiny.py'),
+    ('ablation variant', lambda d: ['--config=configs/ablations.py:fraction_0.3'],
+     'configs/ablations.py'),
+    ('table all not alone', lambda d: ['--config=configs/table1.py:all,badnets'],
+     "'all' stands alone"),
+    ('table override an attack sets', lambda d: [
+        '--config=configs/table1.py', '--config.teacher.batch_size=8'],
+     '--config.table.attack_configs.blend.teacher.batch_size=8'),
     ('student missing', lambda d: ['--config.student.checkpoint=/nonexistent/model.pth'],
      'student.checkpoint'),
     ('student random bytes', lambda d: [

@@ -10,11 +10,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import ablations, common, table1
+from configs import ablations, table1
+from nad_jax import defaults
 from nad_jax import data as data_lib
-from nad_jax import models, pipeline
+from nad_jax import checkpoint, models, stages
 from nad_jax import train as train_lib
 from nad_jax.defenses import fine_pruning, mcr
+from nad_jax.experiments import nad as nad_runner
 from nad_jax.experiments import table1 as table
 
 pytestmark = pytest.mark.slow  # whole-pipeline runs: `pytest -m "not slow"` skips them
@@ -56,7 +58,7 @@ def test_table_end_to_end(table_run):
   cells = saved['table']['badnets']
   assert set(cells) == {'none', 'ft', 'fp', 'mcr', 'nad'}
   for metrics in cells.values():
-    assert set(metrics) == {'acc', 'acc_nontarget', 'asr'}
+    assert set(metrics) == {'acc', 'acc_nontarget', 'asr', 'ra'}
     assert all(0 <= v <= 100 for v in metrics.values())
   assert saved['average']['nad'] == {k: round(v, 2) for k, v in cells['nad'].items()}
   with open(os.path.join(workdir, 'table1.md')) as f:
@@ -77,14 +79,19 @@ def test_table_end_to_end(table_run):
   for stage in ('ft', 'fp', 'mcr', 'nad'):
     assert [h['epoch'] for h in saved['details']['badnets']['history'][stage]] == [0, 1]
     assert saved['config'][stage if stage != 'ft' else 'nad']['epochs'] == 1
-  assert 'attack' not in saved['config']  # each attack's settings: table.attack_configs
+  # Each attack's config as it ran: the table's with table.attack_configs.badnets laid over.
+  ran = table.attack_config(tiny_table_config(), 'badnets').to_dict()
+  assert saved['details']['badnets']['config'] == json.loads(json.dumps(ran))
 
 
 def test_table_refuses_overrides_no_run_reads():
+  """SIG sets its own poison rate, so a top-level one would not reach its rows."""
   result = subprocess.run(
-      [sys.executable, 'main.py', '--config=configs/table1.py', '--workdir=/nonexistent/t',
-       '--config.attack.poison_rate=0.5'], cwd=ROOT, capture_output=True, text=True, timeout=120)
-  assert result.returncode == 1 and "unknown config field 'attack'" in result.stderr
+      [sys.executable, 'main.py', '--config=configs/table1.py:badnets,sig',
+       '--workdir=/nonexistent/t', '--config.attack.poison_rate=0.5'],
+      cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 1 and ('error: attack.poison_rate 0.5: set per attack by sig'
+                                     in result.stderr), result.stderr[-2000:]
   assert 'Traceback' not in result.stderr
 
 
@@ -105,7 +112,7 @@ def test_finetuning_is_nad_with_zero_betas(table_run, tmp_path):
   config.student.checkpoint = os.path.join(workdir, 'badnets', 'backdoored')
   config.teacher.epochs = 0
   config.nad.betas = (0.0, 0.0, 0.0)
-  nad = pipeline.run(config, str(tmp_path))
+  nad = nad_runner.run(config, str(tmp_path)).results
   ft = results['details']['badnets']['history']['ft']
   assert nad['history']['nad'] == ft
 
@@ -182,7 +189,7 @@ def test_fine_pruned_model_keeps_channels_pruned(table_run):
   info = results['details']['badnets']['fine_pruning']
   assert info['pruned'] == len(info['pruned_channels'])
   config = table.attack_config(tiny_table_config(), 'badnets')
-  ctx = pipeline.setup(config, os.path.join(workdir, 'badnets'))
+  ctx = stages.setup(config, os.path.join(workdir, 'badnets'))
   from nad_jax import checkpoint as ckpt_lib
   fp = ckpt_lib.load_variables(os.path.join(workdir, 'badnets', 'fp'), ctx.abstract_variables)
   kernel = np.asarray(fine_pruning.mask_head(fp, 'fc', np.asarray(
@@ -227,7 +234,7 @@ def test_ablation_variants():
   for fraction in ('0.01', '0.05', '0.1', '0.2'):
     config = ablations.get_config(f'fraction_{fraction}')
     assert config.data.clean_fraction == float(fraction)
-    count = pipeline.clean_count(config, data_lib.Dataset(
+    count = stages.clean_count(config, data_lib.Dataset(
         np.zeros((config.data.train_size, 1, 1, 3)), None, None, None, 10))
     assert config.nad.batch_size <= count and config.teacher.batch_size <= count
   assert ablations.get_config('teacher_scratch').teacher.source == 'scratch'
@@ -242,12 +249,50 @@ def test_ablation_variants():
 
 def test_table_config_variants_and_errors(tmp_path):
   assert table1.get_config().table.attacks == ('badnets', 'blend')
-  assert table1.get_config('all').table.attacks == common.ATTACK_VARIANTS
-  assert table1.get_config('sig').table.attack_configs.sig.poison_rate == common.CLEAN_LABEL_RATE
+  assert table1.get_config('all').table.attacks == defaults.ATTACK_VARIANTS
+  sig = table1.get_config('sig').table.attack_configs.sig
+  assert sig.attack.poison_rate == defaults.CLEAN_LABEL_RATE
   assert table1.get_config('cifar').data.source == 'tfds'
   with pytest.raises(ValueError, match='nope'):
     table1.get_config('nope')
   config = tiny_table_config()
   config.table.defenses = ('none', 'magic')
-  with pytest.raises(pipeline.ConfigError, match='magic'):
+  with pytest.raises(stages.ConfigError, match='magic'):
     table.run(config, str(tmp_path))
+
+
+class Interrupted(Exception):
+  pass
+
+
+def test_fine_pruning_and_mcr_resume_where_they_were_stopped(table_run, tmp_path, monkeypatch):
+  """FP and MCR train through the engine's stages: stopped right after a checkpoint (as a
+  SIGKILL would leave them, tests/test_pipeline.py kills one for real), each resumes from
+  it and ends with the numbers of an uninterrupted run."""
+  config = tiny_table_config()
+  config.student.checkpoint = os.path.join(table_run[0], 'badnets', 'backdoored')
+  # FP and MCR follow NAD's schedule: two epochs, a checkpoint after each, can stop halfway.
+  config.nad.update(dict(epochs=2, eval_every=1))
+  config.table.defenses = ('none', 'fp', 'mcr')
+  config.table.figures = False
+  uninterrupted = table.run(config, str(tmp_path / 'whole'))['details']['badnets']
+  save = checkpoint.StageCheckpoints.save
+
+  def stop_after(stage):
+    def save_then_stop(self, epoch, state, history):
+      save(self, epoch, state, history)
+      if os.path.basename(self.directory) == stage and epoch == 1:
+        raise Interrupted
+    return save_then_stop
+
+  workdir = str(tmp_path / 'stopped')
+  for stage in ('fp', 'mcr'):
+    monkeypatch.setattr(checkpoint.StageCheckpoints, 'save', stop_after(stage))
+    with pytest.raises(Interrupted):
+      table.run(config, workdir)
+  monkeypatch.setattr(checkpoint.StageCheckpoints, 'save', save)
+  resumed = table.run(config, workdir)['details']['badnets']
+  for stage in ('fp', 'mcr'):
+    assert resumed['history'][stage] == uninterrupted['history'][stage]
+  assert len(resumed['stage_timing']['mcr']['img_per_s']) == 1  # only its epoch 2 trained
+  assert resumed['mcr']['curve'] == uninterrupted['mcr']['curve']

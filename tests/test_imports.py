@@ -1,8 +1,8 @@
 """The layers of nad_jax: each module imports only its own layer and those below it.
 
 1 pure pieces (models, attacks, data, attention, checkpoint, kernels, torch_io, figures,
-defaults), 2 the engine (train), 3 checks and stages (validation, pipeline), 4 defenses,
-5 experiments (runners), 6 the public surface (api, the package itself). Imports inside
+defaults, streams), 2 the engine (train), 3 checks and stages (validation, stages), 4 defenses,
+5 experiments (runners), 6 the public surface (api, cli, the package itself). Imports inside
 functions count too: a lazy import is still a dependency.
 """
 
@@ -10,8 +10,8 @@ import ast
 import pathlib
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / 'nad_jax'
-LAYERS = {'train': 2, 'validation': 3, 'pipeline': 3, 'defenses': 4, 'experiments': 5,
-          'api': 6, '__init__': 6}
+LAYERS = {'train': 2, 'validation': 3, 'stages': 3, 'defenses': 4, 'experiments': 5,
+          'api': 6, 'cli': 6, '__init__': 6}
 
 
 def module_name(path: pathlib.Path) -> str:

@@ -50,3 +50,27 @@ def test_wrn_parameter_count_and_depth():
 def test_unknown_model_names_the_choices():
   with pytest.raises(KeyError, match='wrn16_1'):
     models.build_model('resnet999', 10)
+
+
+def test_unknown_conv_names_the_choices():
+  with pytest.raises(KeyError, match="'auto', 'xla', 'onednn'"):
+    models.build_model('wrn16_1', 10, conv='cudnn')
+
+
+@pytest.mark.parametrize('name', ['wrn16_1', 'preact_resnet18'])
+def test_bfloat16_computes_in_bf16_with_float32_params_and_logits(name):
+  """model.dtype 'bfloat16' (XLA's convolutions here): bf16 activations, float32 params,
+  BatchNorm statistics and logits, as on GPU."""
+  model = models.build_model(name, 10, 'bfloat16', 'xla')
+  x = jnp.zeros((2, 32, 32, 3))
+
+  def forward():
+    variables = model.init(jax.random.key(0), x, train=False)
+    return variables, model.apply(variables, x, train=True,
+                                  mutable=['intermediates', 'batch_stats'])
+
+  variables, (logits, state) = jax.eval_shape(forward)
+  assert logits.dtype == jnp.float32
+  assert {v.dtype for v in jax.tree.leaves(variables)} == {jnp.dtype(jnp.float32)}
+  assert {v.dtype for v in jax.tree.leaves(state['batch_stats'])} == {jnp.dtype(jnp.float32)}
+  assert {v.dtype for v in jax.tree.leaves(state['intermediates'])} == {jnp.dtype(jnp.bfloat16)}

@@ -14,7 +14,8 @@ import pytest
 
 from configs import tiny
 import nad_jax
-from nad_jax import attacks, data, models, pipeline, train
+from nad_jax import attacks, data, models, stages, train
+from nad_jax.experiments import nad as nad_runner
 
 pytestmark = pytest.mark.slow  # whole-pipeline runs: `pytest -m "not slow"` skips them
 
@@ -32,7 +33,7 @@ def tiny_config(**overrides):
 @pytest.fixture(scope='module')
 def finished_run(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp('tiny'))
-  return workdir, pipeline.run(tiny_config(), workdir)
+  return workdir, nad_runner.run(tiny_config(), workdir).results
 
 
 def test_end_to_end_writes_results(finished_run):
@@ -42,18 +43,18 @@ def test_end_to_end_writes_results(finished_run):
   assert saved['stages'] == results['stages']
   assert set(saved['stages']) == {'backdoored', 'teacher', 'nad'}
   for stage, metrics in saved['stages'].items():
-    assert set(metrics) == {'acc', 'acc_nontarget', 'asr'}
+    assert set(metrics) == {'acc', 'acc_nontarget', 'asr', 'ra'}
     assert all(0 <= v <= 100 for v in metrics.values())
     assert [h['epoch'] for h in saved['history'][stage]] == [0, 1, 2]
   assert len(saved['history']['nad'][-1]['at']) == 3
   assert saved['config']['model']['name'] == 'tiny'
-  for stage in pipeline.STAGES:
+  for stage in nad_runner.STAGES:
     assert sorted(os.listdir(os.path.join(workdir, stage)), key=str)[:2] == ['1', '2']
 
 
 def test_rerun_skips_finished_stages(finished_run):
   workdir, results = finished_run
-  again = pipeline.run(tiny_config(), workdir)
+  again = nad_runner.run(tiny_config(), workdir).results
   assert again['stages'] == results['stages']
   # Nothing trained; the first run's timing is kept, and said to be.
   assert again['timing'] == {name: {**t, 'from_earlier_run': True}
@@ -74,7 +75,7 @@ def test_eval_only_reproduces_saved_figures(finished_run):
   workdir, results = finished_run
   config = tiny_config()
   config.eval_only = True
-  evaluated = pipeline.evaluate_only(config, workdir)
+  evaluated = nad_runner.evaluate_only(config, workdir)
   assert evaluated['stages'] == results['stages']
 
 
@@ -83,7 +84,7 @@ def test_student_checkpoint_path_is_loaded_not_retrained(finished_run, tmp_path)
   config = tiny_config(**{'student.checkpoint': os.path.join(workdir, 'backdoored')})
   config.teacher.epochs = 0
   config.nad.epochs = 0
-  loaded = pipeline.run(config, str(tmp_path))
+  loaded = nad_runner.run(config, str(tmp_path)).results
   assert loaded['stages']['backdoored'] == results['stages']['backdoored']
   assert not os.path.exists(tmp_path / 'backdoored')
 
@@ -91,8 +92,8 @@ def test_student_checkpoint_path_is_loaded_not_retrained(finished_run, tmp_path)
 def test_eval_every_evaluates_and_saves_less_and_trains_the_same(finished_run, tmp_path):
   workdir, results = finished_run
   every_epoch = results['history']['nad']
-  sparse = pipeline.run(tiny_config(**{'nad.eval_every': 2, 'backdoor_training.eval_every': 2}),
-                        str(tmp_path))
+  sparse = nad_runner.run(tiny_config(**{'nad.eval_every': 2, 'backdoor_training.eval_every': 2}),
+                        str(tmp_path)).results
   history = sparse['history']['nad']
   assert [h['epoch'] for h in history] == [0, 1, 2]
   assert ['acc' in h for h in history] == [True, False, True]
@@ -202,10 +203,10 @@ def test_a_diverging_attention_term_names_nad_betas(tmp_path):
   config = tiny_config(**{'nad.p': 200.0, 'backdoor_training.epochs': 1, 'teacher.epochs': 1,
                           'nad.epochs': 1})
   with pytest.raises(FloatingPointError, match=r'nad: the loss became non-finite.*lower nad.betas'):
-    pipeline.run(config, str(tmp_path))
+    nad_runner.run(config, str(tmp_path)).results
 
 
 def test_results_json_refuses_nan(tmp_path):
   with pytest.raises(ValueError, match='not JSON compliant'):
-    pipeline.write_json(str(tmp_path / 'results.json'), {'asr': float('nan')})
+    stages.write_json(str(tmp_path / 'results.json'), {'asr': float('nan')})
   assert not os.listdir(tmp_path)

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from nad_jax import data, pipeline
+from nad_jax import data, stages
+from nad_jax.experiments import nad as nad_runner
 
 pytest.importorskip('tensorflow_datasets',
                     reason="tfds is not installed (pip install 'nad-jax[tfds]')")
@@ -33,14 +34,14 @@ def test_prepares_offline_then_the_pipeline_runs_on_it(tmp_path):
   assert ds.test_images.shape == (TEST, 32, 32, 3)
   np.testing.assert_array_equal(np.bincount(ds.train_labels), np.bincount(np.arange(TRAIN) % 10))
   assert (tmp_path / 'tfds' / 'nad_test_images' / '1.0.0').is_dir()
-  results = pipeline.run(config, str(tmp_path / 'run'))
+  results = nad_runner.run(config, str(tmp_path / 'run')).results
   assert set(results['stages']) == {'backdoored', 'teacher', 'nad'}
 
 
 def test_a_failed_download_is_one_message_naming_name_and_data_dir(tmp_path):
   config = tfds_config('nad_test_unreachable', tmp_path / 'tfds')
-  with pytest.raises(pipeline.ConfigError) as error:
-    pipeline.run(config, str(tmp_path / 'run'))
+  with pytest.raises(stages.ConfigError) as error:
+    nad_runner.run(config, str(tmp_path / 'run')).results
   message = str(error.value)
   assert "data.name 'nad_test_unreachable'" in message
   assert str(tmp_path / 'tfds') in message

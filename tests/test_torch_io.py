@@ -8,110 +8,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nad_jax import attacks, models, pipeline, torch_io, train
+from nad_jax import attacks, models, stages, torch_io, train
 from nad_jax.checkpoint import CheckpointError
 from nad_jax.models.preact_resnet import PreActResNet18
 from nad_jax import defaults
 
 torch = pytest.importorskip('torch', reason="torch is not installed (pip install 'nad-jax[torch]')")
-nn, F = torch.nn, torch.nn.functional
+from torch_models import TorchPreActResNet18, TorchWideResNet, randomize  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 DATA = Path(__file__).parents[1] / '..' / 'shared' / 'data'
-
-
-# ------------------------------------------------------------------ PyTorch references
-
-class TorchWideBlock(nn.Module):
-  """xternalz/WideResNet-pytorch BasicBlock (no dropout)."""
-
-  def __init__(self, cin, cout, stride):
-    super().__init__()
-    self.bn1, self.bn2 = nn.BatchNorm2d(cin), nn.BatchNorm2d(cout)
-    self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-    self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-    self.equal = cin == cout
-    self.convShortcut = None if self.equal else nn.Conv2d(cin, cout, 1, stride, 0, bias=False)
-
-  def forward(self, x):
-    out = F.relu(self.bn1(x))
-    shortcut = x if self.equal else self.convShortcut(out)
-    return shortcut + self.conv2(F.relu(self.bn2(self.conv1(out))))
-
-
-class TorchGroup(nn.Module):
-  def __init__(self, cin, cout, stride, n):
-    super().__init__()
-    self.layer = nn.Sequential(*[TorchWideBlock(cin if i == 0 else cout, cout, stride if i == 0 else 1)
-                                 for i in range(n)])
-
-  def forward(self, x):
-    return self.layer(x)
-
-
-class TorchWideResNet(nn.Module):
-  def __init__(self, depth, k, num_classes=10):
-    super().__init__()
-    n, widths = (depth - 4) // 6, (16, 16 * k, 32 * k, 64 * k)
-    self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
-    self.block1 = TorchGroup(widths[0], widths[1], 1, n)
-    self.block2 = TorchGroup(widths[1], widths[2], 2, n)
-    self.block3 = TorchGroup(widths[2], widths[3], 2, n)
-    self.bn1, self.fc = nn.BatchNorm2d(widths[3]), nn.Linear(widths[3], num_classes)
-
-  def forward(self, x):
-    x = self.block3(self.block2(self.block1(self.conv1(x))))
-    return self.fc(F.adaptive_avg_pool2d(F.relu(self.bn1(x)), 1).flatten(1))
-
-
-class TorchPreActBlock(nn.Module):
-  """BackdoorBench models/preact_resnet.py PreActBlock."""
-
-  def __init__(self, cin, cout, stride):
-    super().__init__()
-    self.bn1, self.bn2 = nn.BatchNorm2d(cin), nn.BatchNorm2d(cout)
-    self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-    self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-    if stride != 1 or cin != cout:
-      self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False))
-
-  def forward(self, x):
-    out = F.relu(self.bn1(x))
-    shortcut = self.shortcut(out) if hasattr(self, 'shortcut') else x
-    return self.conv2(F.relu(self.bn2(self.conv1(out)))) + shortcut
-
-
-class TorchPreActResNet18(nn.Module):
-  def __init__(self, num_classes=10, head_norm=False):
-    super().__init__()
-    self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
-    cin = 64
-    for i, (width, stride) in enumerate(zip((64, 128, 256, 512), (1, 2, 2, 2)), start=1):
-      setattr(self, f'layer{i}', nn.Sequential(TorchPreActBlock(cin, width, stride),
-                                               TorchPreActBlock(width, width, 1)))
-      cin = width
-    if head_norm:
-      self.bn = nn.BatchNorm2d(512)
-    self.linear = nn.Linear(512, num_classes)
-
-  def forward(self, x):
-    x = self.layer4(self.layer3(self.layer2(self.layer1(self.conv1(x)))))
-    if hasattr(self, 'bn'):
-      x = F.relu(self.bn(x))
-    return self.linear(F.adaptive_avg_pool2d(x, 1).flatten(1))
-
-
-def randomize(module, seed=0):
-  """Random weights and random BatchNorm statistics, in eval mode."""
-  torch.manual_seed(seed)
-  for m in module.modules():
-    if isinstance(m, nn.BatchNorm2d):
-      for t, (lo, hi) in ((m.weight, (0.5, 1.5)), (m.bias, (-0.2, 0.2)),
-                          (m.running_mean, (-0.2, 0.2)), (m.running_var, (0.5, 1.5))):
-        t.data.uniform_(lo, hi)
-      m.num_batches_tracked.fill_(7)
-    elif isinstance(m, nn.Linear):
-      m.weight.data.normal_()  # logits of order 1, so that 1e-4 is a tight bound
-  return module.eval()
 
 
 PAIRS = {  # name: (Flax module, PyTorch reference)
@@ -258,16 +163,16 @@ def test_file_without_a_state_dict(tmp_path):
 
 
 def test_pipeline_loads_a_pytorch_file_whatever_its_name(tmp_path):
-  """pipeline.load_checkpoint() reads a file through torch_io; a bad one is a ConfigError."""
+  """stages.load_checkpoint() reads a file through torch_io; a bad one is a ConfigError."""
   model = models.build_model('tiny', 10)
   variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
   torch_io.save(variables, str(tmp_path / 'tiny.ckpt'))
-  loaded = pipeline.load_checkpoint(str(tmp_path / 'tiny.ckpt'), abstract_of(model),
+  loaded = stages.load_checkpoint(str(tmp_path / 'tiny.ckpt'), abstract_of(model),
                                     'teacher.checkpoint')
   jax.tree.map(np.testing.assert_array_equal, loaded, jax.device_get(variables))
   torch.save({'conv1.weight': torch.zeros(1)}, tmp_path / 'bad.pth')
-  with pytest.raises(pipeline.ConfigError, match='teacher.checkpoint: .*bad.pth.*missing'):
-    pipeline.load_checkpoint(str(tmp_path / 'bad.pth'), abstract_of(model), 'teacher.checkpoint')
+  with pytest.raises(stages.ConfigError, match='teacher.checkpoint: .*bad.pth.*missing'):
+    stages.load_checkpoint(str(tmp_path / 'bad.pth'), abstract_of(model), 'teacher.checkpoint')
 
 
 def read_test_split(root: Path):
@@ -291,8 +196,8 @@ def test_authors_backdoored_model_on_jpeg_cifar10():
   mesh = train.make_mesh()
   attack = attacks.build_attack(defaults.paper_config().attack, 10, (32, 32, 3))
   evaluate = train.make_evaluate(model, mesh, train.normalizer(None, None), attack)
-  metrics = jax.device_get(evaluate(variables, train.make_test_set(images, labels, 1000, mesh),
-                                    jax.random.key(0)))
+  metrics = jax.device_get(evaluate(variables, train.make_test_set(images, labels, 1000, mesh,
+                                                                   attack), jax.random.key(0)))
   assert abs(float(metrics['acc']) - 75.75) <= 0.05
   assert abs(float(metrics['asr']) - 100.00) <= 0.05
 

@@ -1,5 +1,6 @@
 """Every config rule, in-process: a bad value of each field is one ConfigError naming it."""
 
+import os
 import re
 
 import ml_collections
@@ -10,11 +11,18 @@ from configs import table1, tiny
 from nad_jax import validation
 
 NOT_A_FILE = '/nonexistent/model.pth'
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # an existing folder
 # (field, bad value, other fields to set first), one case per rule at least.
 CASES = [
     ('seed', -1, {}), ('runner', 'nosuch', {}), ('eval_only', 'yes', {}),
-    ('eval_only', True, {'runner': 'table1'}),  # no evaluation-only mode
-    ('distributed', 1, {}), ('scan_epoch', 'auto', {}), ('compilation_cache', None, {}),
+    ('scan_epoch', 'auto', {}), ('compilation_cache', None, {}),
+    ('distributed.enabled', 1, {}), ('distributed.enabled', False, {'distributed.process_id': 0}),
+    ('distributed.coordinator_address', 'localhost', {}),
+    ('distributed.coordinator_address', 'host:70000', {}),
+    ('distributed.num_processes', 0, {}), ('distributed.process_id', -1, {}),
+    ('distributed.process_id', 2, {'distributed.num_processes': 2}),
+    ('distributed.local_device_ids', (0, 0), {}), ('distributed.initialization_timeout', 0, {}),
+    ('distributed.heartbeat_timeout', 2.5, {}),
     ('model.name', 'resnet999', {}), ('model.dtype', 'float16', {}),
     ('model.conv', 'cudnn', {}), ('model.conv', 'onednn', {}),  # the tests' 4 forced devices
     ('model.mean', (0.5, 0.5), {'model.std': (0.2, 0.2)}),
@@ -55,6 +63,8 @@ CASES = [
     ('attack.warp_k', 1, {'attack.name': 'wanet'}),
     ('attack.warp_strength', 0.0, {'attack.name': 'wanet'}),
     ('attack.cross_ratio', -1.0, {'attack.name': 'wanet'}),
+    ('attack.path', NOT_A_FILE, {'attack.name': 'files', 'student.checkpoint': ROOT}),
+    ('student.checkpoint', None, {'attack.name': 'files', 'attack.path': ROOT}),
     ('student.checkpoint', NOT_A_FILE, {}), ('teacher.checkpoint', NOT_A_FILE, {}),
     ('teacher.source', 'pretrained', {}),
     ('nad.layers', ('group1', 3), {}), ('nad.betas', (1.0, 2.0), {}),

@@ -7,7 +7,8 @@ import shutil
 import pytest
 
 from configs import tiny
-from nad_jax import attacks, checkpoint, pipeline, validation
+from nad_jax import attacks, checkpoint, stages, validation
+from nad_jax.experiments import nad as nad_runner
 
 pytestmark = pytest.mark.slow  # whole-pipeline runs: `pytest -m "not slow"` skips them
 
@@ -36,7 +37,7 @@ def snapshot(directory) -> dict:
 @pytest.fixture(scope='module')
 def finished_run(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp('workdir'))
-  return workdir, pipeline.run(tiny_config(), workdir)
+  return workdir, nad_runner.run(tiny_config(), workdir).results
 
 
 @pytest.mark.parametrize('override,stage,change', [
@@ -51,7 +52,7 @@ def test_a_changed_field_stops_the_rerun_before_anything_is_written(finished_run
   workdir, _ = finished_run
   before = snapshot(workdir)
   with pytest.raises(validation.ConfigError) as error:
-    pipeline.run(tiny_config(**override), workdir)
+    nad_runner.run(tiny_config(**override), workdir).results
   message = str(error.value)
   assert f"stage {stage!r} in {os.path.join(workdir, stage)}" in message
   assert change in message and 'another --workdir' in message
@@ -61,8 +62,8 @@ def test_a_changed_field_stops_the_rerun_before_anything_is_written(finished_run
 
 def test_fields_that_shape_no_stage_do_not_block_a_rerun(finished_run):
   workdir, results = finished_run
-  again = pipeline.run(tiny_config(**{'nad.eval_every': 2, 'data.eval_batch_size': 64,
-                                      'compilation_cache': ''}), workdir)
+  again = nad_runner.run(tiny_config(**{'nad.eval_every': 2, 'data.eval_batch_size': 64,
+                                      'compilation_cache': ''}), workdir).results
   assert again['stages'] == results['stages']
   assert all(t['from_earlier_run'] for t in again['timing'].values())  # nothing trained
 
@@ -72,7 +73,7 @@ def test_new_betas_rerun_nad_on_the_same_backdoored_model_and_teacher(finished_r
   copy = str(tmp_path / 'copy')
   shutil.copytree(workdir, copy)
   shutil.rmtree(os.path.join(copy, 'nad'))  # what the error message says to do
-  rerun = pipeline.run(tiny_config(**{'nad.betas': (0.0, 0.0, 5000.0)}), copy)
+  rerun = nad_runner.run(tiny_config(**{'nad.betas': (0.0, 0.0, 5000.0)}), copy).results
   assert rerun['history']['backdoored'] == results['history']['backdoored']
   assert rerun['history']['teacher'] == results['history']['teacher']
   assert rerun['timing']['backdoored']['from_earlier_run']
@@ -88,7 +89,7 @@ def test_checkpoints_without_a_record_are_refused(finished_run, tmp_path):
   shutil.copytree(workdir, copy)
   os.remove(os.path.join(copy, 'teacher', validation.FINGERPRINT))
   with pytest.raises(validation.ConfigError, match="stage 'teacher'.*without a record"):
-    pipeline.run(tiny_config(), copy)
+    nad_runner.run(tiny_config(), copy).results
 
 
 def test_a_corrupt_checkpoint_is_one_message_naming_the_folder(finished_run, tmp_path):
@@ -101,14 +102,14 @@ def test_a_corrupt_checkpoint_is_one_message_naming_the_folder(finished_run, tmp
         f.write(b'\0' * 7)
   shutil.rmtree(os.path.join(copy, 'nad'))
   with pytest.raises(validation.ConfigError) as error:
-    pipeline.run(tiny_config(), copy)
+    nad_runner.run(tiny_config(), copy).results
   assert os.path.join(copy, 'teacher') in str(error.value)
   assert '\n' not in str(error.value)
 
 
 def test_all_betas_zero_records_no_attention_term(tmp_path):
-  results = pipeline.run(tiny_config(**{'nad.betas': (0.0, 0.0, 0.0), 'backdoor_training.epochs': 1,
-                                        'teacher.epochs': 1, 'nad.epochs': 1}), str(tmp_path))
+  results = nad_runner.run(tiny_config(**{'nad.betas': (0.0, 0.0, 0.0), 'backdoor_training.epochs': 1,
+                                        'teacher.epochs': 1, 'nad.epochs': 1}), str(tmp_path)).results
   assert all('at' not in entry for entry in results['history']['nad'])
 
 
@@ -123,7 +124,7 @@ def test_a_clean_label_stage_prepares_once_across_kill_resume_and_rerun(tmp_path
   workdir = str(tmp_path)
   calls = []
   prepare = attacks.prepare
-  monkeypatch.setattr(pipeline.attacks_lib, 'prepare',
+  monkeypatch.setattr(stages.attacks_lib, 'prepare',
                       lambda *args: calls.append(1) or prepare(*args))
   save = checkpoint.StageCheckpoints.save
 
@@ -133,16 +134,16 @@ def test_a_clean_label_stage_prepares_once_across_kill_resume_and_rerun(tmp_path
 
   monkeypatch.setattr(checkpoint.StageCheckpoints, 'save', save_then_stop)
   with pytest.raises(Interrupted):
-    pipeline.run(config, workdir)
+    nad_runner.run(config, workdir).results
   assert calls == [1]
-  prepared = os.path.join(workdir, 'backdoored', pipeline.PREPARED)
+  prepared = os.path.join(workdir, 'backdoored', stages.PREPARED)
   assert os.path.isfile(prepared)
   monkeypatch.setattr(checkpoint.StageCheckpoints, 'save', save)
-  resumed = pipeline.run(config, workdir)
+  resumed = nad_runner.run(config, workdir).results
   assert calls == [1]  # the resumed stage read the prepared set
   assert len(resumed['timing']['backdoored']['img_per_s']) == 1
   assert not os.path.exists(prepared)  # dropped once the stage finished
-  rerun = pipeline.run(config, workdir)
+  rerun = nad_runner.run(config, workdir).results
   assert calls == [1] and rerun['stages'] == resumed['stages']
 
 
@@ -153,8 +154,8 @@ def test_other_data_under_the_same_config_is_refused(finished_run, tmp_path):
     digest = json.load(f)['fields']['data.digest']
   copy = str(tmp_path / 'copy')
   shutil.copytree(workdir, copy)
-  validation.check_workdir(tiny_config(), copy, pipeline.STAGES, digest)
+  validation.check_workdir(tiny_config(), copy, nad_runner.STAGES, digest)
   with pytest.raises(validation.ConfigError, match='the data .its images or labels changed'):
-    validation.check_workdir(tiny_config(), copy, pipeline.STAGES, '0123456789abcdef')
+    validation.check_workdir(tiny_config(), copy, nad_runner.STAGES, '0123456789abcdef')
   # Before the data is loaded, the config alone is compared.
-  validation.check_workdir(tiny_config(), copy, pipeline.STAGES)
+  validation.check_workdir(tiny_config(), copy, nad_runner.STAGES)

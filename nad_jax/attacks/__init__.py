@@ -8,41 +8,18 @@ patterns, warping fields, reflection images), clean_label (None: the attack's
 default; True/False overrides it).
 """
 
-from collections.abc import Callable
-
-import jax
-import jax.numpy as jnp
-
 from nad_jax.attacks import badnets
 from nad_jax.attacks import blend
+from nad_jax.attacks import files
 from nad_jax.attacks import label_consistent
 from nad_jax.attacks import refool
 from nad_jax.attacks import sig
 from nad_jax.attacks import trojan
 from nad_jax.attacks import wanet
-from nad_jax.attacks.core import Attack, poison_mask, prepare
+from nad_jax.attacks.core import DEFAULTS, Attack, PoisonedTest, poison_mask, prepare, relabel_fn
 
-__all__ = ['Attack', 'ATTACKS', 'build_attack', 'poison_mask', 'prepare', 'relabel_fn']
-
-
-def relabel_fn(mode: str, target_label: int,
-               num_classes: int) -> Callable[[jax.Array], jax.Array]:
-  """The backdoor's label map for `config.attack.mode`.
-
-  Args:
-    mode: 'all_to_one' (every label -> `target_label`) or 'all_to_all'
-      (label y -> (y + 1) mod `num_classes`; Gu et al. 2017's all-to-all BadNets).
-    target_label: the target class, in [0, num_classes); used by 'all_to_one'.
-    num_classes: the number of classes; used by 'all_to_all'.
-
-  Returns:
-    labels -> backdoor labels, elementwise: integer labels (N,) (numpy or jax;
-    int32 in this project) in, the same shape and dtype out. Pure and jittable.
-    `mode` is checked by `validation.RULES` (attack.mode) before any attack is built.
-  """
-  if mode == 'all_to_all':
-    return lambda labels: (labels + 1) % num_classes
-  return lambda labels: jnp.full_like(labels, target_label)
+__all__ = ['Attack', 'ATTACKS', 'DEFAULTS', 'PoisonedTest', 'build_attack', 'poison_mask',
+           'prepare', 'relabel_fn']
 
 
 # Attacks whose `prepare` trains a model with the `fit` handed to build_attack.
@@ -56,6 +33,7 @@ ATTACKS = {
     'cl': label_consistent.build,
     'refool': refool.build,
     'wanet': wanet.build,
+    'files': files.build,  # poisoned test images from files; no trigger, no training
 }
 
 

@@ -123,6 +123,6 @@ def build(cfg, num_classes: int, image_shape: tuple[int, int, int], dataset=None
     ValueError: as `make_trigger`.
   """
   del num_classes, dataset
-  trigger = make_trigger(field(cfg, 'pattern', 'grid'), field(cfg, 'size', 3),
-                         field(cfg, 'corner', 'bottom_right'), image_shape)
+  trigger = make_trigger(field(cfg, 'pattern'), field(cfg, 'size'),
+                         field(cfg, 'corner'), image_shape)
   return Attack('badnets', trigger, relabel=None)

@@ -20,20 +20,21 @@ import jax.numpy as jnp
 import numpy as np
 
 from nad_jax.attacks.core import Attack, field, load_pattern, require
+from nad_jax import streams
 
 
 def noise_pattern(seed: int, image_shape: tuple[int, int, int]) -> np.ndarray:
   """The default pattern: uniform grey levels 0..255, (H, W, 1) float32, fixed by the seed.
 
   Args:
-    seed: `attack.seed`; the generator is default_rng([seed, 11]).
+    seed: `attack.seed`; the draws are the stream streams.rng(seed, 'blend_pattern').
     image_shape: (H, W, C) of the images.
 
   Returns:
     (H, W, 1) float32 integer values in [0, 255], broadcast over the channels.
   """
   height, width, _ = image_shape
-  rng = np.random.default_rng([seed, 11])
+  rng = streams.rng(seed, 'blend_pattern')
   return rng.integers(0, 256, (height, width, 1)).astype(np.float32)
 
 
@@ -68,14 +69,14 @@ def build(cfg, num_classes: int, image_shape: tuple[int, int, int], dataset=None
       has values outside [0, 255] (alpha's range is a rule of `validation.RULES`).
   """
   del num_classes, dataset
-  alpha = float(field(cfg, 'alpha', 0.2))
-  path = field(cfg, 'pattern_path', '')
+  alpha = float(field(cfg, 'alpha'))
+  path = field(cfg, 'pattern_path')
   if path:
     pattern = load_pattern(path, image_shape).astype(np.float32)
     require(pattern.min() >= 0 and pattern.max() <= 255,
             f'attack.pattern_path {path!r}: values must lie in [0, 255]')
   else:
-    pattern = noise_pattern(int(field(cfg, 'seed', 0)), image_shape)
+    pattern = noise_pattern(int(field(cfg, 'seed')), image_shape)
 
   def trigger(images, key):
     del key  # one fixed pattern

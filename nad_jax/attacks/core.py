@@ -4,7 +4,21 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+
+
+class PoisonedTest(NamedTuple):
+  """Poisoned test images given as files, with their labels (the 'files' attack).
+
+  Attributes:
+    images: (N, H, W, C) uint8 triggered test images in [0, 255].
+    labels: (N,) int32 backdoor labels (what the backdoor makes the model say).
+    original_labels: (N,) int32 true labels of the images.
+  """
+  images: np.ndarray
+  labels: np.ndarray
+  original_labels: np.ndarray
 
 
 class Attack(NamedTuple):
@@ -12,6 +26,8 @@ class Attack(NamedTuple):
 
   trigger: (images float32 NHWC in [0, 255], PRNG key) -> triggered images. The
     same function triggers the poisoned training samples and the test images.
+    None for an attack whose poisoned test images are given (`test_set`): it
+    cannot poison a training set.
   relabel: true labels -> the labels the backdoor should produce.
   clean_label: poison only samples whose label already is the target, keep labels.
   prepare: optional, called once on the host before the backdoored stage:
@@ -19,12 +35,36 @@ class Attack(NamedTuple):
     changed (e.g. CL's adversarial perturbation of the poisoned images, Refool's
     removal of its held-out reflection images, WaNet's noise-mode images). It may
     run jitted work on the devices; its output depends only on its inputs and key.
+  test_set: the poisoned test images to evaluate the attack on, or None: the
+    evaluation triggers the clean test images whose backdoor label differs from
+    their label.
   """
   name: str
-  trigger: Callable[[jax.Array, jax.Array], jax.Array]
+  trigger: Callable[[jax.Array, jax.Array], jax.Array] | None
   relabel: Callable[[jax.Array], jax.Array]
   clean_label: bool = False
   prepare: Callable[..., tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None
+  test_set: PoisonedTest | None = None
+
+
+def relabel_fn(mode: str, target_label: int,
+               num_classes: int) -> Callable[[jax.Array], jax.Array]:
+  """The backdoor's label map for `config.attack.mode`.
+
+  Args:
+    mode: 'all_to_one' (every label -> `target_label`) or 'all_to_all'
+      (label y -> (y + 1) mod `num_classes`; Gu et al. 2017's all-to-all BadNets).
+    target_label: the target class, in [0, num_classes); used by 'all_to_one'.
+    num_classes: the number of classes; used by 'all_to_all'.
+
+  Returns:
+    labels -> backdoor labels, elementwise: integer labels (N,) (numpy or jax;
+    int32 in this project) in, the same shape and dtype out. Pure and jittable.
+    `mode` is checked by `validation.RULES` (attack.mode) before any attack is built.
+  """
+  if mode == 'all_to_all':
+    return lambda labels: (labels + 1) % num_classes
+  return lambda labels: jnp.full_like(labels, target_label)
 
 
 def poison_mask(labels: np.ndarray, attack: Attack, poison_rate: float,
@@ -57,7 +97,7 @@ def poison_mask(labels: np.ndarray, attack: Attack, poison_rate: float,
 
 
 def prepare(attack: Attack, images: np.ndarray, labels: np.ndarray, poisoned: np.ndarray,
-            seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            key: jax.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """The training set the victim trains on: `attack.prepare`'s output, or the input as is.
 
   Args:
@@ -65,8 +105,8 @@ def prepare(attack: Attack, images: np.ndarray, labels: np.ndarray, poisoned: np
     images: (N, H, W, C) uint8 training images in [0, 255].
     labels: (N,) int32 labels.
     poisoned: (N,) bool mask from `poison_mask`.
-    seed: the run's seed; `attack.prepare` gets the PRNG key
-      fold_in(key(seed), 1000).
+    key: the PRNG key `attack.prepare` draws from (the run's
+      streams.key(seed, 'attack_prepare')).
 
   Returns:
     (images, labels, poisoned) in the same formats; N may change (Refool drops
@@ -74,25 +114,47 @@ def prepare(attack: Attack, images: np.ndarray, labels: np.ndarray, poisoned: np
   """
   if attack.prepare is None:
     return images, labels, poisoned
-  key = jax.random.fold_in(jax.random.key(seed), 1000)
   return attack.prepare(images, labels, poisoned, key)
 
 
 # ------------------------------------------------------- shared helpers for the attack modules
 
-def field(cfg, name: str, default: Any) -> Any:
-  """`cfg.name`, or `default` where the config has no such field (or it is None).
+# Every field of `config.attack` and its default, written once: nad_jax.defaults builds the
+# config's attack section from it and `field` falls back to it. Each attack module's docstring
+# documents the fields it reads.
+DEFAULTS = {
+    'name': 'badnets', 'target_label': 5, 'poison_rate': 0.1, 'mode': 'all_to_one',
+    'pattern': 'grid', 'size': 3, 'corner': 'bottom_right',  # badnets, cl; trojan: size
+    'seed': 0,  # the attack's own draws: noise pattern, warp field, reflection images
+    'clean_label': None,  # None: the attack's default
+    'pattern_path': '',  # trojan/blend/sig: a trigger file; refool: a folder of reflections
+    'path': '',  # files: poisoned test images (.npz, image folder or BackdoorBench record)
+    'alpha': 0.2,  # blend; sig with sig_mode 'blend'
+    'delta': 20.0, 'frequency': 6.0, 'sig_mode': 'add',  # sig
+    'amplitude': 255.0, 'pgd_eps': 8.0, 'pgd_step': 2.0, 'pgd_steps': 10,  # cl (pixel units)
+    # cl: the clean model PGD attacks; trojan: the random model a patch is generated for.
+    'surrogate': {'model': 'tiny', 'epochs': 10, 'batch_size': 128, 'learning_rate': 0.05,
+                  'lr_boundaries': (), 'crop_flip': True},
+    'trojan_neurons': 1, 'trojan_steps': 200,  # trojan without pattern_path
+    'reflections': 200, 'ghost_rate': 0.69, 'reflection_strength': (0.05, 0.45),  # refool
+    'warp_k': 4, 'warp_strength': 0.5, 'cross_ratio': 2.0,  # wanet
+}
+
+
+def field(cfg, name: str, defaults: dict = DEFAULTS) -> Any:
+  """`cfg.name`, or its default where the config has no such field (or it is None).
 
   Args:
     cfg: a ConfigDict or dict (read with `.get`), or any object (`getattr`).
     name: the field name.
-    default: returned where the field is absent or None.
+    defaults: where the default is read: DEFAULTS, or DEFAULTS['surrogate'] for the
+      fields of `attack.surrogate`.
 
   Returns:
-    The field's value, or `default`.
+    The field's value, or `defaults[name]`.
   """
-  value = cfg.get(name, default) if hasattr(cfg, 'get') else getattr(cfg, name, default)
-  return default if value is None else value
+  value = cfg.get(name) if hasattr(cfg, 'get') else getattr(cfg, name, None)
+  return defaults[name] if value is None else value
 
 
 def require(ok: bool, message: str) -> None:

@@ -37,7 +37,7 @@ import numpy as np
 import optax
 
 from nad_jax.attacks import badnets
-from nad_jax.attacks.core import Attack, field, require
+from nad_jax.attacks.core import DEFAULTS, Attack, field, require
 
 if TYPE_CHECKING:  # annotations only
   import flax.linen as nn
@@ -180,13 +180,13 @@ def surrogate_config(cfg, num_images: int) -> types.SimpleNamespace:
   Raises:
     ValueError: a batch size that exceeds `num_images`.
   """
-  sur = field(cfg, 'surrogate', {})
-  get = lambda name, default: field(sur, name, default)
+  sur = field(cfg, 'surrogate')
+  get = lambda name: field(sur, name, DEFAULTS['surrogate'])
   out = types.SimpleNamespace(
-      model=get('model', 'tiny'), epochs=int(get('epochs', 10)),
-      batch_size=int(get('batch_size', 128)), learning_rate=float(get('learning_rate', 0.05)),
-      lr_boundaries=tuple(get('lr_boundaries', ())), lr_decay=0.1, momentum=0.9, nesterov=True,
-      weight_decay=5e-4, crop_flip=bool(get('crop_flip', True)))
+      model=get('model'), epochs=int(get('epochs')), batch_size=int(get('batch_size')),
+      learning_rate=float(get('learning_rate')), lr_boundaries=tuple(get('lr_boundaries')),
+      lr_decay=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4,
+      crop_flip=bool(get('crop_flip')))
   if num_images:
     require(out.batch_size <= num_images, f'attack.surrogate.batch_size {out.batch_size} exceeds '
             f'the {num_images} training images')
@@ -214,11 +214,11 @@ def build(cfg, num_classes: int, image_shape: tuple[int, int, int], dataset=None
       or a surrogate batch size larger than the training set (each field's own range
       is a rule of `validation.RULES`).
   """
-  amplitude = float(field(cfg, 'amplitude', 255.0))
-  trigger = make_trigger(field(cfg, 'pattern', 'grid'), int(field(cfg, 'size', 3)), amplitude,
+  amplitude = float(field(cfg, 'amplitude'))
+  trigger = make_trigger(field(cfg, 'pattern'), int(field(cfg, 'size')), amplitude,
                          image_shape)
-  eps, step = float(field(cfg, 'pgd_eps', 8.0)), float(field(cfg, 'pgd_step', 2.0))
-  steps = int(field(cfg, 'pgd_steps', 10))
+  eps, step = float(field(cfg, 'pgd_eps')), float(field(cfg, 'pgd_step'))
+  steps = int(field(cfg, 'pgd_steps'))
   surrogate_config(cfg, 0 if dataset is None else len(dataset.train_images))  # fail early
 
   def prepare(images, labels, poisoned, key):

@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nad_jax.attacks.core import Attack, field, require
+from nad_jax import streams
 
 GAMMA = 2.2
 CANVAS = 560  # the authors' max_image_size: the vignette's size
@@ -180,7 +181,7 @@ def heldout_indices(labels: np.ndarray, target: int, count: int, seed: int) -> n
     labels: (N,) integer training labels.
     target: `attack.target_label`.
     count: `attack.reflections`.
-    seed: `attack.seed`; the generator is default_rng([seed, 17]).
+    seed: `attack.seed`; the draws are the stream streams.rng(seed, 'refool_reflections').
 
   Returns:
     (count,) sorted int64 indices into the training set.
@@ -191,7 +192,8 @@ def heldout_indices(labels: np.ndarray, target: int, count: int, seed: int) -> n
   candidates = np.flatnonzero(np.asarray(labels) != target)
   require(count <= len(candidates), f'attack.reflections {count} exceeds the '
           f'{len(candidates)} non-target training images')
-  return np.sort(np.random.default_rng([seed, 17]).choice(candidates, count, replace=False))
+  rng = streams.rng(seed, 'refool_reflections')
+  return np.sort(rng.choice(candidates, count, replace=False))
 
 
 def load_folder(path: str, image_shape: tuple[int, int, int]) -> np.ndarray:
@@ -247,22 +249,22 @@ def build(cfg, num_classes: int, image_shape: tuple[int, int, int], dataset=None
       a rule of `validation.RULES`).
   """
   del num_classes
-  ghost_rate = float(field(cfg, 'ghost_rate', 0.69))
-  strength = tuple(float(s) for s in field(cfg, 'reflection_strength', (0.05, 0.45)))
+  ghost_rate = float(field(cfg, 'ghost_rate'))
+  strength = tuple(float(s) for s in field(cfg, 'reflection_strength'))
   require(min(image_shape[:2]) > MAX_RADIUS,
           f'refool needs images larger than {MAX_RADIUS} pixels, got {image_shape}')
-  path = field(cfg, 'pattern_path', '')
+  path = field(cfg, 'pattern_path')
   heldout = None
   if path:
     require(os.path.isdir(path), f'attack.pattern_path {path!r} is not a directory '
             '(refool reads its reflection images from a folder)')
     bank = load_folder(path, image_shape)
   else:
-    count = int(field(cfg, 'reflections', 200))
+    count = int(field(cfg, 'reflections'))
     require(dataset is not None, 'attack.name refool draws its reflection images from the '
             'training set: pass the dataset to build_attack, or set attack.pattern_path')
     heldout = heldout_indices(dataset.train_labels, cfg.target_label, count,
-                              int(field(cfg, 'seed', 0)))
+                              int(field(cfg, 'seed')))
     bank = dataset.train_images[heldout].astype(np.float32)
   bank = jnp.asarray((bank / 255.0) ** GAMMA, jnp.float32)
   profile = jnp.asarray(vignette_profile())

@@ -90,16 +90,16 @@ def build(cfg, num_classes: int, image_shape: tuple[int, int, int], dataset=None
       (sig_mode, alpha, delta and frequency are rules of `validation.RULES`).
   """
   del num_classes, dataset
-  mode = field(cfg, 'sig_mode', 'add')
-  alpha = float(field(cfg, 'alpha', 0.2))
-  path = field(cfg, 'pattern_path', '')
+  mode = field(cfg, 'sig_mode')
+  alpha = float(field(cfg, 'alpha'))
+  path = field(cfg, 'pattern_path')
   if path:
     raw = load_pattern(path, image_shape)
     pattern = signed(raw)
     if mode == 'blend_raw':
       pattern = np.mod(pattern, 256.0)
   else:
-    delta, frequency = float(field(cfg, 'delta', 20.0)), float(field(cfg, 'frequency', 6.0))
+    delta, frequency = float(field(cfg, 'delta')), float(field(cfg, 'frequency'))
     pattern = signal(delta, frequency, image_shape)
     if mode == 'blend_raw':
       pattern = np.mod(np.trunc(pattern), 256.0)

@@ -30,7 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from nad_jax.attacks.core import Attack, field, load_pattern, require
+from nad_jax.attacks.core import DEFAULTS, Attack, field, load_pattern, require
+from nad_jax import streams
 
 
 def patch_origin(size: int, image_shape: tuple[int, int, int]) -> tuple[int, int]:
@@ -176,19 +177,19 @@ def build(cfg, num_classes: int, image_shape: tuple[int, int, int], dataset=None
       `validation.RULES`).
   """
   del dataset
-  path = field(cfg, 'pattern_path', '')
+  path = field(cfg, 'pattern_path')
   if path:
     pattern = load_pattern(path, image_shape).astype(np.float32)
   else:
     from nad_jax import models  # pylint: disable=g-import-not-at-top
-    size = int(field(cfg, 'size', 3))
+    size = int(field(cfg, 'size'))
     require(size <= min(image_shape[:2]) - 4,
             f'attack.size {size} exceeds {min(image_shape[:2]) - 4}, the largest patch the '
             f'{image_shape[0]}x{image_shape[1]} images hold 4 pixels in from the corner')
-    neurons, steps = int(field(cfg, 'trojan_neurons', 1)), int(field(cfg, 'trojan_steps', 200))
-    name = field(field(cfg, 'surrogate', {}), 'model', 'tiny')
+    neurons, steps = int(field(cfg, 'trojan_neurons')), int(field(cfg, 'trojan_steps'))
+    name = field(field(cfg, 'surrogate'), 'model', DEFAULTS['surrogate'])
     model = models.build_model(name, num_classes)
-    key_init, key_start = jax.random.split(jax.random.key(int(field(cfg, 'seed', 0))))
+    key_init, key_start = jax.random.split(streams.key(field(cfg, 'seed'), 'trojan_patch'))
     variables = _init(model, key_init, tuple(image_shape))
     pattern = generate(model, variables, unit_scale, image_shape, key_start, size, neurons, steps)
 

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nad_jax.attacks.core import Attack, field, require
+from nad_jax import streams
 
 
 def cubic_weights(t: np.ndarray, a: float = -0.75) -> np.ndarray:
@@ -74,7 +75,7 @@ def warp_grid(seed: int, k: int, strength: float, image_shape: tuple[int, int, i
   """The backdoor's sampling grid, (H, W, 2) float32 in [-1, 1]; [..., 0] is x (column).
 
   Args:
-    seed: `attack.seed`; the control field is drawn by default_rng([seed, 13]).
+    seed: `attack.seed`; the control field is drawn from streams.rng(seed, 'wanet_field').
     k: the control grid size, 2 <= k <= min(H, W).
     strength: the warp strength s, > 0.
     image_shape: (H, W, C) of the images.
@@ -83,7 +84,7 @@ def warp_grid(seed: int, k: int, strength: float, image_shape: tuple[int, int, i
     (H, W, 2) float32 in [-1, 1], (x, y) per pixel.
   """
   height, width, _ = image_shape
-  rng = np.random.default_rng([seed, 13])
+  rng = streams.rng(seed, 'wanet_field')
   control = rng.uniform(-1.0, 1.0, (2, k, k))
   control = control / np.mean(np.abs(control))
   rows, cols = bicubic_matrix(k, height), bicubic_matrix(k, width)
@@ -175,12 +176,12 @@ def build(cfg, num_classes: int, image_shape: tuple[int, int, int], dataset=None
       included, is a rule of `validation.RULES`).
   """
   del num_classes, dataset
-  k = int(field(cfg, 'warp_k', 4))
+  k = int(field(cfg, 'warp_k'))
   require(k <= min(image_shape[:2]), f'attack.warp_k {k} exceeds the {image_shape[0]}x'
           f'{image_shape[1]} images: at most {min(image_shape[:2])} control points a side')
-  strength = float(field(cfg, 'warp_strength', 0.5))
-  cross_ratio = float(field(cfg, 'cross_ratio', 2.0))
-  grid = jnp.asarray(warp_grid(int(field(cfg, 'seed', 0)), k, strength, image_shape))[None]
+  strength = float(field(cfg, 'warp_strength'))
+  cross_ratio = float(field(cfg, 'cross_ratio'))
+  grid = jnp.asarray(warp_grid(int(field(cfg, 'seed')), k, strength, image_shape))[None]
 
   def trigger(images, key):
     del key  # one fixed warp
@@ -191,7 +192,7 @@ def build(cfg, num_classes: int, image_shape: tuple[int, int, int], dataset=None
     count = min(int(round(cross_ratio * poisoned.sum())), len(clean))
     if not count:
       return images, labels, poisoned
-    chosen = np.sort(np.random.default_rng([int(field(cfg, 'seed', 0)), 19]).choice(
+    chosen = np.sort(streams.rng(field(cfg, 'seed'), 'wanet_noise_mode').choice(
         clean, count, replace=False))
     out = images.copy()
     batch = 256

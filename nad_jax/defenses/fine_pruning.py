@@ -27,7 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nad_jax import pipeline
+from nad_jax import stages
+from nad_jax import streams
 from nad_jax import train as train_lib
 
 
@@ -50,9 +51,11 @@ class PrunedModel:
     self.model, self.head, self.keep = model, head, np.asarray(keep, np.float32)
 
   def apply(self, variables, *args, **kwargs):
+    """The wrapped model's `apply` with the pruned head rows zeroed."""
     return self.model.apply(mask_head(variables, self.head, self.keep), *args, **kwargs)
 
   def init(self, *args, **kwargs):
+    """The wrapped model's `init`."""
     return self.model.init(*args, **kwargs)
 
   def __getattr__(self, name):  # distill_layers, num_classes, ...
@@ -111,20 +114,32 @@ def prune_plan(features_rank: np.ndarray, features_hold: np.ndarray, labels_hold
           'keep': keep[max(count, 0)]}
 
 
-def fine_prune(ctx: pipeline.Context, student, clean, name: str = 'fp'):
+def fine_prune(ctx: stages.Context, student, clean, name: str = 'fp') -> stages.StageResult:
   """Prunes `student` on the clean subset, then fine-tunes it with `config.fp`.
 
   `clean` is (images, labels, mask) of the clean subset. A seeded
   `fp.holdout_fraction` of it is held out: the channels are ranked on the rest
   and the accuracy criterion (`fp.acc_drop` points) is read on the held-out
   part; the fine-tuning uses the whole subset, with NAD's batches.
-  Returns (variables, history, timing, info); history's epoch 0 is the pruned
-  model before fine-tuning.
+  Args:
+    ctx: the stage Context.
+    student: the backdoored model's {'params', 'batch_stats'}.
+    clean: the clean subset (images, labels, mask), as `stages.clean_data` returns.
+    name: the stage's name and folder.
+
+  Returns:
+    StageResult of the pruned, fine-tuned model (the pruned head rows zeroed, so the
+    plain model computes it); history's epoch 0 is the pruned model before
+    fine-tuning; info: the head, the channel order, held-out accuracies, the pruned
+    channels. A resumed run prunes again (deterministic) and resumes the fine-tuning.
+
+  Raises:
+    ValueError: the model's last Dense layer is not a top-level layer.
   """
   config = ctx.config
   cfg = config.fp
   images, labels, _ = clean
-  order = np.random.default_rng([config.seed, 5]).permutation(len(images))
+  order = streams.rng(config.seed, 'fp_holdout').permutation(len(images))
   holdout = max(1, int(round(cfg.holdout_fraction * len(images))))
   hold, rank = order[:holdout], order[holdout:]
   if not len(rank):
@@ -136,15 +151,15 @@ def fine_prune(ctx: pipeline.Context, student, clean, name: str = 'fp'):
   plan = prune_plan(f_rank, f_hold, labels[hold], np.asarray(params['kernel'], np.float32),
                     np.asarray(params['bias'], np.float32), cfg.acc_drop)
   keep = plan.pop('keep')
-  pipeline.log(f'[{name}] pruning {plan["pruned"]} of {len(keep)} channels of {head!r} input '
+  stages.log(f'[{name}] pruning {plan["pruned"]} of {len(keep)} channels of {head!r} input '
                f'(held-out acc {plan["holdout_acc"][0]:.1f} -> '
                f'{plan["holdout_acc"][plan["pruned"]]:.1f})')
   model = PrunedModel(ctx.model, head, keep)
   pruned_ctx = ctx._replace(model=model, evaluate=train_lib.make_evaluate(
       model, ctx.mesh, ctx.normalize, ctx.attack, config.get('scan_epoch')))
-  variables, history, timing = pipeline.train_stage(
-      pruned_ctx, name, cfg, pipeline.recipe_for(cfg), mask_head(student, head, keep),
-      *clean, None, key_stage='nad')
+  trained = stages.train_stage(pruned_ctx, name, cfg, stages.recipe_for(cfg),
+                               mask_head(student, head, keep), *clean, None, stream='nad')
   info = {'head': head, 'channels': len(keep), **plan,
           'pruned_channels': plan['order'][:plan['pruned']]}
-  return mask_head(variables, head, keep), history, timing, info
+  return stages.StageResult(mask_head(trained.variables, head, keep), trained.history,
+                            trained.timing, info)

@@ -19,17 +19,14 @@ default, the paper's choice for 5% clean data); the whole curve is reported.
 import functools
 import json
 import os
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import NamedSharding, PartitionSpec as P
 
-from nad_jax import data as data_lib
-from nad_jax import pipeline
-from nad_jax import train as train_lib
+from nad_jax import stages
+from nad_jax.defenses import finetune
 
 
 def bezier(t, start, middle, end):
@@ -68,7 +65,7 @@ def recompute_batch_stats(model, params, batch_stats, images, normalize, batch_s
   return jax.tree.map(lambda s: s / len(images), total)
 
 
-def curve_point(ctx: pipeline.Context, t: float, start, middle_params, end, images):
+def curve_point(ctx: stages.Context, t: float, start, middle_params, end, images):
   """The network at t: the curve's parameters with BatchNorm recomputed on `images`."""
   params = bezier(t, start['params'], middle_params, end['params'])
   stats = recompute_batch_stats(ctx.model, params, start['batch_stats'], images, ctx.normalize,
@@ -76,100 +73,58 @@ def curve_point(ctx: pipeline.Context, t: float, start, middle_params, end, imag
   return {'params': params, 'batch_stats': stats}
 
 
-def make_step(ctx: pipeline.Context, tx, recipe: train_lib.Recipe):
-  """One jitted curve-training step (per-step dispatch, like TrainEpoch on CPU)."""
-  batch_sharding = NamedSharding(ctx.mesh, P('data'))
-  model, normalize = ctx.model, ctx.normalize
+def curve_loss(model):
+  """The curve's training loss, in train.make_loss's signature: the control point
+  `middle` is trained, the ends are frozen, and each step draws its own t ~ U(0, 1).
 
-  def loss_fn(middle, batch_stats, ends, t, x, y):
-    params = bezier(t, ends[0], middle, ends[1])
+  Returns:
+    loss(middle, batch_stats, ends, x, y, key) -> (CE, (batch_stats, CE, ())):
+    ends = (start params, end params), x normalised float32 (N, H, W, C), y int32 (N,).
+  """
+  def loss(middle, batch_stats, ends, x, y, key):
+    params = bezier(jax.random.uniform(key), ends[0], middle, ends[1])
     logits, new = model.apply({'params': params, 'batch_stats': batch_stats}, x, train=True,
                               mutable=['batch_stats'])
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-    return ce, new['batch_stats']
-
-  def step(state, ends, images, labels, indices, key):
-    k_t, k_augment = jax.random.split(key)
-    t = jax.random.uniform(k_t)
-    x = jax.lax.with_sharding_constraint(images[indices].astype(jnp.float32), batch_sharding)
-    y = jax.lax.with_sharding_constraint(labels[indices], batch_sharding)
-    x = normalize(data_lib.augment(x, k_augment, recipe.crop_flip, recipe.cutout))
-    (ce, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, state.batch_stats, ends, t, x, y)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    return train_lib.TrainState(step=state.step + 1,
-                                params=optax.apply_updates(state.params, updates),
-                                batch_stats=batch_stats, opt_state=opt_state), ce
-
-  return jax.jit(step, donate_argnums=0)
+    return ce, (new['batch_stats'], ce, jnp.zeros(0, jnp.float32))
+  return loss
 
 
-def repair(ctx: pipeline.Context, start, end, clean, name: str = 'mcr'):
+def curve_ts(cfg) -> list[float]:
+  """`cfg.points` equally spaced t in [0, 1], and `cfg.t` among them."""
+  ts = [round(float(t), 4) for t in np.linspace(0.0, 1.0, cfg.points)]
+  return ts if cfg.t in ts else sorted(ts + [cfg.t])
+
+
+def repair(ctx: stages.Context, start, end, clean, name: str = 'mcr') -> stages.StageResult:
   """Trains (or resumes) the curve from `start` (backdoored) to `end` (fine-tuned) on
-  `clean` with `config.mcr`, evaluates it at `mcr.points` values of t.
+  `clean` with `config.mcr`, through the engine's TrainEpoch, and evaluates it at
+  `mcr.points` values of t.
 
-  Returns (variables at mcr.t, history, timing, info); history has the model at
-  mcr.t after every epoch, info['curve'] the metrics along the whole curve.
+  Args:
+    ctx: the stage Context.
+    start, end: the end points' {'params', 'batch_stats'} (on the devices).
+    clean: the clean subset (images, labels, mask), as `stages.clean_data` returns.
+    name: the stage's name and folder.
+
+  Returns:
+    StageResult of the model at mcr.t (BatchNorm recomputed); its history has that
+    model after every evaluated epoch, its info {'t', 'curve'}: the metrics along
+    the whole curve.
   """
   config = ctx.config
   cfg = config.mcr
-  images, labels, _ = clean
-  steps_per_epoch = len(images) // cfg.batch_size
-  tx = train_lib.make_optimizer(cfg, steps_per_epoch)
-  middle = jax.tree.map(lambda a, b: (a + b) / 2, start['params'], end['params'])
-  state = train_lib.replicate(jax.device_get(train_lib.TrainState(
-      step=jnp.zeros((), jnp.int32), params=middle, batch_stats=start['batch_stats'],
-      opt_state=tx.init(middle))), ctx.mesh)
+  images = clean[0]
   ends = (start['params'], end['params'])
-  point = lambda state: curve_point(ctx, cfg.t, start, state.params, end, images)
-
-  checkpoints = pipeline.open_stage(ctx, name) if ctx.workdir is not None else None
-  done = checkpoints.latest_epoch() if checkpoints else None
-  if done is not None:
-    state, history = pipeline.restore_stage(checkpoints, name, done, state)
-  else:
-    done, history = 0, [{'epoch': 0, 't': cfg.t, **pipeline.evaluate(ctx, point(state))}]
-  timing = {'compile_s': 0.0, 'img_per_s': []}
-  if done < cfg.epochs:
-    step = make_step(ctx, tx, pipeline.recipe_for(cfg))
-    on_device = train_lib.replicate((images, labels), ctx.mesh)
-    stage_key = jax.random.fold_in(jax.random.key(config.seed), 100)
-    for epoch in range(done, cfg.epochs):
-      start_time = time.perf_counter()
-      key = jax.random.fold_in(stage_key, epoch)
-      k_perm, k_steps = jax.random.split(key)
-      order = jax.random.permutation(k_perm, len(images))[:steps_per_epoch * cfg.batch_size]
-      order = order.reshape(steps_per_epoch, cfg.batch_size)
-      keys = jax.random.split(k_steps, steps_per_epoch)
-      losses = []
-      for i in range(steps_per_epoch):
-        state, ce = step(state, ends, *on_device, order[i], keys[i])
-        losses.append(ce)
-      ce = float(np.mean(jax.device_get(losses)))
-      seconds = time.perf_counter() - start_time
-      if not np.isfinite(ce):
-        raise FloatingPointError(f'{name}: the loss became non-finite in epoch {epoch + 1}; '
-                                 'lower mcr.learning_rate')
-      speed = steps_per_epoch * cfg.batch_size / seconds
-      timing['img_per_s'].append(round(speed, 1))
-      message = f'[{name}] epoch {epoch + 1}/{cfg.epochs}  ce {ce:.4f}'
-      entry = {'epoch': epoch + 1, 't': cfg.t, 'ce': round(ce, 5)}
-      evaluated = pipeline.evaluated_epoch(epoch + 1, cfg)
-      if evaluated:
-        entry.update(pipeline.evaluate(ctx, point(state)))
-        message += (f'  at t={cfg.t}: acc {entry["acc"]:.2f}  '
-                    f'acc_nontarget {entry["acc_nontarget"]:.2f}  asr {entry["asr"]:.2f}')
-      history.append(entry)
-      pipeline.log(f'{message}  ({speed:.0f} img/s)')
-      if evaluated and checkpoints:
-        checkpoints.save(epoch + 1, state, history)
-  if checkpoints:
-    checkpoints.close()
+  middle = jax.tree.map(lambda a, b: (a + b) / 2, *ends)
+  point = lambda t, variables: curve_point(ctx, t, start, variables['params'], end, images)
+  trained = stages.train_stage(
+      ctx, name, cfg, stages.recipe_for(cfg),
+      {'params': middle, 'batch_stats': start['batch_stats']}, *clean, None, frozen=ends,
+      loss=curve_loss(ctx.model), readout=lambda variables: point(cfg.t, variables))
 
   curve_file = ctx.workdir and os.path.join(ctx.workdir, f'{name}_curve.json')
-  ts = [round(float(t), 4) for t in np.linspace(0.0, 1.0, cfg.points)]
-  if cfg.t not in ts:
-    ts = sorted(ts + [cfg.t])
+  ts = curve_ts(cfg)
   curve = None
   if curve_file and os.path.exists(curve_file):
     with open(curve_file) as f:
@@ -177,10 +132,26 @@ def repair(ctx: pipeline.Context, start, end, clean, name: str = 'mcr'):
     if saved.get('epochs') == cfg.epochs and [c['t'] for c in saved['curve']] == ts:
       curve = saved['curve']
   if curve is None:
-    curve = [{'t': t, **pipeline.evaluate(ctx, curve_point(ctx, t, start, state.params, end,
-                                                           images))} for t in ts]
+    curve = [{'t': t, **stages.evaluate(ctx, point(t, trained.variables))} for t in ts]
     if curve_file:
-      pipeline.write_json(curve_file, {'epochs': cfg.epochs, 'curve': curve})
-  pipeline.log(f'[{name}] curve: ' + '  '.join(
+      stages.write_json(curve_file, {'epochs': cfg.epochs, 'curve': curve})
+  stages.log(f'[{name}] curve: ' + '  '.join(
       f't={c["t"]:.2f} acc {c["acc"]:.1f} asr {c["asr"]:.1f}' for c in curve))
-  return point(state), history, timing, {'t': cfg.t, 'curve': curve}
+  return stages.StageResult(point(cfg.t, trained.variables), trained.history, trained.timing,
+                            {'t': cfg.t, 'curve': curve})
+
+
+def erase(ctx: stages.Context, student, clean,
+          fine_tuned: stages.StageResult | None = None) -> stages.StageResult:
+  """MCR as one defense: the curve from `student` to its fine-tuned model.
+
+  Args:
+    ctx, student, clean: as for `repair`.
+    fine_tuned: the FT defense's result, where it ran already; None: trained here.
+
+  Returns:
+    `repair`'s StageResult.
+  """
+  if fine_tuned is None:
+    fine_tuned = finetune.finetune(ctx, student, clean)
+  return repair(ctx, student, fine_tuned.variables, clean)

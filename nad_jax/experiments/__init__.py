@@ -1,5 +1,6 @@
 """Runners: experiments built from the stages and the defenses, with their outputs.
 
+nad: the NAD pipeline (backdoored model -> teacher -> NAD) and its results.json.
 table1: the paper's comparison (attacks x {no defense, FT, FP, MCR, NAD}) and its
-tables and figures. The NAD pipeline's runner is `nad_jax.pipeline.run`.
+tables and figures.
 """

@@ -6,9 +6,11 @@ and every defense of `config.table.defenses` starts from it, each a stage in
 `workdir/<attack>/<stage>` (ft, fp, mcr, teacher, nad): rerunning skips what is
 done and resumes what is not. Writes `workdir/table1.{md,csv,json}` (ACC,
 ACC on non-target images, ASR per cell, and the average over attacks) and the
-figures in `workdir/figures/`.
+figures in `workdir/figures/`. `config.eval_only` restores every stage a run wrote and
+evaluates it (`evaluate_only`).
 """
 
+import copy
 import csv
 import io
 import os
@@ -18,85 +20,146 @@ import jax
 import numpy as np
 
 from nad_jax import figures
-from nad_jax import pipeline
+from nad_jax import stages
 from nad_jax import validation
 from nad_jax.defenses import NAMES
 from nad_jax.defenses import fine_pruning
 from nad_jax.defenses import finetune
 from nad_jax.defenses import mcr
+from nad_jax.defenses import nad as nad_lib
 
-METRICS = pipeline.METRICS
+METRICS = stages.METRICS
 
 
 def attack_config(config, attack: str):
-  """`config` with `config.attack` replaced by the table's settings for `attack`."""
-  cfg = config.copy_and_resolve_references()
-  with cfg.unlocked():
-    cfg.attack = cfg.table.attack_configs[attack]
-  return cfg
+  """The config that runs `attack`'s rows (configs/table1.py describes the layout).
+
+  Args:
+    config: the table's config.
+    attack: a key of `config.table.attack_configs`.
+
+  Returns:
+    A copy of `config` with the fields of `config.table.attack_configs.<attack>` laid
+    over its sections, references resolved. They are laid over before the references
+    are resolved, so FP and MCR, which follow NAD's schedule, follow the attack's.
+
+  Raises:
+    ConfigError: a per-attack field that the top-level sections lack.
+  """
+  cfg = copy.deepcopy(config)  # a deep copy keeps fp's and mcr's references to nad
+  lay_over(cfg, cfg.table.attack_configs[attack].to_dict(), f'table.attack_configs.{attack}')
+  return cfg.copy_and_resolve_references()
+
+
+def lay_over(section, fields, name: str) -> None:
+  """Sets every leaf of `fields` (a nested dict) in `section`, in place."""
+  for key, value in fields.items():
+    if key not in section:
+      raise validation.ConfigError(f'{name}.{key}: the config has no such field to set')
+    if isinstance(value, dict):
+      lay_over(section[key], value, f'{name}.{key}')
+    else:
+      section[key] = value
+
+
+def shadowing_attacks(config, field: str) -> list[str]:
+  """The attacks of the table that set `field` (dotted) themselves."""
+  out = []
+  for attack in config.table.attacks:
+    try:
+      validation.lookup(config.table.attack_configs[attack], field)
+      out.append(attack)
+    except KeyError:
+      continue
+  return out
+
+
+def check_overrides(config, fields) -> None:
+  """Refuses a command-line override that would not reach every attack of the table.
+
+  Args:
+    config: the table's config, overrides applied.
+    fields: the dotted fields the command line set (`--config.<field>=...`).
+
+  Raises:
+    ConfigError: a top-level field that an attack of the table sets itself, naming
+      the per-attack fields to set instead.
+  """
+  for field in fields:
+    attacks = shadowing_attacks(config, field)
+    if attacks:
+      value = validation.lookup(config, field)
+      raise validation.ConfigError(
+          f'{field} {value!r}: set per attack by {", ".join(attacks)} '
+          f'(table.attack_configs.<attack>.{field}), so a top-level value would not reach '
+          'them; set it per attack: ' + ' '.join(
+              f'--config.table.attack_configs.{a}.{field}={value!r}' for a in attacks))
 
 
 def clock():
+  """(wall, CPU) seconds now, for `since`."""
   return time.perf_counter(), time.process_time()
 
 
 def since(start) -> dict:
+  """{'wall_s', 'cpu_s'} elapsed since `start` (a `clock()`)."""
   wall, cpu = clock()
   return {'wall_s': round(wall - start[0], 1), 'cpu_s': round(cpu - start[1], 1)}
 
 
-def run_attack(ctx: pipeline.Context, defenses) -> dict:
+def run_attack(ctx: stages.Context, defenses) -> dict:
   """Every defense against one attack; returns {'metrics', 'history', 'timing', ...}."""
   out = {'metrics': {}, 'history': {}, 'timing': {}, 'stage_timing': {}}
 
-  def record(key, result, metrics=None):
-    variables, history, timing = result[:3]
-    out['history'][key] = history
-    out['stage_timing'][key] = timing
+  def record(key, result: stages.StageResult, metrics: dict | None = None):
+    out['history'][key] = result.history
+    out['stage_timing'][key] = result.timing
     if metrics is not None:
       out['metrics'][key] = {k: metrics[k] for k in METRICS}
-    return variables
+    return result.variables
 
-  clean = pipeline.clean_data(ctx)
+  clean = stages.clean_data(ctx)
   start = clock()
-  student = record('none', pipeline.backdoored_stage(ctx))
-  out['metrics']['none'] = {k: out['history']['none'][-1][k] for k in METRICS}
+  backdoored = stages.backdoored(ctx)
+  student = record('none', backdoored, backdoored.metrics)
   out['timing']['backdoored'] = since(start)
   ft = None
   if 'ft' in defenses or 'mcr' in defenses:
     start = clock()
-    result = finetune.finetune(ctx, student, clean)
-    ft = record('ft', result, result[1][-1] if 'ft' in defenses else None)
+    ft = finetune.finetune(ctx, student, clean)
+    record('ft', ft, ft.metrics if 'ft' in defenses else None)
     out['timing']['ft'] = since(start)
   if 'fp' in defenses:
     start = clock()
     result = fine_pruning.fine_prune(ctx, student, clean)
-    record('fp', result, result[1][-1])
-    out['fine_pruning'] = result[3]
+    record('fp', result, result.metrics)
+    out['fine_pruning'] = result.info
     out['timing']['fp'] = since(start)
   if 'mcr' in defenses:
     start = clock()
-    result = mcr.repair(ctx, student, ft, clean)
-    at_t = next(c for c in result[3]['curve'] if c['t'] == result[3]['t'])
+    result = mcr.erase(ctx, student, clean, ft)
+    at_t = next(c for c in result.info['curve'] if c['t'] == result.info['t'])
     record('mcr', result, at_t)
-    out['mcr'] = result[3]
+    out['mcr'] = result.info
     out['timing']['mcr'] = since(start)
   if 'nad' in defenses:
     start = clock()
-    teacher = record('teacher', pipeline.teacher_stage(ctx, student))
-    nad = record('nad', finetune.nad(ctx, student, teacher, clean))
-    out['metrics']['nad'] = {k: out['history']['nad'][-1][k] for k in METRICS}
+    result = nad_lib.erase(ctx, student, clean)
+    teacher = record('teacher', result.info['teacher'])
+    nad = record('nad', result, result.metrics)
     out['timing']['nad'] = since(start)
     out['models'] = {'backdoored': student, 'teacher': teacher, 'NAD': nad}
   return out
 
 
 def average(cells: dict, defenses) -> dict:
+  """{defense: METRICS averaged over the attacks} of {attack: {defense: metrics}}."""
   return {d: {k: round(float(np.mean([cells[a][d][k] for a in cells])), 2) for k in METRICS}
           for d in defenses}
 
 
 def markdown(cells: dict, avg: dict, defenses) -> str:
+  """table1.md: a row per attack and the average; ASR and ACC per defense."""
   head = '| Attack | ' + ' | '.join(f'{NAMES[d]} ASR | {NAMES[d]} ACC' for d in defenses) + ' |'
   lines = [head, '|' + '---|' * (1 + 2 * len(defenses))]
   for name, row in [*cells.items(), ('**Average**', avg)]:
@@ -106,6 +169,7 @@ def markdown(cells: dict, avg: dict, defenses) -> str:
 
 
 def csv_text(cells: dict, avg: dict, defenses) -> str:
+  """table1.csv: attack, defense and the METRICS, one row a cell."""
   buffer = io.StringIO()
   writer = csv.writer(buffer, lineterminator='\n')
   writer.writerow(['attack', 'defense', *METRICS])
@@ -116,6 +180,8 @@ def csv_text(cells: dict, avg: dict, defenses) -> str:
 
 
 def write_figures(figure_dir: str, ctx, attack: str, out: dict, config) -> list:
+  """One attack's figures in `figure_dir`: the defenses' per-epoch curves and, where NAD ran,
+  the attention maps of triggered test images; returns their paths."""
   os.makedirs(figure_dir, exist_ok=True)
   paths = []
   curves = {NAMES[d]: out['history'][d] for d in ('ft', 'fp', 'mcr', 'nad')
@@ -136,23 +202,44 @@ def write_figures(figure_dir: str, ctx, attack: str, out: dict, config) -> list:
   return paths
 
 
-def run(config, workdir: str) -> dict:
-  """Runs (or resumes) the whole comparison; writes table1.{md,csv,json} and figures."""
+FOLDERS = ('backdoored', 'teacher', 'nad', 'ft', 'fp', 'mcr')  # the stage folders of an attack
+
+
+def attack_configs(config, workdir: str) -> dict:
+  """{attack: the config that runs its rows}, each validated and checked against the
+  stage folders of `workdir/<attack>`, before anything trains.
+
+  Raises:
+    ConfigError: naming the field (of the table or of one attack's config) or the folder.
+  """
   validation.validate(config)
-  for attack in config.table.attacks:  # every attack's config and stage folders, before any trains
-    validation.validate(attack_config(config, attack))
-    validation.check_workdir(attack_config(config, attack), os.path.join(workdir, attack),
-                             ('backdoored', 'teacher', 'nad', 'ft', 'fp', 'mcr'))
+  configs = {attack: attack_config(config, attack) for attack in config.table.attacks}
+  for attack, cfg in configs.items():
+    validation.validate(cfg)
+    validation.check_workdir(cfg, os.path.join(workdir, attack), FOLDERS)
+  return configs
+
+
+def run(config, workdir: str) -> dict:
+  """Runs (or resumes) the whole comparison; writes table1.{md,csv,json} and figures.
+
+  `table1.json` records the table's config ('config') and, per attack, the config
+  its rows ran with ('details'.<attack>.'config').
+
+  Raises:
+    ConfigError: a bad config, data or checkpoint, or a stage folder trained with
+      other values; nothing is written then.
+  """
+  configs = attack_configs(config, workdir)
   defenses = tuple(config.table.defenses)
   total = clock()
   cells, report, paths = {}, {}, []
   figure_dir = os.path.join(workdir, 'figures')
   for attack in config.table.attacks:
-    pipeline.log(f'=== {attack} ===')
-    cfg = attack_config(config, attack)
-    ctx = pipeline.setup(cfg, os.path.join(workdir, attack))
-    validation.check_workdir(cfg, ctx.workdir, ('backdoored', 'teacher', 'nad', 'ft', 'fp', 'mcr'),
-                             ctx.data_digest)
+    stages.log(f'=== {attack} ===')
+    cfg = configs[attack]
+    ctx = stages.setup(cfg, os.path.join(workdir, attack))
+    validation.check_workdir(cfg, ctx.workdir, FOLDERS, ctx.data_digest)
     start = clock()
     out = run_attack(ctx, defenses)
     cells[attack] = out['metrics']
@@ -160,8 +247,9 @@ def run(config, workdir: str) -> dict:
       paths += write_figures(figure_dir, ctx, attack, out, cfg)
     out.pop('models', None)
     out['timing']['total'] = since(start)
+    out['config'] = cfg.to_dict()  # what this attack's rows ran with
     report[attack] = out
-    pipeline.log(f'[{attack}] ' + '  '.join(
+    stages.log(f'[{attack}] ' + '  '.join(
         f'{NAMES[d]}: acc {m["acc"]:.2f} asr {m["asr"]:.2f}' for d, m in out['metrics'].items())
         + f'  ({out["timing"]["total"]["wall_s"]:.0f} s)')
   curves = {a: r['mcr']['curve'] for a, r in report.items() if 'mcr' in r}
@@ -174,13 +262,67 @@ def run(config, workdir: str) -> dict:
              'attacks': list(config.table.attacks), 'details': report,
              'timing': since(total), 'figures': [os.path.relpath(p, workdir) for p in paths],
              'config': config.to_dict()}
-  pipeline.write_json(os.path.join(workdir, 'table1.json'), results)
+  stages.write_json(os.path.join(workdir, 'table1.json'), results)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, 'table1.md'), 'w') as f:
       f.write(markdown(cells, avg, defenses))
     with open(os.path.join(workdir, 'table1.csv'), 'w') as f:
       f.write(csv_text(cells, avg, defenses))
-  pipeline.log(markdown(cells, avg, defenses))
-  pipeline.log(f'total: {results["timing"]["wall_s"]:.0f} s wall, '
+  stages.log(markdown(cells, avg, defenses))
+  stages.log(f'total: {results["timing"]["wall_s"]:.0f} s wall, '
                f'{results["timing"]["cpu_s"]:.0f} s CPU')
+  return results
+
+
+def evaluate_only(config, workdir: str) -> dict:
+  """Restores every stage that `run` wrote in `workdir/<attack>/`, evaluates the
+  models the table reports and writes `workdir/table1_eval.json`; trains nothing.
+
+  MCR's cell is the curve at `mcr.t`, rebuilt as `run` builds it: the saved control
+  point between the backdoored and the FT model, BatchNorm recomputed on the clean
+  subset. A backdoored model or teacher loaded from `student.checkpoint` or
+  `teacher.checkpoint` is evaluated from there.
+
+  Returns:
+    The content of table1_eval.json: 'table' ({attack: {defense: METRICS}}, as in
+    table1.json), 'average', 'stages' ({attack: {stage folder: METRICS}}, the teacher
+    included) and 'checkpoints' ({attack: {stage: path}}).
+
+  Raises:
+    ConfigError: a bad config, a stage folder trained with other values, or a stage
+      without a checkpoint.
+  """
+  configs = attack_configs(config, workdir)
+  defenses = tuple(config.table.defenses)
+  needed = {'backdoored'} | {d for d in defenses if d in FOLDERS}
+  needed |= {'ft'} if 'mcr' in defenses else set()
+  needed |= {'teacher'} if 'nad' in defenses else set()
+  cells, evaluated, sources = {}, {}, {}
+  for attack, cfg in configs.items():
+    ctx = stages.setup(cfg, os.path.join(workdir, attack))
+    validation.check_workdir(cfg, ctx.workdir, FOLDERS, ctx.data_digest)
+    paths = {name: (validation.lookup(cfg, stages.LOADABLE[name])
+                    if name in ctx.checkpoints else os.path.join(ctx.workdir, name))
+             for name in FOLDERS if name in needed}
+    for name, path in paths.items():
+      if not os.path.exists(path):
+        raise stages.ConfigError(f'eval_only: no checkpoint for stage {name!r} of attack '
+                                 f'{attack!r} at {path}; run the table first')
+    loaded = {name: (ctx.checkpoints[name] if name in ctx.checkpoints else stages.load_checkpoint(
+        path, ctx.abstract_variables, f'eval_only: stage {name!r} of attack {attack!r}'))
+              for name, path in paths.items()}
+    middle = loaded.pop('mcr', None)  # MCR's folder holds the curve's control point
+    models = {name: stages.pretrained(ctx, variables, paths[name], f'{attack}/{name}')
+              for name, variables in loaded.items()}
+    metrics = {name: result.metrics for name, result in models.items()}
+    if middle is not None:
+      point = mcr.curve_point(ctx, cfg.mcr.t, models['backdoored'].variables, middle['params'],
+                              models['ft'].variables, stages.clean_data(ctx)[0])
+      metrics['mcr'] = {k: stages.evaluate(ctx, point)[k] for k in METRICS}
+    cells[attack] = {d: metrics['backdoored' if d == 'none' else d] for d in defenses}
+    evaluated[attack], sources[attack] = metrics, paths
+  avg = average(cells, defenses)
+  results = {'table': cells, 'average': avg, 'stages': evaluated, 'checkpoints': sources}
+  stages.write_json(os.path.join(workdir, 'table1_eval.json'), results)
+  stages.log(markdown(cells, avg, defenses))
   return results

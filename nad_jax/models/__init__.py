@@ -29,8 +29,9 @@ MODELS = {
 }
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
-# Convolution implementations: XLA's own, or oneDNN's on CPU (nad_jax/kernels/onednn.py).
-CONVS = ('xla', 'onednn')
+# Convolution implementations (`config.model.conv`): 'auto' picks oneDNN's on one CPU device
+# where they build or load, else XLA's (nad_jax/kernels/onednn.py: resolve).
+CONVS = ('auto', 'xla', 'onednn')
 
 
 def build_model(name: str, num_classes: int, dtype: str = 'float32',
@@ -39,19 +40,24 @@ def build_model(name: str, num_classes: int, dtype: str = 'float32',
 
   Every model takes (N, H, W, C) float images as scaled by `train.normalizer`
   (pixels / 255, then (x - mean) / std when config.model.mean/std are set) and
-  returns float32 logits (N, num_classes).
+  returns float32 logits (N, num_classes). `conv` and `dtype` go through
+  `onednn.resolve`: 'auto' is oneDNN's convolutions on one CPU device where they
+  build, else XLA's (said once, in one line), and bfloat16 with oneDNN on a CPU
+  without native bfloat16 convolutions computes in float32 (said once).
 
   Args:
     name: a key of MODELS (`config.model.name`).
     num_classes: the number of output logits.
-    dtype: a key of DTYPES: the computation dtype (params stay float32).
-    conv: a member of CONVS: 'xla', or 'onednn' (oneDNN convolutions on CPU).
+    dtype: a key of DTYPES: the computation dtype (params and logits stay float32).
+    conv: a member of CONVS (`config.model.conv`); the default 'xla' builds a plain model
+      without touching the kernels.
 
   Returns:
-    The unbound Flax module.
+    The unbound Flax module; its `dtype` and `conv` attributes say what runs.
 
   Raises:
     KeyError: an unknown name, dtype or conv.
+    onednn.OnednnUnavailable: conv 'onednn' and oneDNN cannot run here (one-line reason).
   """
   if name not in MODELS:
     raise KeyError(f'unknown model {name!r}; choose one of {sorted(MODELS)}')
@@ -59,5 +65,6 @@ def build_model(name: str, num_classes: int, dtype: str = 'float32',
     raise KeyError(f'unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}')
   if conv not in CONVS:
     raise KeyError(f'unknown conv {conv!r}; choose one of {CONVS}')
+  conv, dtype = onednn.resolve(conv, dtype)
   conv_fn = onednn.conv_general_dilated if conv == 'onednn' else None
   return MODELS[name](num_classes=num_classes, dtype=DTYPES[dtype], conv=conv_fn)

@@ -1,0 +1,117 @@
+"""Where the figures of the docs come from, and the commands that regenerate them.
+
+Each block of figures in README.md or docs/*.md is preceded by a marker
+`<!-- figures: NAME -->`; BLOCKS[NAME] names the result files (under docs/results/)
+its figures are read from, the command that writes each, and how the block's cells
+("a / b" in reading order) are made from them. tests/test_docs_figures.py checks every
+marked block against its result files.
+
+  python docs/results/regenerate.py            # every block (hours on 2 CPU cores)
+  python docs/results/regenerate.py table1     # one block
+Each command runs from the repository root; its result file is copied here.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from typing import NamedTuple
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+HERE = os.path.join('docs', 'results')
+QUICKSTART_ORDER = ('badnets', 'trojan', 'blend', 'wanet', 'cl', 'refool', 'sig', 'all2all')
+ABLATIONS = ('fraction_0.01', 'fraction_0.05', 'fraction_0.1', 'fraction_0.2',
+             'teacher_scratch', 'layers_group1', 'layers_group2', 'layers_group3')
+
+
+class Block(NamedTuple):
+  """A marked block of figures.
+
+  Attributes:
+    sources: {result file name in docs/results/: (command, the file the command writes)}.
+    cells: results ({file name: parsed JSON}) -> the block's "a / b" cells in reading order.
+  """
+  sources: dict
+  cells: Callable[[dict], list]
+
+
+def pair(metrics: dict, first: str, second: str, digits: int) -> str:
+  return f'{metrics[first]:.{digits}f} / {metrics[second]:.{digits}f}'
+
+
+def quickstart_cells(results: dict) -> list:
+  """README's quickstart table: a backdoored row and a NAD row, acc / ASR per attack."""
+  return [pair(results[f'quickstart_{a}.json']['stages'][stage], 'acc', 'asr', 1)
+          for stage in ('backdoored', 'nad') for a in QUICKSTART_ORDER]
+
+
+def table1_cells(results: dict) -> list:
+  """docs/defenses.md's comparison: ASR / ACC per defense, per attack, then the average."""
+  table = results['table1.json']
+  rows = [table['table'][a] for a in table['attacks']] + [table['average']]
+  return [pair(row[d], 'asr', 'acc', 2) for row in rows for d in table['defenses']]
+
+
+def ablation_cells(results: dict) -> list:
+  """docs/defenses.md's ablations: teacher and NAD acc / ASR per variant (the layers_*
+  variants share the quickstart run's teacher, so show NAD only)."""
+  cells = []
+  for variant in ABLATIONS:
+    stages = results[f'ablation_{variant}.json']['stages']
+    shown = ('nad',) if variant.startswith('layers_') else ('teacher', 'nad')
+    cells += [pair(stages[s], 'acc', 'asr', 2) for s in shown]
+  return cells
+
+
+def main_command(config: str, workdir: str, *extra: str) -> str:
+  return ' '.join(['python main.py', f'--config={config}', f'--workdir={workdir}', *extra])
+
+
+BLOCKS = {
+    'quickstart': Block(
+        {f'quickstart_{a}.json': (main_command(f'configs/quickstart.py:{a}',
+                                               f'runs/quickstart_{a}'),
+                                  f'runs/quickstart_{a}/results.json')
+         for a in QUICKSTART_ORDER}, quickstart_cells),
+    'table1': Block({'table1.json': (main_command('configs/table1.py', 'runs/table1'),
+                                     'runs/table1/table1.json')}, table1_cells),
+    'ablations': Block(
+        {f'ablation_{v}.json': (main_command(
+            f'configs/ablations.py:{v}', f'runs/ablation_{v}',
+            '--config.student.checkpoint=runs/quickstart_badnets/backdoored',
+            *(['--config.teacher.checkpoint=runs/quickstart_badnets/teacher']
+              if v.startswith('layers_') else [])),
+            f'runs/ablation_{v}/results.json') for v in ABLATIONS}, ablation_cells),
+}
+
+
+def regenerate(name: str) -> None:
+  """Runs the commands of block `name` and copies their result files here."""
+  for result, (command, written) in BLOCKS[name].sources.items():
+    print(f'[{name}] {command}', flush=True)
+    subprocess.run(command.split(), cwd=ROOT, check=True)
+    shutil.copyfile(os.path.join(ROOT, written), os.path.join(ROOT, HERE, result))
+
+
+def load(name: str) -> dict | None:
+  """{file name: parsed JSON} of block `name`; None while any of its files is missing."""
+  results = {}
+  for result in BLOCKS[name].sources:
+    path = os.path.join(ROOT, HERE, result)
+    if not os.path.isfile(path):
+      return None
+    with open(path) as f:
+      results[result] = json.load(f)
+  return results
+
+
+if __name__ == '__main__':
+  names = sys.argv[1:] or list(BLOCKS)
+  unknown = [n for n in names if n not in BLOCKS]
+  if unknown:
+    sys.exit(f'error: no block {unknown}; choose from {list(BLOCKS)}')
+  # The quickstart's BadNets run first: the ablations start from its models.
+  for block in sorted(names, key=lambda n: n != 'quickstart'):
+    regenerate(block)

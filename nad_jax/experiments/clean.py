@@ -1,0 +1,241 @@
+"""The cleaning runner behind `nad-jax-clean`: a backdoored model in; the cleaned model,
+its figures before and after, and a report out.
+
+The backdoored model is `config.student.checkpoint` (a BackdoorBench record, a
+PyTorch file or a nad-jax stage folder), loaded, never trained. One defense
+(`nad_jax.defenses`: NAD by default) erases its backdoor with the defender's
+clean subset of the data; the stages checkpoint into `out/checkpoints`, so
+rerunning the same command resumes. At the end `out` receives:
+
+  cleaned.pth        the cleaned model as a PyTorch state_dict (strict=True loads it)
+  defense/<method>/  defense_result.pt and <method>_df.csv, where the model was a
+                     BackdoorBench record (backdoorbench.write_defense_result)
+  results.json       metrics before (the backdoored model), of NAD's teacher and
+                     after, each stage's per-epoch history, timing, the input, the config
+  report.md          the same as tables, with the figures
+  curves.png, attention.png   where matplotlib is installed
+"""
+
+import importlib.util
+import os
+from typing import NamedTuple
+
+import jax
+
+from nad_jax import backdoorbench
+from nad_jax import defenses
+from nad_jax import figures
+from nad_jax import stages
+from nad_jax import torch_io
+from nad_jax import validation
+from nad_jax.defaults import defense_stages
+
+METHODS = ('nad', 'ft', 'fp', 'mcr')
+# The stage folders a cleaning may write under out/checkpoints (FT's is 'ft'; MCR trains FT).
+FOLDERS = ('teacher', 'nad', 'ft', 'fp', 'mcr')
+MODEL_FILE = 'cleaned.pth'
+ATTENTION_IMAGES = 6
+
+
+class Outcome(NamedTuple):
+  """What `run` returns.
+
+  Attributes:
+    results: the content of out/results.json.
+    files: {what: path} of every file written (cleaned_model, results, report,
+      and, where written, defense_result, curves, attention).
+    variables: {'backdoored', 'teacher' (NAD only), 'cleaned'}: the models'
+      {'params', 'batch_stats'}, on the devices.
+  """
+  results: dict
+  files: dict
+  variables: dict
+
+
+def check_writable(out: str) -> None:
+  """Raises ConfigError where `out` cannot be the output folder or torch is missing.
+
+  Args:
+    out: the output folder (it may not exist yet).
+
+  Raises:
+    ConfigError: `out` is a file, or torch (which writes the .pth files) is not installed.
+  """
+  if os.path.exists(out) and not os.path.isdir(out):
+    raise validation.ConfigError(f'the output folder {out} is a file')
+  if importlib.util.find_spec('torch') is None:
+    raise validation.ConfigError("writing the cleaned model as a PyTorch state_dict needs "
+                                 "torch: pip install 'nad-jax[torch]'")
+
+
+def run(config, out: str, method: str = 'nad', source: dict | None = None,
+        attention_images: int = ATTENTION_IMAGES) -> Outcome:
+  """Cleans `config.student.checkpoint` with `method` and writes the outputs into `out`.
+
+  Everything a user can get wrong (config, data, checkpoints, attack, the output
+  folder, a checkpoint folder of another run) is checked before anything is
+  written.
+
+  Args:
+    config: a config shaped like `defaults.paper_config()` with `student.checkpoint`
+      set; `nad` (and `teacher`) hold the schedule; a BackdoorBench record as the
+      student must agree with `model.*` (stages.check_record).
+    out: the output folder; created where missing.
+    method: a key of `defenses.ERASE`: 'nad', 'ft', 'fp' or 'mcr'.
+    source: what the model, data and poisoned images were, as given by the user
+      (results.json's 'input' and the report's header); None: taken from the config.
+    attention_images: triggered test images in the attention figure (0: none).
+
+  Returns:
+    Outcome.
+
+  Raises:
+    ConfigError: a bad config, data, checkpoint, method or output folder.
+    FloatingPointError: a stage's loss became non-finite.
+  """
+  if method not in METHODS:
+    raise validation.ConfigError(f'method {method!r}: must be one of {METHODS}')
+  if not config.student.checkpoint:
+    raise validation.ConfigError('student.checkpoint: the backdoored model to clean is not set')
+  config = defense_stages(config.copy_and_resolve_references())
+  check_writable(out)
+  workdir = os.path.join(out, 'checkpoints')
+  trains = {'nad': ('nad',) if config.teacher.checkpoint else ('teacher', 'nad'),
+            'ft': ('nad',), 'fp': ('fp',), 'mcr': ('nad', 'mcr')}[method]
+  ctx = stages.setup(config, workdir, trains)
+  validation.check_workdir(config, workdir, FOLDERS, ctx.data_digest)
+  record = stages.is_record(config.student.checkpoint)
+  source = source or {'model': config.student.checkpoint, 'data': config.data.to_dict(),
+                      'attack': config.attack.name}
+
+  backdoored = stages.backdoored(ctx)
+  result = defenses.ERASE[method](ctx, backdoored.variables, stages.clean_data(ctx))
+  results = {'backdoored': backdoored}
+  if method == 'nad':
+    results['teacher'] = result.info['teacher']
+  results[method] = result
+
+  files = {'cleaned_model': os.path.join(out, MODEL_FILE)}
+  if record:
+    files['defense_result'] = os.path.join(out, 'defense', method, 'defense_result.pt')
+  cleaned = jax.device_get(result.variables)
+  if jax.process_index() == 0:
+    os.makedirs(out, exist_ok=True)
+    torch_io.save(cleaned, files['cleaned_model'])
+    if record:
+      backdoorbench.write_defense_result(out, method, cleaned, config.model.name,
+                                         ctx.dataset.num_classes, result.history)
+    files.update(_figures(ctx, out, results, method, attention_images))
+  written = {
+      'input': source,
+      'method': method,
+      'stages': {name: r.metrics for name, r in results.items()},
+      'history': {name: r.history for name, r in results.items() if r.timing},
+      'timing': stages.kept_timing(os.path.join(out, 'results.json'),
+                                   {name: r.timing for name, r in results.items() if r.timing}),
+      'info': {k: v for k, v in result.info.items() if k != 'teacher'},
+      'files': {k: os.path.relpath(v, out) for k, v in files.items()},
+      'config': config.to_dict(),
+  }
+  files['results'] = os.path.join(out, 'results.json')
+  files['report'] = os.path.join(out, 'report.md')
+  stages.write_json(files['results'], written)
+  if jax.process_index() == 0:
+    with open(files['report'], 'w') as f:
+      f.write(report(written, ctx))
+  stages.log(stages.format_table(written['stages']))
+  stages.log(f'wrote {out}: ' + ', '.join(os.path.relpath(v, out) for v in files.values()))
+  variables = {'backdoored': backdoored.variables, 'cleaned': result.variables}
+  if method == 'nad':
+    variables['teacher'] = results['teacher'].variables
+  return Outcome(written, files, variables)
+
+
+def _figures(ctx: stages.Context, out: str, results: dict, method: str,
+             count: int) -> dict:
+  """curves.png (acc and asr per epoch of each trained stage) and attention.png (the
+  distilled layers' maps of triggered test images, one column group per model), where
+  matplotlib is installed; {} otherwise."""
+  if importlib.util.find_spec('matplotlib') is None:
+    return {}
+  files = {'curves': os.path.join(out, 'curves.png')}
+  figures.defense_curves(files['curves'],
+                         {name: r.history for name, r in results.items() if r.timing},
+                         f'{method}: per epoch')
+  if count:
+    ds = ctx.dataset
+    images, _, _ = figures.triggered_examples(ctx.attack, ds.test_images, ds.test_labels,
+                                              count, ctx.config.seed)
+    files['attention'] = os.path.join(out, 'attention.png')
+    figures.attention(files['attention'], ctx.model,
+                      {name: r.variables for name, r in results.items()}, images,
+                      ctx.normalize, validation.distill_layers(ctx.config), ctx.config.nad.p,
+                      'attention maps of triggered test images')
+  return files
+
+
+def _cell(entry: dict, key: str) -> str:
+  value = entry.get(key)
+  if value is None:
+    return ''
+  if isinstance(value, list):  # NAD's AT loss per layer
+    return ' / '.join(f'{v:.4g}' for v in value)
+  return f'{value:.2f}' if key in stages.METRICS else f'{value:.4g}'
+
+
+def report(results: dict, ctx: stages.Context) -> str:
+  """report.md: the input, the metrics before and after, each stage's curve, the figures.
+
+  Args:
+    results: the content of results.json (`run`).
+    ctx: the run's Context (data sizes, attack).
+
+  Returns:
+    Markdown text.
+  """
+  config, method = ctx.config, results['method']
+  ds = ctx.dataset
+  test = ctx.attack.test_set
+  poisoned = (f'{len(test.images)} given poisoned test images ({config.attack.path})'
+              if test is not None else
+              f'the {config.attack.name} trigger on the non-target test images')
+  lines = [
+      f'# Backdoor erasing with {method.upper()}', '',
+      f'- model: `{results["input"]["model"]}` ({config.model.name}, '
+      f'{ds.num_classes} classes, input scaling mean {config.model.mean} std '
+      f'{config.model.std})',
+      f'- clean data: {stages.clean_count(config, ds)} of {len(ds.train_images)} training images '
+      f'({config.data.clean_fraction:g}) for the defense; {len(ds.test_images)} test images',
+      f'- attack success rate measured on {poisoned}; backdoor label map '
+      f'{config.attack.mode} (target {config.attack.target_label})',
+      f'- {method}: epochs {config[stages.SECTIONS.get(method, method)].epochs}'
+      + (f'; teacher: epochs {config.teacher.epochs}' if method == 'nad'
+         and not config.teacher.checkpoint else
+         f'; teacher: `{config.teacher.checkpoint}`' if method == 'nad' else ''), '',
+      '## Before and after', '',
+      'Percentages. acc: clean test accuracy; acc_nontarget: on the test images the backdoor '
+      'relabels; asr: share of poisoned test images classified as the backdoor label; ra: '
+      'share classified as their true label.', '',
+      '| model | ' + ' | '.join(stages.METRICS) + ' |',
+      '|---|' + '---:|' * len(stages.METRICS)]
+  names = {'backdoored': 'backdoored (before)', 'teacher': 'teacher',
+           method: f'{method} (after)'}
+  for name, metrics in results['stages'].items():
+    lines.append(f'| {names[name]} | ' + ' | '.join(_cell(metrics, k) for k in stages.METRICS)
+                 + ' |')
+  for name, history in results['history'].items():
+    keys = [k for k in ('ce', 'at', *stages.METRICS) if any(k in h for h in history)]
+    header = [{'at': 'at (per layer, before beta)'}.get(k, k) for k in keys]
+    lines += ['', f'## {name} per epoch', '', '| epoch | ' + ' | '.join(header) + ' |',
+              '|---:|' + '---:|' * len(keys)]
+    lines += [f'| {h["epoch"]} | ' + ' | '.join(_cell(h, k) for k in keys) + ' |'
+              for h in history]
+  for key, title in (('curves', 'acc and asr per epoch'),
+                     ('attention', 'attention maps of triggered test images')):
+    if key in results['files']:
+      lines += ['', f'![{title}]({results["files"][key]})']
+  lines += ['', '## Files', '']
+  lines += [f'- `{path}`' for path in results['files'].values()]
+  lines += ['- `results.json`, `report.md`',
+            '- `checkpoints/`: the stages, for resuming (delete when done)', '']
+  return '\n'.join(lines)

@@ -1,0 +1,113 @@
+"""The NAD pipeline: backdoored model -> teacher -> NAD student, with evaluation.
+
+Each stage trains under its own orbax CheckpointManager in `workdir/<stage>`.
+Rerunning the same command skips finished stages and resumes an interrupted
+one from its last saved epoch. `config.eval_only` restores the checkpoints and
+evaluates them without training (`evaluate_only`).
+"""
+
+import os
+from typing import NamedTuple
+
+from nad_jax import defaults
+from nad_jax import stages
+from nad_jax import validation
+from nad_jax.defenses import nad as nad_lib
+
+STAGES = ('backdoored', 'teacher', 'nad')
+
+
+class Outcome(NamedTuple):
+  """What `run` returns.
+
+  Attributes:
+    results: the content of `workdir/results.json`: 'stages' (final METRICS per
+      stage), 'history', 'timing', 'config'.
+    variables: {stage: {'params', 'batch_stats'}} of the three models, on the devices.
+  """
+  results: dict
+  variables: dict
+
+
+def check_overrides(config, fields) -> None:
+  """Refuses `--config.attack.name=VARIANT`: an attack variant is chosen with the config
+  file's variant (`configs/quickstart.py:sig`), which also sets its poison rate and the
+  stage settings that go with it, so that a name means one thing everywhere.
+
+  Args:
+    config: the run's config, overrides applied.
+    fields: the dotted fields the command line set (`--config.<field>=...`).
+
+  Raises:
+    ConfigError: naming the variant to use instead.
+  """
+  name = config.attack.name
+  if 'attack.name' in fields and name in defaults.ATTACK_VARIANTS:
+    raise validation.ConfigError(
+        f"attack.name {name!r}: choose an attack by the config file's variant "
+        f"(--config=configs/<file>.py:{name}), which also sets its poison rate and stage "
+        'settings; --config.attack.name takes attacks without a variant (files)')
+
+
+def run(config, workdir: str) -> Outcome:
+  """Runs (or resumes) every stage and writes `workdir/results.json`.
+
+  Args:
+    config: the run's ConfigDict (configs/*.py).
+    workdir: the stage folders and results.json go here.
+
+  Returns:
+    Outcome: the results written and the three models' variables.
+
+  Raises:
+    ConfigError: a bad config, data or checkpoint, or a workdir whose stages were
+      trained with other values (validation.check_workdir); nothing is written then.
+    FloatingPointError: a stage's loss became non-finite.
+  """
+  ctx = stages.setup(config, workdir)
+  validation.check_workdir(config, workdir, STAGES, ctx.data_digest)
+  results = {'backdoored': stages.backdoored(ctx)}
+  student = results['backdoored'].variables
+  results['teacher'] = nad_lib.teacher(ctx, student)
+  results['nad'] = nad_lib.distill(ctx, student, results['teacher'].variables,
+                                   stages.clean_data(ctx))
+
+  path = os.path.join(workdir, 'results.json')
+  written = {
+      'stages': {name: result.metrics for name, result in results.items()},
+      'history': {name: result.history for name, result in results.items()},
+      'timing': stages.kept_timing(path, {name: r.timing for name, r in results.items()}),
+      'config': config.to_dict(),
+  }
+  stages.write_json(path, written)
+  stages.log(stages.format_table(written['stages']))
+  return Outcome(written, {name: result.variables for name, result in results.items()})
+
+
+def evaluate_only(config, workdir: str) -> dict:
+  """Restores each stage's checkpoint (the workdir's, or the configured file), evaluates
+  it and writes `workdir/eval.json`.
+
+  Returns:
+    The content of eval.json: 'stages' (METRICS per stage) and 'checkpoints'.
+
+  Raises:
+    ConfigError: a stage has no checkpoint, or it does not fit the model.
+  """
+  ctx = stages.setup(config, workdir)
+  sources = {'backdoored': config.student.checkpoint or os.path.join(workdir, 'backdoored'),
+             'teacher': config.teacher.checkpoint or os.path.join(workdir, 'teacher'),
+             'nad': os.path.join(workdir, 'nad')}
+  for name, path in sources.items():
+    if not os.path.exists(path):  # a stage folder, or a PyTorch file
+      raise stages.ConfigError(f'eval_only: no checkpoint for stage {name!r} at {path}')
+  evaluated = {}
+  for name, path in sources.items():
+    variables = (ctx.checkpoints[name] if name in ctx.checkpoints else
+                 stages.load_checkpoint(path, ctx.abstract_variables,
+                                        f'eval_only: stage {name!r}'))
+    evaluated[name] = stages.pretrained(ctx, variables, path, name).metrics
+  results = {'stages': evaluated, 'checkpoints': sources}
+  stages.write_json(os.path.join(workdir, 'eval.json'), results)
+  stages.log(stages.format_table(evaluated))
+  return results

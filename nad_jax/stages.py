@@ -1,0 +1,539 @@
+"""The stage library: what every stage shares, and training, resuming, loading and
+evaluating one stage.
+
+A stage trains one model (the backdoored victim, the teacher, a defense) under
+its own orbax CheckpointManager in `workdir/<stage>`. Rerunning the same command
+skips a finished stage and resumes an interrupted one from its last saved epoch;
+without a workdir (the Python API) a stage keeps no checkpoints. Defenses
+(`nad_jax.defenses`) and runners (`nad_jax.experiments`) are built from these.
+"""
+
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import tqdm
+
+from nad_jax import attacks as attacks_lib
+from nad_jax import backdoorbench
+from nad_jax import checkpoint as ckpt_lib
+from nad_jax import data as data_lib
+from nad_jax import models
+from nad_jax import streams
+from nad_jax import torch_io
+from nad_jax import train as train_lib
+from nad_jax import validation
+from nad_jax.kernels import onednn
+
+# The config section that trains a stage, where its name differs (FT trains with NAD's).
+SECTIONS = {'backdoored': 'backdoor_training', 'ft': 'nad'}
+ConfigError = validation.ConfigError
+METRICS = ('acc', 'acc_nontarget', 'asr', 'ra')
+# The stages a config may load instead of training, and the fields that name the file.
+LOADABLE = {'backdoored': 'student.checkpoint', 'teacher': 'teacher.checkpoint'}
+PREPARED = 'prepared_training_set.npz'
+
+
+class Context(NamedTuple):
+  """What every stage shares: model, data on the devices, attack and evaluation."""
+  config: Any
+  workdir: str | None  # None: stages keep no checkpoints
+  model: Any
+  mesh: Any
+  normalize: Any
+  attack: attacks_lib.Attack
+  dataset: data_lib.Dataset
+  poisoned: np.ndarray  # (N,) bool: the training images the attack poisons
+  test_set: train_lib.TestSet
+  evaluate: Any
+  abstract_variables: Any
+  checkpoints: dict  # {'backdoored' | 'teacher': variables} from student/teacher.checkpoint
+  data_digest: str  # validation.data_digest of `dataset`
+
+
+class StageResult(NamedTuple):
+  """What a stage (or a defense) returns.
+
+  Attributes:
+    variables: the model's {'params', 'batch_stats'}, on the devices.
+    history: one dict per evaluated or trained epoch: 'epoch' (0: before training),
+      'ce' and, when distilling, 'at' (per layer) for trained epochs, and the
+      METRICS (percent) where the epoch was evaluated; the last entry is evaluated.
+    timing: {'compile_s', 'img_per_s': per trained epoch}; `from_earlier_run` where
+      copied from an earlier run's results; {} for a loaded model.
+    info: what a defense adds (fine-pruning's channels, MCR's curve, NAD's teacher).
+  """
+  variables: Any
+  history: list
+  timing: dict
+  info: dict = {}
+
+  @property
+  def metrics(self) -> dict:
+    """The METRICS of the last evaluation."""
+    return {k: self.history[-1][k] for k in METRICS}
+
+
+# -------------------------------------------------------------------------- validation
+
+def validate(config) -> None:
+  """validation.RULES, then whether oneDNN can run where it is asked for."""
+  validation.validate(config)
+  try:
+    onednn.resolve(config.model.conv, config.model.dtype)  # says once where 'auto' falls back
+  except onednn.OnednnUnavailable as e:
+    raise ConfigError(f"model.conv 'onednn': {e}") from None
+
+
+def clean_count(config, dataset) -> int:
+  """How many training images the defender's clean subset holds."""
+  return len(data_lib.clean_subset(len(dataset.train_images), config.data.clean_fraction,
+                                   config.seed))
+
+
+# ------------------------------------------------------------------------------ context
+
+def setup(config, workdir: str | None,
+          stages: tuple[str, ...] = validation.TRAINED_SECTIONS) -> Context:
+  """Checks the config, loads the data, builds the attack and model: what stages share.
+
+  Everything a user can get wrong is checked here, before any stage writes: the
+  config's rules, the data, the attack's poisoned samples, and the student and
+  teacher checkpoints (opened and checked against the model).
+
+  Args:
+    config: the run's ConfigDict.
+    workdir: where stages checkpoint; None: they keep nothing.
+    stages: the config sections that will train (`make_context`).
+
+  Raises:
+    ConfigError: naming the field, file or folder.
+  """
+  validate(config)
+  where = {'folder': config.data.path, 'tfds': config.data.name}.get(config.data.source,
+                                                                       'made in memory')
+  log(f'loading the {config.data.source} data ({where})')
+  start = time.perf_counter()
+  try:
+    dataset = data_lib.load_dataset(config.data, config.seed)
+  except data_lib.DataError as e:
+    raise ConfigError(str(e)) from None
+  log(f'loaded {len(dataset.train_images) + len(dataset.test_images)} images in '
+      f'{time.perf_counter() - start:.1f} s')
+  return make_context(config, dataset, workdir, stages)
+
+
+def make_context(config, dataset: data_lib.Dataset, workdir: str | None,
+                 stages: tuple[str, ...] = validation.TRAINED_SECTIONS) -> Context:
+  """The Context of a validated config over `dataset` (host arrays).
+
+  Args:
+    config: a config that passed `validate`.
+    dataset: the data the stages train and evaluate on.
+    workdir: where stages checkpoint; None: they keep nothing (the Python API).
+    stages: the config sections that will train, whose batch sizes must fit the data.
+
+  Raises:
+    ConfigError: the rules that need the data, the attack, the checkpoints to load
+      (a BackdoorBench record must agree with the config and data: `check_record`).
+  """
+  validation.validate_data(config, dataset.num_classes, len(dataset.train_images),
+                           clean_count(config, dataset), dataset.test_labels, stages)
+  image_shape = dataset.train_images.shape[1:]
+  paths = {stage: validation.lookup(config, field) for stage, field in LOADABLE.items()
+           if validation.lookup(config, field)}
+  records = {stage: read_record(path, LOADABLE[stage]) for stage, path in paths.items()
+             if is_record(path)}
+  for stage, record in records.items():  # before the attack, which may read the record too
+    check_record(config, record, image_shape, dataset.num_classes, LOADABLE[stage])
+  try:
+    attack = attacks_lib.build_attack(config.attack, dataset.num_classes,
+                                      dataset.train_images.shape[1:], dataset, fit=train_lib.fit)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  poisoned = attacks_lib.poison_mask(dataset.train_labels, attack, config.attack.poison_rate,
+                                     streams.rng(config.seed, 'poisoned_indices'))
+  if not config.student.checkpoint:
+    labels = dataset.train_labels
+    candidates = (int(np.sum(np.asarray(attack.relabel(labels)) == labels))
+                  if attack.clean_label else len(labels))
+    validation.validate_poisoning(config, int(poisoned.sum()), candidates)
+  model = models.build_model(config.model.name, dataset.num_classes, config.model.dtype,
+                             config.model.conv)
+  mesh = train_lib.make_mesh()
+  normalize = train_lib.normalizer(config.model.mean, config.model.std)
+  abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, *image_shape)),
+                                               train=False, mutable=True))
+  sown = tuple(abstract.pop('intermediates', {}))
+  unknown = [layer for layer in validation.distill_layers(config) if layer not in sown]
+  if unknown:
+    raise ConfigError(f'nad.layers {unknown} are not sown by {config.model.name}; '
+                      f'choose from {sown}')
+  loaded = {stage: (record_variables(records[stage], abstract, LOADABLE[stage])
+                    if stage in records else load_checkpoint(path, abstract, LOADABLE[stage]))
+            for stage, path in paths.items()}
+  test_set = train_lib.make_test_set(dataset.test_images, dataset.test_labels,
+                                     config.data.eval_batch_size, mesh, attack)
+  return Context(config, workdir, model, mesh, normalize, attack, dataset, poisoned, test_set,
+                 train_lib.make_evaluate(model, mesh, normalize, attack, config.get('scan_epoch')),
+                 abstract, loaded, validation.data_digest(dataset))
+
+
+def clean_data(ctx: Context):
+  """The defender's clean subset: (images, labels, an all-False poisoned mask)."""
+  ds, config = ctx.dataset, ctx.config
+  clean = data_lib.clean_subset(len(ds.train_images), config.data.clean_fraction, config.seed)
+  return ds.train_images[clean], ds.train_labels[clean], np.zeros(len(clean), bool)
+
+
+def init_variables(ctx: Context, stream: str) -> dict:
+  """A fresh initialisation of the model from the random stream `stream`."""
+  shape = ctx.dataset.train_images.shape[1:]
+  return ctx.model.init(streams.key(ctx.config.seed, stream), jnp.zeros((1, *shape)),
+                        train=False)
+
+
+# ------------------------------------------------------------------------------ stages
+
+def log(message: str) -> None:
+  """Prints `message` on process 0 only, above any progress bar."""
+  if jax.process_index() == 0:
+    tqdm.tqdm.write(message, file=sys.stdout)
+    sys.stdout.flush()
+
+
+def progress(total: int, initial: int, desc: str, unit: str) -> tqdm.tqdm:
+  """A progress bar on stderr, shown on process 0 where stderr is a terminal (tqdm's
+  disable=None); elsewhere (logs, tests) the per-epoch lines report progress alone."""
+  return tqdm.tqdm(total=total, initial=initial, desc=desc, unit=unit, leave=False,
+                   dynamic_ncols=True, disable=None if jax.process_index() == 0 else True)
+
+
+def evaluate(ctx: Context, variables) -> dict:
+  """The METRICS of `variables` on the test set, in percent rounded to 4 decimals."""
+  key = streams.key(ctx.config.seed, 'evaluation')  # same trigger draws at every evaluation
+  metrics = jax.device_get(ctx.evaluate(variables, ctx.test_set, key))
+  return {k: round(float(v), 4) for k, v in metrics.items()}
+
+
+def evaluated_epoch(epoch: int, stage_cfg) -> bool:
+  """Whether the stage evaluates and checkpoints after `epoch` (1-based): every
+  `eval_every` epochs and after the last. A killed run resumes from the last one."""
+  return epoch % stage_cfg.get('eval_every', 1) == 0 or epoch == stage_cfg.epochs
+
+
+def recipe_for(stage_cfg, distill: tuple = (), layers: tuple = (), p: float = 2.0):
+  """The train.Recipe of a stage section: batch size, augmentation, distillation."""
+  return train_lib.Recipe(batch_size=stage_cfg.batch_size, crop_flip=stage_cfg.crop_flip,
+                          cutout=stage_cfg.cutout, betas=tuple(distill), layers=tuple(layers),
+                          p=p)
+
+
+def open_stage(ctx: Context, name: str) -> ckpt_lib.StageCheckpoints:
+  """The stage's checkpoints in `workdir/name`, with the config fields that shape it
+  recorded there before its first epoch (validation.check_workdir reads them)."""
+  directory = os.path.join(ctx.workdir, name)
+  validation.record_stage(ctx.config, directory, name, ctx.data_digest)
+  return ckpt_lib.StageCheckpoints(directory)
+
+
+def restore_stage(checkpoints: ckpt_lib.StageCheckpoints, name: str, epoch: int, state):
+  """(state, history) saved at `epoch`, laid out like `state`; ConfigError if it cannot be."""
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+  try:
+    restored = checkpoints.restore(epoch, abstract)
+  except ckpt_lib.CheckpointError as e:
+    raise ConfigError(f'{name}: {e}') from None
+  log(f'[{name}] resumed from epoch {epoch}')
+  return restored
+
+
+def train_stage(ctx: Context, name: str, stage_cfg, recipe: train_lib.Recipe, init_variables,
+                images, labels, poisoned, attack, frozen=None, stream: str | None = None,
+                loss: Callable | None = None, readout: Callable | None = None) -> StageResult:
+  """Trains (or resumes) one stage with the engine's TrainEpoch.
+
+  Args:
+    ctx: the shared Context.
+    name: the stage's name and folder (`workdir/name`).
+    stage_cfg: its config section (epochs, batch_size, optimiser, eval_every).
+    recipe: batch size, augmentation, distillation.
+    init_variables: the variables training starts from.
+    images, labels, poisoned: the training set: (N, H, W, C) uint8, (N,) int32, (N,) bool.
+    attack: triggers and relabels the `poisoned` samples; None: no poisoning.
+    frozen: what the loss reads but does not train: NAD's teacher, MCR's curve ends.
+    stream: the streams name of the batch order and augmentation (default: `name`);
+      FT and FP take NAD's, so every defense sees the same batches.
+    loss: train.make_loss's signature; None: CE (+ distillation per `recipe`).
+    readout: maps the trained variables to the model evaluated (MCR: the curve's
+      point); None: the variables themselves.
+
+  Returns:
+    StageResult; its variables are the trained ones, before `readout`.
+
+  Raises:
+    ConfigError: a checkpoint in `workdir/name` that does not fit.
+    FloatingPointError: the loss became non-finite (naming what to lower).
+  """
+  readout = readout or (lambda variables: variables)
+  steps_per_epoch = len(images) // stage_cfg.batch_size
+  tx = train_lib.make_optimizer(stage_cfg, steps_per_epoch)
+  state = train_lib.state_from_variables(init_variables, tx)
+  state = train_lib.replicate(state, ctx.mesh)
+  checkpoints = open_stage(ctx, name) if ctx.workdir is not None else None
+  done = checkpoints.latest_epoch() if checkpoints else None
+  if done is not None:
+    state, history = restore_stage(checkpoints, name, done, state)
+  else:
+    done, history = 0, [{'epoch': 0, **evaluate(ctx, readout(state.variables))}]
+  timing = {'compile_s': 0.0, 'img_per_s': []}
+  if done < stage_cfg.epochs:
+    on_device = train_lib.replicate((images, labels, poisoned), ctx.mesh)
+    frozen = frozen if frozen is not None else {}
+    run_epoch = train_lib.TrainEpoch(ctx.model, tx, ctx.mesh, recipe, ctx.normalize, attack,
+                                     ctx.config.get('scan_epoch'), loss=loss)
+    log(f'[{name}] compiling the training step')
+    start = time.perf_counter()
+    run_epoch.compile(state, frozen, *on_device)
+    timing['compile_s'] = round(time.perf_counter() - start, 2)
+    log(f'[{name}] compiled in {timing["compile_s"]:.1f} s')
+    stage_key = streams.key(ctx.config.seed, stream or name)
+    distilled = any(recipe.betas)
+    with progress(stage_cfg.epochs, done, f'[{name}]', 'epoch') as bar:
+      for epoch in range(done, stage_cfg.epochs):
+        start = time.perf_counter()
+        state, losses = run_epoch(state, frozen, *on_device, jax.random.fold_in(stage_key, epoch))
+        losses = jax.device_get(losses)
+        seconds = time.perf_counter() - start
+        if not np.isfinite(losses['ce']) or (distilled and not np.all(np.isfinite(losses['at']))):
+          section = SECTIONS.get(name, name)
+          raise FloatingPointError(
+              f'{name}: the loss became non-finite in epoch {epoch + 1} (ce {losses["ce"]}'
+              + (f', AT per layer {list(losses["at"])}; lower nad.betas '
+                 f'{tuple(recipe.betas)} or {section}.learning_rate, or check nad.p {recipe.p}'
+                 if distilled else f'; lower {section}.learning_rate') + ')')
+        speed = steps_per_epoch * stage_cfg.batch_size / seconds
+        timing['img_per_s'].append(round(speed, 1))
+        entry = {'epoch': epoch + 1, 'ce': round(float(losses['ce']), 5)}
+        if distilled:  # with every beta 0 the AT term is not computed, so not recorded
+          entry['at'] = [round(float(a), 7) for a in losses['at']]
+        message = (f'[{name}] epoch {epoch + 1}/{stage_cfg.epochs}  ce {entry["ce"]:.4f}'
+                   + (f'  at {sum(b * a for b, a in zip(recipe.betas, entry["at"])):.4f}'
+                      if distilled else ''))
+        evaluated = evaluated_epoch(epoch + 1, stage_cfg)
+        if evaluated:
+          entry.update(evaluate(ctx, readout(state.variables)))
+          message += (f'  acc {entry["acc"]:.2f}  acc_nontarget {entry["acc_nontarget"]:.2f}'
+                      f'  asr {entry["asr"]:.2f}  ra {entry["ra"]:.2f}')
+        history.append(entry)
+        log(f'{message}  ({speed:.0f} img/s)')
+        if evaluated and checkpoints:
+          checkpoints.save(epoch + 1, state, history)
+        bar.update(1)
+  if checkpoints:
+    checkpoints.close()
+  return StageResult(state.variables, history, timing)
+
+
+def is_record(path: str) -> bool:
+  """Whether `path` is a BackdoorBench record: a folder holding attack_result.pt, or
+  that file (by its name; any other file is read as a PyTorch state_dict)."""
+  return (os.path.isfile(os.path.join(path, backdoorbench.RESULT_FILE))
+          or (os.path.isfile(path) and os.path.basename(path) == backdoorbench.RESULT_FILE))
+
+
+def read_record(path: str, field: str) -> backdoorbench.Record:
+  """`backdoorbench.read_record`, its errors as a ConfigError naming `field`."""
+  try:
+    return backdoorbench.read_record(path)
+  except backdoorbench.RecordError as e:
+    raise ConfigError(f'{field}: {e}') from None
+
+
+def check_record(config, record: backdoorbench.Record, image_shape, num_classes: int,
+                 field: str) -> None:
+  """Refuses a run whose model differs from the BackdoorBench record it loads.
+
+  The record fixes the architecture, the input scaling (BackdoorBench's
+  normalisation of its clean_data) and the class count; the config must state the
+  same (`model.name`, `model.mean`, `model.std`) and the data must have the
+  record's classes and image size. nad-jax does not silently replace config
+  values: the results' config is the one that ran. nad-jax-clean sets them from
+  the record.
+
+  Args:
+    config: the run's config.
+    record: the record `field` names.
+    image_shape: (H, W, C) of the dataset's images.
+    num_classes: the dataset's class count.
+    field: 'student.checkpoint' or 'teacher.checkpoint', for the message.
+
+  Raises:
+    ConfigError: one line naming every field that disagrees and the record's value.
+  """
+  def scaling(values):
+    return None if values is None else tuple(round(float(v), 6) for v in values)
+
+  conflicts = []
+  if config.model.name != record.model_name:
+    conflicts.append(f'model.name {config.model.name!r} (the record: {record.model_name!r})')
+  for name, ours, theirs in (('mean', config.model.mean, record.mean),
+                             ('std', config.model.std, record.std)):
+    if scaling(ours) != scaling(theirs):
+      conflicts.append(f'model.{name} {scaling(ours)} (the record: {scaling(theirs)}, '
+                       f'BackdoorBench\'s normalisation of {record.dataset!r})')
+  if num_classes != record.num_classes:
+    conflicts.append(f'the data has {num_classes} classes (the record: {record.num_classes})')
+  if tuple(image_shape) != record.image_shape:
+    conflicts.append(f'the data\'s images are {"x".join(map(str, image_shape))} (the '
+                     f'record\'s: {"x".join(map(str, record.image_shape))})')
+  if conflicts:
+    raise ConfigError(f'{field} {record.path} is a BackdoorBench record that the run does not '
+                      'match: ' + '; '.join(conflicts) + ". Set the record's values")
+
+
+def record_variables(record: backdoorbench.Record, abstract_variables, field: str) -> dict:
+  """A record's model variables, checked against the configured model's."""
+  problems = ckpt_lib.mismatches(record.variables, abstract_variables)
+  if problems:
+    raise ConfigError(f'{field}: the model of the BackdoorBench record {record.path} does not '
+                      f'fit the configured model: {problems}')
+  return record.variables
+
+
+def load_checkpoint(path: str, abstract_variables, field: str) -> dict:
+  """Variables from a BackdoorBench record, a PyTorch file (whatever its name) or a
+  nad-jax stage folder.
+
+  A record is loaded as it is: `make_context` also checks it against the config
+  (`check_record`).
+
+  Args:
+    path: the record (folder or attack_result.pt), the file or the stage folder.
+    abstract_variables: the model's {'params', 'batch_stats'} shapes and dtypes.
+    field: the config field that named `path`, for the message.
+
+  Returns:
+    Host variables shaped like `abstract_variables`.
+
+  Raises:
+    ConfigError: one line naming `field` and `path`: missing, unreadable, or not this model.
+  """
+  if is_record(path):
+    return record_variables(read_record(path, field), abstract_variables, field)
+  try:
+    if os.path.isfile(path):
+      return torch_io.load(path, abstract_variables)
+    if os.path.isdir(path):
+      return ckpt_lib.load_variables(path, abstract_variables)
+    raise ckpt_lib.CheckpointError(f'{path} does not exist')
+  except ckpt_lib.CheckpointError as e:
+    raise ConfigError(f'{field}: {e}') from None
+
+
+def pretrained(ctx: Context, variables, path: str, name: str) -> StageResult:
+  """Loaded variables, evaluated once, as a stage that trained nothing."""
+  variables = train_lib.replicate(variables, ctx.mesh)
+  log(f'[{name}] loaded {path}')
+  return StageResult(variables, [{'epoch': 0, 'checkpoint': path, **evaluate(ctx, variables)}],
+                     {})
+
+
+def finished(directory: str, epochs: int) -> bool:
+  """Whether the stage folder holds its last epoch's checkpoint."""
+  return max(ckpt_lib.finished_epochs(directory), default=-1) >= epochs
+
+
+def victim_set(ctx: Context, directory: str | None):
+  """The training set the victim trains on, after `Attack.prepare` (e.g. CL's surrogate
+  training and PGD). It is kept in the stage folder until the stage finishes, so a
+  resumed stage reuses it instead of preparing it again."""
+  ds = ctx.dataset
+  if ctx.attack.prepare is None:
+    return ds.train_images, ds.train_labels, ctx.poisoned
+  prepare = lambda: attacks_lib.prepare(ctx.attack, ds.train_images, ds.train_labels,
+                                        ctx.poisoned, streams.key(ctx.config.seed,
+                                                                  'attack_prepare'))
+  if directory is None:
+    return prepare()
+  path = os.path.join(directory, PREPARED)
+  if os.path.isfile(path):
+    with np.load(path) as saved:
+      log(f'[backdoored] reusing the prepared training set in {path}')
+      return saved['images'], saved['labels'], saved['poisoned']
+  prepared = prepare()
+  if jax.process_index() == 0:
+    os.makedirs(directory, exist_ok=True)
+    tmp = path + '.tmp.npz'
+    np.savez(tmp, images=prepared[0], labels=prepared[1], poisoned=prepared[2])
+    os.replace(tmp, path)
+  return prepared
+
+
+def backdoored(ctx: Context) -> StageResult:
+  """`student.checkpoint`, or the model trained under the attack (`backdoor_training`).
+
+  A finished stage is restored without preparing the attack again.
+  """
+  ds, config = ctx.dataset, ctx.config
+  log(f'{len(ds.train_images)} training images ({ctx.poisoned.sum()} poisoned by '
+      f'{ctx.attack.name}), {clean_count(config, ds)} clean for the defense, '
+      f'{len(ds.test_images)} test; {jax.device_count()} {jax.default_backend()} device(s)')
+  if 'backdoored' in ctx.checkpoints:
+    return pretrained(ctx, ctx.checkpoints['backdoored'], config.student.checkpoint,
+                      'backdoored')
+  directory = ctx.workdir and os.path.join(ctx.workdir, 'backdoored')
+  if directory and finished(directory, config.backdoor_training.epochs):
+    training_set = ds.train_images, ds.train_labels, ctx.poisoned  # nothing left to train
+  else:
+    training_set = victim_set(ctx, directory)
+  result = train_stage(ctx, 'backdoored', config.backdoor_training,
+                       recipe_for(config.backdoor_training), init_variables(ctx, 'victim_init'),
+                       *training_set, ctx.attack)
+  if directory and jax.process_index() == 0 and os.path.isfile(os.path.join(directory, PREPARED)):
+    os.remove(os.path.join(directory, PREPARED))
+  return result
+
+
+# ------------------------------------------------------------------------------ outputs
+
+def kept_timing(path: str, timing: dict) -> dict:
+  """`timing`, where a stage trained nothing in this run, replaced by the timing that the
+  results file at `path` recorded for it, marked `from_earlier_run`."""
+  try:
+    with open(path) as f:
+      earlier = json.load(f)['timing']
+  except (OSError, ValueError, KeyError, TypeError):
+    return timing
+  return {name: ({**earlier[name], 'from_earlier_run': True}
+                 if not t.get('img_per_s') and earlier.get(name, {}).get('img_per_s') else t)
+          for name, t in timing.items()}
+
+
+def write_json(path: str, content: dict) -> None:
+  """Writes atomically (a temporary file renamed over the target) on process 0; NaN is
+  refused (ValueError) before any file is opened."""
+  if jax.process_index() != 0:
+    return
+  text = json.dumps(content, indent=1, default=str, allow_nan=False)
+  os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
+def format_table(stages: dict) -> str:
+  """A text table of {stage: metrics}, one row a stage."""
+  width = {k: max(9, len(k) + 2) for k in METRICS}
+  lines = [f'{"stage":<12}' + ''.join(f'{k:>{width[k]}}' for k in METRICS)]
+  for name, m in stages.items():
+    lines.append(f'{name:<12}' + ''.join(f'{m[k]:>{width[k]}.2f}' for k in METRICS))
+  return '\n'.join(lines)

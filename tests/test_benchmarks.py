@@ -1,0 +1,57 @@
+"""The benchmark scripts fail loudly instead of reporting half a result: bench.py when a
+worker (the PyTorch reference on a missing device) fails, roofline.py when its stage times
+come from another machine."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
+
+import bench  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def test_bench_fails_when_the_pytorch_worker_fails(monkeypatch, capsys):
+  """A worker that exits non-zero ends the command: exit status 1, one line naming the
+  device, no result files."""
+  monkeypatch.setattr(subprocess, 'run',
+                      lambda cmd, **kw: subprocess.CompletedProcess(cmd, 1, b'', b''))
+  with pytest.raises(SystemExit) as exit_:
+    bench.main(['--devices', '', '--torch', 'on', '--torch-device', 'cuda',
+                '--out', '/nonexistent/bench'])
+  message = str(exit_.value.code)
+  assert message.startswith('error: the PyTorch reference (--torch-device cuda) failed')
+  assert '\n' not in message
+
+
+def test_the_pytorch_worker_refuses_a_missing_gpu_in_one_line():
+  torch = pytest.importorskip('torch')
+  if torch.cuda.is_available():
+    pytest.skip('this machine has a CUDA device')
+  with pytest.raises(SystemExit) as exit_:
+    bench.torch_worker(bench.parse(['--torch-device', 'cuda']))
+  assert str(exit_.value.code) == '--torch-device cuda: PyTorch sees no CUDA device on this machine'
+
+
+def test_roofline_refuses_stage_times_from_another_machine(tmp_path):
+  import roofline  # pylint: disable=g-import-not-at-top  (imports JAX)
+  here = roofline.this_machine()
+  rows = [{'framework': 'pytorch', 'part': 'stage', 'wall_s': 10.0}]
+  other = tmp_path / 'other.json'
+  other.write_text(json.dumps({'meta': {
+      'machine': {'cpu': 'Some Other CPU', 'cores': here['cores']},
+      'backend': here['backend'], 'accelerator': here['accelerator']}, 'rows': rows}))
+  with pytest.raises(SystemExit) as exit_:
+    roofline.stage_rows(str(other))
+  message = str(exit_.value.code)
+  assert message.startswith(f'error: --stage-json {other} was measured on Some Other CPU')
+  assert '\n' not in message
+  same = tmp_path / 'same.json'
+  same.write_text(json.dumps({'meta': {
+      'machine': {'cpu': here['cpu'], 'cores': here['cores']},
+      'backend': here['backend'], 'accelerator': here['accelerator']}, 'rows': rows}))
+  assert roofline.stage_rows(str(same)) == rows

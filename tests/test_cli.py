@@ -1,0 +1,257 @@
+"""nad-jax-clean (nad_jax/cli.py): the installed command, run from a folder outside the
+repository on tiny data, its outputs, and one clear error per kind of bad input."""
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from nad_jax import cli, defaults, models, stages, torch_io
+from nad_jax.experiments import clean
+
+torch = pytest.importorskip('torch', reason="torch is not installed (pip install 'nad-jax[torch]')")
+from PIL import Image  # pylint: disable=g-import-not-at-top,wrong-import-position
+from torch_models import TorchPreActResNet18, randomize  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPE = (32, 32, 3)
+CLASSES = 3
+TARGET = 0
+# Tiny schedules: one epoch, batches of 8 (a multiple of the 4 forced CPU devices).
+QUICK = ['--epochs', '1', '--teacher-epochs', '1', '--batch-size', '8', '--clean-fraction', '1',
+         '--set', 'data.eval_batch_size=8', '--attention-images', '2']
+
+
+def write_folder(root: Path, train: int = 8, test: int = 4) -> Path:
+  """An ImageFolder tree root/{train,test}/c<k>/<i>.png of random 32x32 RGB images."""
+  rng = np.random.default_rng(0)
+  for split, count in (('train', train), ('test', test)):
+    for k in range(CLASSES):
+      folder = root / split / f'c{k}'
+      folder.mkdir(parents=True)
+      for i in range(count):
+        Image.fromarray(rng.integers(0, 256, SHAPE, dtype=np.uint8)).save(folder / f'{i}.png')
+  return root
+
+
+def write_tiny_pth(path: Path) -> Path:
+  """A PyTorch state_dict of nad-jax's `tiny` net (WideResNet names), randomly initialised."""
+  model = models.build_model('tiny', CLASSES)
+  variables = model.init(jax.random.key(1), jnp.zeros((1, *SHAPE)), train=False)
+  torch_io.save(jax.device_get(variables), str(path))
+  return path
+
+
+def write_record(root: Path) -> Path:
+  """A BackdoorBench record (v1 layout: bd_test images inside the file) of a PreActResNet18
+  with random weights, 3 classes, all-to-one target 0, 6 poisoned test images."""
+  folder = root / 'record' / 'badnet_tiny'
+  folder.mkdir(parents=True)
+  model = randomize(TorchPreActResNet18(num_classes=CLASSES), seed=2)
+  rng = np.random.default_rng(1)
+  images = rng.integers(0, 256, (6, *SHAPE), dtype=np.uint8)
+  images[:, -4:-1, -4:-1] = 255
+  originals = np.array([1, 2, 1, 2, 1, 2])
+  bd_test = {'x': list(images), 'y': np.full(6, TARGET), 'original_index': np.arange(6),
+             'original_targets': originals}
+  torch.save({'model_name': 'preactresnet18', 'num_classes': CLASSES,
+              'model': {f'module.{k}': v for k, v in model.state_dict().items()},
+              'data_path': '../data/cifar10', 'img_size': list(SHAPE), 'clean_data': 'cifar10',
+              'bd_train': None, 'bd_test': bd_test}, folder / 'attack_result.pt')
+  return folder
+
+
+def run_command(args, cwd: Path) -> subprocess.CompletedProcess:
+  """`python -m nad_jax.cli ARGS` in `cwd`, importing nad_jax from this checkout."""
+  env = {**os.environ, 'PYTHONPATH': str(ROOT)}
+  return subprocess.run([sys.executable, '-m', 'nad_jax.cli', *map(str, args)], cwd=cwd, env=env,
+                        capture_output=True, text=True, timeout=900, check=False)
+
+
+@pytest.fixture(scope='module')
+def inputs(tmp_path_factory):
+  """A tiny image folder and a tiny PyTorch model, outside the repository."""
+  root = tmp_path_factory.mktemp('inputs')
+  return write_folder(root / 'data'), write_tiny_pth(root / 'tiny.pth')
+
+
+def test_console_script_is_declared_and_resolves():
+  with open(ROOT / 'pyproject.toml', 'rb') as f:
+    scripts = tomllib.load(f)['project']['scripts']
+  module, _, function = scripts['nad-jax-clean'].partition(':')
+  assert getattr(importlib.import_module(module), function) is cli.main
+
+
+def test_help_names_every_option_and_its_field(tmp_path):
+  result = run_command(['--help'], tmp_path)
+  assert result.returncode == 0, result.stderr
+  for option in ('--data', '--arch', '--poisoned', '--attack', '--target-label', '--method',
+                 '--epochs', '--out', '--set', '[student.checkpoint]', '[model.name]',
+                 '[teacher.epochs]'):
+    assert option in result.stdout, option
+
+
+@pytest.mark.slow
+def test_cleans_a_pytorch_model_from_another_folder(inputs, tmp_path):
+  data, model = inputs
+  result = run_command([model, '--arch', 'tiny', '--data', data, '--attack', 'badnets',
+                        '--target-label', TARGET, '--out', 'out', *QUICK], tmp_path)
+  assert result.returncode == 0, result.stdout + result.stderr
+  out = tmp_path / 'out'
+  results = json.loads((out / 'results.json').read_text())
+  assert set(results['stages']) == {'backdoored', 'teacher', 'nad'}
+  assert [h['epoch'] for h in results['history']['nad']] == [0, 1]
+  assert results['input']['model_kind'] == 'PyTorch file'
+  assert results['config']['model']['name'] == 'tiny'
+  report = (out / 'report.md').read_text()
+  assert '| nad (after) |' in report and '![attention maps' in report
+  assert (out / 'attention.png').stat().st_size > 0 and (out / 'curves.png').stat().st_size > 0
+  assert not (out / 'defense').exists()  # BackdoorBench's files only for a record
+  # The cleaned model loads back into nad-jax and is the one evaluated.
+  abstract = jax.eval_shape(lambda: models.build_model('tiny', CLASSES).init(
+      jax.random.key(0), jnp.zeros((1, *SHAPE)), train=False))
+  cleaned = torch_io.load(str(out / 'cleaned.pth'), abstract)
+  assert cleaned['params'].keys() == abstract['params'].keys()
+  # Rerunning the same command resumes: nothing trains again.
+  again = run_command([model, '--arch', 'tiny', '--data', data, '--attack', 'badnets',
+                       '--target-label', TARGET, '--out', 'out', *QUICK], tmp_path)
+  assert again.returncode == 0, again.stderr
+  assert '[nad] resumed from epoch 1' in again.stdout
+  assert json.loads((out / 'results.json').read_text())['stages'] == results['stages']
+
+
+@pytest.mark.slow
+def test_a_backdoorbench_record_gets_its_defense_result(inputs, tmp_path):
+  """A record as MODEL (and as the teacher, so only NAD trains): its architecture, scaling
+  and poisoned test images are used; defense_result.pt loads strictly into PyTorch."""
+  data, _ = inputs
+  record = write_record(tmp_path)
+  result = run_command([record, '--data', data, '--teacher', record, '--out', tmp_path / 'out',
+                        *QUICK], tmp_path)
+  assert result.returncode == 0, result.stdout + result.stderr
+  out = tmp_path / 'out'
+  results = json.loads((out / 'results.json').read_text())
+  assert results['config']['model']['name'] == 'preact_resnet18'
+  assert tuple(results['config']['model']['mean']) == (0.4914, 0.4822, 0.4465)
+  attack = results['config']['attack']
+  assert (attack['name'], attack['target_label'], attack['path']) == ('files', TARGET, str(record))
+  assert results['stages']['teacher'] == results['stages']['backdoored']
+  saved = torch.load(out / 'defense' / 'nad' / 'defense_result.pt', weights_only=True)
+  assert (saved['model_name'], saved['num_classes']) == ('preactresnet18', CLASSES)
+  TorchPreActResNet18(num_classes=CLASSES).load_state_dict(saved['model'], strict=True)
+  rows = (out / 'defense' / 'nad' / 'nad_df.csv').read_text().splitlines()
+  assert rows[0] == ',epoch,test_acc,test_asr,test_ra' and len(rows) == 3
+  assert not (record / 'defense').exists()  # the record itself is left as it was
+
+
+def test_a_record_that_disagrees_with_the_config_is_refused(inputs, tmp_path):
+  """stages.check_record: model.name, mean/std and the class count named in one message."""
+  data, _ = inputs
+  record = write_record(tmp_path)
+  config, _ = cli.build_config(cli.parser().parse_args(
+      [str(record), '--data', str(data), '--arch', 'wrn16_1']))
+  config.model.mean = None
+  config.model.std = None
+  dataset = stages.data_lib.Dataset(np.zeros((4, *SHAPE), np.uint8), np.arange(4) % 2,
+                                    np.zeros((4, *SHAPE), np.uint8), np.arange(4) % 2, 2)
+  with pytest.raises(stages.ConfigError) as error:
+    stages.make_context(config, dataset, None, ())
+  message = str(error.value)
+  for fragment in ("student.checkpoint", "model.name 'wrn16_1' (the record: 'preact_resnet18')",
+                   'model.mean None (the record: (0.4914', 'model.std None',
+                   'the data has 2 classes (the record: 3)'):
+    assert fragment in message, message
+
+
+def test_the_label_map_is_read_from_the_poisoned_labels():
+  assert cli.label_map(np.array([0, 0, 0]), np.array([1, 2, 1]), 'x') == ('all_to_one', 0)
+  assert cli.label_map(np.array([2, 0, 1, 1]), np.array([1, 2, 0, 1]), 'x') == ('all_to_all', 0)
+  with pytest.raises(cli.UsageError, match='neither'):
+    cli.label_map(np.array([2, 2, 1]), np.array([0, 1, 2]), 'x')
+  with pytest.raises(cli.UsageError, match='no poisoned test image'):
+    cli.label_map(np.array([1, 2]), np.array([1, 2]), 'x')
+
+
+def bad_inputs(tmp_path, data, model):
+  """{case: (arguments, a fragment the message must hold)}: one per kind of bad input."""
+  junk = tmp_path / 'junk.pth'
+  junk.write_bytes(b'not a checkpoint')
+  bad_npz = tmp_path / 'bad.npz'
+  np.savez(bad_npz, images=np.zeros((2, *SHAPE), np.uint8))
+  a_file = tmp_path / 'a_file'
+  a_file.write_text('')
+  no_splits = tmp_path / 'no_splits'
+  no_splits.mkdir()
+  ok = ['--attack', 'badnets', '--target-label', '0', '--batch-size', '8',
+        '--clean-fraction', '1']
+  return {
+      'missing model': ([tmp_path / 'nope.pth', '--data', data, *ok], 'MODEL'),
+      'junk model': ([junk, '--arch', 'tiny', '--data', data, *ok], 'junk.pth'),
+      'wrong architecture': ([model, '--arch', 'wrn16_1', '--data', data, *ok], 'model.name'),
+      'missing data': ([model, '--arch', 'tiny', '--data', tmp_path / 'nodata', *ok], '--data'),
+      'data without splits': ([model, '--arch', 'tiny', '--data', no_splits, *ok], 'no_splits'),
+      'missing poisoned': ([model, '--arch', 'tiny', '--data', data, '--poisoned',
+                            tmp_path / 'nope.npz'], '--poisoned'),
+      'bad poisoned npz': ([model, '--arch', 'tiny', '--data', data, '--poisoned', bad_npz],
+                           '--poisoned'),
+      'no way to measure asr': ([model, '--arch', 'tiny', '--data', data], '--attack NAME'),
+      'unknown attack': ([model, '--arch', 'tiny', '--data', data, '--attack', 'nope'],
+                         '--attack'),
+      'no target label': ([model, '--arch', 'tiny', '--data', data, '--attack', 'badnets'],
+                          '--target-label'),
+      'unknown method': ([model, '--arch', 'tiny', '--data', data, *ok, '--method', 'x'],
+                         '--method'),
+      'unknown architecture': ([model, '--arch', 'resnet99', '--data', data, *ok], 'model.name'),
+      'bad number': ([model, '--arch', 'tiny', '--data', data, *ok, '--epochs', 'two'],
+                     '--epochs'),
+      'bad value': ([model, '--arch', 'tiny', '--data', data, *ok, '--epochs', '-1'],
+                    'nad.epochs -1'),
+      'bad mean': ([model, '--arch', 'tiny', '--data', data, *ok, '--mean', 'a,b', '--std',
+                    '1,1'], '--mean'),
+      'unknown field': ([model, '--arch', 'tiny', '--data', data, *ok, '--set', 'nad.epoch=2'],
+                        'did you mean nad.epochs'),
+      'mistyped field': ([model, '--arch', 'tiny', '--data', data, *ok, '--set',
+                          'nad.epochs=fast'], 'nad.epochs'),
+      'out is a file': ([model, '--arch', 'tiny', '--data', data, *ok, '--out', a_file],
+                        'a_file is a file'),
+      'batch larger than the clean subset': ([model, '--arch', 'tiny', '--data', data, *ok,
+                                              '--clean-fraction', '0.05'],
+                                             'teacher.batch_size 8'),
+  }
+
+
+CASES = ('missing model', 'junk model', 'wrong architecture', 'missing data',
+         'data without splits', 'missing poisoned', 'bad poisoned npz', 'no way to measure asr',
+         'unknown attack', 'no target label', 'unknown method', 'unknown architecture',
+         'bad number', 'bad value', 'bad mean', 'unknown field', 'mistyped field',
+         'out is a file', 'batch larger than the clean subset')
+
+
+@pytest.mark.parametrize('case', CASES)
+def test_a_bad_input_is_one_line_and_writes_nothing(case, inputs, tmp_path, capsys,
+                                                    monkeypatch):
+  data, model = inputs
+  args, fragment = bad_inputs(tmp_path, data, model)[case]
+  monkeypatch.chdir(tmp_path)
+  before = sorted(p.name for p in tmp_path.iterdir())
+  with pytest.raises(SystemExit) as exit_info:
+    cli.main([str(a) for a in args])
+  message = str(exit_info.value.code)
+  assert message.startswith('error: ') and '\n' not in message, message
+  assert fragment in message, message
+  assert 'Traceback' not in capsys.readouterr().err
+  assert sorted(p.name for p in tmp_path.iterdir()) == before  # no ./cleaned, nothing else
+
+
+def test_the_runner_refuses_an_unknown_method(tmp_path):
+  with pytest.raises(stages.ConfigError, match="method 'nap'"):
+    clean.run(defaults.paper_config(), str(tmp_path / 'out'), 'nap')
+  assert not (tmp_path / 'out').exists()

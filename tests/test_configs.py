@@ -1,0 +1,186 @@
+"""What a run records is what it ran: one definition per attack variant, overrides that
+reach every stage they shape (or are refused), variants refused with one message.
+
+The whole-run checks (main.py on a tiny table, its table1.json and its eval-only mode)
+are marked slow; the rest build configs only.
+"""
+
+import json
+import os
+import sys
+
+import pytest
+from absl import flags
+
+import main
+from configs import ablations, nad_cifar, nad_official, quickstart, table1, tiny
+from nad_jax import defaults, validation
+from nad_jax.experiments import table1 as table
+
+# The sections that shape a stage (validation.STAGE_SECTIONS) and the defenses' own.
+SHAPING = ('seed', 'data', 'model', 'attack', 'backdoor_training', 'student', 'teacher', 'nad',
+           'fp', 'mcr')
+
+
+def shaping(config, drop_eval_every: bool) -> dict:
+  """The config's shaping sections as a dict; `eval_every` (which shapes nothing, and
+  which configs/table1.py sets to 2 on the quickstart data) left out where asked."""
+  def strip(tree):
+    return {k: strip(v) if isinstance(v, dict) else v for k, v in tree.items()
+            if not (drop_eval_every and k == 'eval_every')}
+  as_dict = config.to_dict()
+  return strip({k: as_dict[k] for k in SHAPING})
+
+
+def with_defenses(config):
+  defaults.defense_stages(config)
+  return config.copy_and_resolve_references()
+
+
+@pytest.mark.parametrize('variant', defaults.ATTACK_VARIANTS)
+def test_a_table_row_runs_what_its_base_config_runs(variant):
+  """configs/table1.py:X runs configs/quickstart.py:X, and :cifar,X configs/nad_cifar.py:X,
+  for every section that shapes a stage (FP and MCR follow NAD in both)."""
+  ran = table.attack_config(table1.get_config('all'), variant)
+  assert shaping(ran, True) == shaping(with_defenses(quickstart.get_config(variant)), True)
+  ran = table.attack_config(table1.get_config('cifar,all'), variant)
+  assert shaping(ran, False) == shaping(with_defenses(nad_cifar.get_config(variant)), False)
+
+
+def test_nad_schedule_reaches_every_defense_of_every_attack():
+  config = table1.get_config('badnets,refool')
+  config.nad.epochs = 1
+  for attack in ('badnets', 'refool'):
+    ran = table.attack_config(config, attack)
+    assert ran.nad.epochs == ran.fp.epochs == ran.mcr.epochs == 1
+    assert ran.mcr.lr_boundaries == (0,)  # halfway, following nad.epochs
+    assert ran.fp.batch_size == ran.mcr.batch_size == ran.nad.batch_size
+  assert table.attack_config(config, 'refool').fp.batch_size == 16  # refool's own NAD batch
+  config.fp.epochs = 3  # a defense's own field changes that defense only
+  assert (config.fp.epochs, config.nad.epochs, config.mcr.epochs) == (3, 1, 1)
+
+
+def test_an_override_an_attack_shadows_is_refused_with_the_per_attack_field():
+  config = table1.get_config()  # badnets, blend; blend's teacher trains at batch 16
+  config.teacher.batch_size = 8
+  with pytest.raises(validation.ConfigError) as error:
+    table.check_overrides(config, ('teacher.batch_size',))
+  message = str(error.value)
+  assert message.startswith('teacher.batch_size 8: set per attack by blend')
+  assert '--config.table.attack_configs.blend.teacher.batch_size=8' in message
+  table.check_overrides(config, ('nad.epochs', 'attack.poison_rate', 'data.train_size'))
+  with pytest.raises(validation.ConfigError, match='set per attack by badnets, blend'):
+    table.check_overrides(config, ('attack.name',))
+  config.table.attacks = ('badnets',)
+  table.check_overrides(config, ('teacher.batch_size',))  # no attack of this table sets it
+
+
+def test_a_per_attack_field_the_config_lacks_is_named():
+  config = table1.get_config('badnets')
+  with config.table.attack_configs.badnets.attack.unlocked():
+    config.table.attack_configs.badnets.attack.strength = 2.0
+  with pytest.raises(validation.ConfigError,
+                     match=r'^table.attack_configs.badnets.attack.strength: the config has no'):
+    table.attack_config(config, 'badnets')
+
+
+CONFIG_FILES = {'configs/tiny.py': tiny, 'configs/quickstart.py': quickstart,
+                'configs/nad_cifar.py': nad_cifar, 'configs/nad_official.py': nad_official,
+                'configs/ablations.py': ablations, 'configs/table1.py': table1}
+
+
+@pytest.mark.parametrize('path', CONFIG_FILES)
+def test_every_config_file_refuses_an_unknown_variant(path):
+  with pytest.raises(ValueError) as error:
+    CONFIG_FILES[path].get_config('nosuch')
+  message = str(error.value)
+  assert path in message and 'nosuch' in message and '\n' not in message
+
+
+def test_all_stands_alone():
+  with pytest.raises(ValueError, match="'all' stands alone"):
+    table1.get_config('all,badnets')
+  assert table1.get_config('cifar,all').table.attacks == defaults.ATTACK_VARIANTS
+
+
+def test_ablation_default_fraction_is_the_quickstart():
+  assert ablations.get_config('fraction_0.05').to_dict() == quickstart.get_config().to_dict()
+  assert ablations.get_config().to_dict() == quickstart.get_config().to_dict()
+  small = ablations.get_config('fraction_0.01')  # 50 clean images: not two batches of 64
+  assert small.teacher.batch_size == small.nad.batch_size == 16
+  for fraction in ('0.1', '0.2'):
+    config = ablations.get_config(f'fraction_{fraction}')
+    assert config.teacher.batch_size == config.nad.batch_size == 64
+
+
+# ------------------------------------------------------------------- main.py's config path
+
+TINY_TABLE = [
+    '--config.model.name=tiny', '--config.data.train_size=512', '--config.data.test_size=256',
+    '--config.data.clean_fraction=0.25', '--config.data.eval_batch_size=128',
+    '--config.backdoor_training.epochs=2', '--config.backdoor_training.batch_size=32',
+    '--config.backdoor_training.lr_boundaries=()', '--config.teacher.epochs=1',
+    '--config.teacher.batch_size=32', '--config.teacher.learning_rate=0.05',
+    '--config.teacher.lr_boundaries=()', '--config.nad.epochs=1', '--config.nad.batch_size=32',
+    '--config.nad.lr_boundaries=()', '--config.mcr.points=3', '--config.table.figures=False',
+    '--config.compilation_cache=']  # no shell here: '' would be a folder named ''
+
+
+def parsed(args) -> list[str]:
+  """absl's parsing of `main.py *args` through main.parse_flags; config_flags finds the
+  `--config.<field>` overrides in sys.argv, so it is set for the call, and defines one
+  flag per override, so those of an earlier parse are removed first."""
+  for name in [n for n in flags.FLAGS if n.startswith('config.')]:
+    delattr(flags.FLAGS, name)
+  argv, sys.argv = sys.argv, ['main.py', *args]
+  try:
+    return main.parse_flags(sys.argv)
+  finally:
+    sys.argv = argv
+
+
+def run_main(args) -> str | None:
+  """main.py in this process: its flag parsing and main(); the `error: ...` line of a
+  refused run, None for a run that ended normally."""
+  try:
+    main.main(parsed(args))
+  except SystemExit as exit_:
+    return str(exit_.code)
+  finally:
+    flags.FLAGS.unparse_flags()
+  return None
+
+
+def test_main_refuses_a_shadowed_override(tmp_path):
+  workdir = tmp_path / 'table'
+  error = run_main(['--config=configs/table1.py', f'--workdir={workdir}',
+                    '--config.teacher.batch_size=8'])
+  assert error.startswith('error: teacher.batch_size 8: set per attack by blend'), error
+  assert '--config.table.attack_configs.blend.teacher.batch_size=8' in error
+  assert not workdir.exists()
+
+
+@pytest.mark.slow
+def test_main_records_what_each_attack_ran_and_evaluates_it_again(tmp_path):
+  """table1.json's per-attack config is the one that ran (nad.epochs=1 reaches FT, FP,
+  MCR and NAD), and --config.eval_only=True restores every stage to the same table."""
+  workdir = str(tmp_path / 'table')
+  args = ['--config=configs/table1.py:badnets', f'--workdir={workdir}', *TINY_TABLE]
+  assert run_main(args) is None
+  with open(os.path.join(workdir, 'table1.json')) as f:
+    saved = json.load(f)
+  recorded = saved['details']['badnets']['config']
+  parsed(args)  # the config main.py ran, rebuilt from the same flags
+  given = flags.FLAGS.config
+  flags.FLAGS.unparse_flags()
+  assert recorded == json.loads(json.dumps(table.attack_config(given, 'badnets').to_dict()))
+  assert recorded['mcr']['lr_boundaries'] == [0]
+  for stage in ('ft', 'fp', 'mcr', 'nad'):
+    assert [h['epoch'] for h in saved['details']['badnets']['history'][stage]] == [0, 1]
+    assert recorded['nad' if stage == 'ft' else stage]['epochs'] == 1
+  assert run_main([*args, '--config.eval_only=True']) is None
+  with open(os.path.join(workdir, 'table1_eval.json')) as f:
+    evaluated = json.load(f)
+  assert evaluated['table'] == saved['table']
+  assert set(evaluated['stages']['badnets']) == {'backdoored', 'ft', 'fp', 'mcr', 'teacher',
+                                                 'nad'}

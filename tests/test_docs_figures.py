@@ -1,0 +1,56 @@
+"""The figures the README and docs/*.md quote come from result files under docs/results/
+that a named command regenerates (docs/results/regenerate.py): every marked block must
+equal what its result files say, cell for cell."""
+
+import importlib.util
+import os
+import re
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DOCS = ['README.md'] + [os.path.join('docs', f) for f in sorted(os.listdir(
+    os.path.join(ROOT, 'docs'))) if f.endswith('.md')]
+MARKER = re.compile(r'<!-- figures: (\w+)[^>]*-->\n((?:\|.*\n)+)')
+CELL = re.compile(r'\*{0,2}(\d+\.\d+)\*{0,2} / (\d+\.\d+)')
+
+
+def sources():
+  spec = importlib.util.spec_from_file_location(
+      'regenerate', os.path.join(ROOT, 'docs', 'results', 'regenerate.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def marked_blocks() -> list:
+  """(doc, block name, the "a / b" cells of the table under its marker)."""
+  out = []
+  for doc in DOCS:
+    with open(os.path.join(ROOT, doc)) as f:
+      text = f.read()
+    for name, table in MARKER.findall(text):
+      out.append((doc, name, [f'{a} / {b}' for a, b in CELL.findall(table)]))
+  return out
+
+
+BLOCKS = marked_blocks()
+
+
+def test_every_block_is_marked_once():
+  """The three bound blocks: the quickstart (README), the comparison and the ablations."""
+  assert sorted(name for _, name, _ in BLOCKS) == sorted(sources().BLOCKS)
+
+
+@pytest.mark.parametrize('doc,name,cells', BLOCKS, ids=[f'{d}:{n}' for d, n, _ in BLOCKS])
+def test_a_block_quotes_its_result_files(doc, name, cells):
+  module = sources()
+  block = module.BLOCKS[name]
+  for command, _ in block.sources.values():  # each command names a config file that exists
+    config = re.search(r'--config=(configs/\w+\.py)', command).group(1)
+    assert os.path.isfile(os.path.join(ROOT, config)), command
+  results = module.load(name)
+  if results is None:
+    pytest.skip(f'{doc}: docs/results/ lacks the files of block {name!r}; regenerate them '
+                f'with python docs/results/regenerate.py {name}')
+  assert cells == block.cells(results), f'{doc}: block {name!r} differs from docs/results/'
