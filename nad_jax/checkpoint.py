@@ -145,7 +145,7 @@ def load_variables(path: str, abstract_variables: dict) -> dict:
       arrays or ShapeDtypeStructs.
 
   Returns:
-    {'params', 'batch_stats'} as restored by orbax.
+    {'params', 'batch_stats'} as numpy arrays on the host, whatever devices wrote them.
 
   Raises:
     CheckpointError: `path` is not such a folder, its files cannot be read, or
@@ -186,7 +186,8 @@ def load_variables(path: str, abstract_variables: dict) -> dict:
                           f'incomplete ({_gist(e)})') from None
   finally:
     handler.close()
-  return {'params': state['params'], 'batch_stats': state.get('batch_stats', {})}
+  # Host arrays: the caller places them (replicated over its mesh, or as they are).
+  return jax.device_get({'params': state['params'], 'batch_stats': state.get('batch_stats', {})})
 
 
 def mismatches(variables, abstract_variables, limit: int = LIST_LIMIT) -> str:

@@ -243,7 +243,9 @@ def test_a_killed_process_ends_the_other_and_both_resume(two_process_run, tmp_pa
   while not os.path.exists(first_epoch) and time.time() < deadline \
       and all(p.poll() is None for p in processes):
     time.sleep(0.05)
-  assert all(p.poll() is None for p in processes), 'a process ended before one could be killed'
+  ended = [i for i, p in enumerate(processes) if p.poll() is not None]
+  assert not ended, (f'process {ended[0]} ended (exit {processes[ended[0]].poll()}) before one '
+                     'could be killed: ' + output(workdir, ended[0], 'err')[-3000:])
   processes[1].send_signal(signal.SIGKILL)
   # Process 0 waits at a collective or an orbax barrier until the heartbeat times out.
   survivor = wait_all(processes, HEARTBEAT + 60)[0]
