@@ -41,7 +41,7 @@ def main():
   args = parser.parse_args()
 
   config = quickstart.get_config()
-  ds = data_lib.load_dataset(config.data, config.seed)
+  ds = data_lib.load_dataset(config.data)
   shape = ds.train_images.shape[1:]
   model = models.build_model(args.model, ds.num_classes)
   mesh = train_lib.make_mesh()

@@ -8,7 +8,9 @@ Parts (images/second after warm-up; compile time reported separately):
   eval   make_evaluate: a clean and a triggered forward per test image; img/s counts forwards;
   stage  the whole NAD stage as the official code runs it: 20 epochs on 2,500 images at
          batch 64 with augmentation, plus an evaluation of the clean (10,000) and the
-         triggered test set after every epoch and once before. Wall time.
+         triggered test set after every epoch and once before. Wall time. With
+         --replicas K > 1, K models (config.seeds) train and evaluate side by side in
+         one program, each on its own copy of the 2,500 images.
 
 Each device count in --devices runs in its own subprocess (XLA_FLAGS
 --xla_force_host_platform_device_count=N on CPU); the PyTorch reference (if torch
@@ -16,6 +18,7 @@ imports) runs in another. Results: <out>.json and <out>.md.
 
   python benchmarks/bench.py                      # everything, both models, 3 batches
   python benchmarks/bench.py --models wrn16_1 --batches 128 --parts nad --devices 1,2,4
+  python benchmarks/bench.py --parts stage --epochs 2 --replicas 1,2,4,8 --torch off
 """
 
 import argparse
@@ -45,6 +48,8 @@ def parse(argv=None):
   p.add_argument('--repeats', type=int, default=2, help='timed repeats; the best is reported')
   p.add_argument('--epochs', type=int, default=20, help='stage: NAD epochs (official: 20)')
   p.add_argument('--stage-models', default='wrn16_1', help='models for the stage part')
+  p.add_argument('--replicas', default='1',
+                 help='stage: replica counts K, e.g. 1,2,4,8 (K seeds side by side)')
   p.add_argument('--eval-batch', type=int, default=1000, help='nad-jax stage eval batch')
   p.add_argument('--torch-eval-batch', type=int, default=64,
                  help='PyTorch stage eval batch (the official code: 64)')
@@ -177,46 +182,58 @@ def jax_worker(args, num_devices):
 
   if 'stage' in csv(args.parts):
     ds = data.synthetic(0, 2500, 10_000)
-    for name in csv(args.stage_models):
+    for name, count in ((n, k) for n in csv(args.stage_models) for k in csv(args.replicas, int)):
       model = models.build_model(name, 10, args.dtype, args.conv)
       attack = attacks.build_attack(attack_cfg, 10, (32, 32, 3))
-      variables = jax.jit(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
-                                             train=False))()
+      stacked = count > 1
+      # K replicas: K initialisations, each with its own copy of the training set, as
+      # config.seeds trains them (stages.per_seed); one replica: the single-seed program.
+      per_replica = lambda f: jax.vmap(f)(jax.random.split(jax.random.key(0), count)) \
+          if stacked else f(jax.random.key(0))
+      copies = lambda x: np.broadcast_to(x, (count, *x.shape)) if stacked else x
+      variables = jax.jit(lambda: per_replica(lambda k: model.init(
+          k, jnp.zeros((1, 32, 32, 3)), train=False)))()
       batch = 64 - 64 % num_devices
       steps = 2500 // batch
       recipe = T.Recipe(batch, crop_flip=True, cutout=3, betas=(500.0, 1000.0, 1000.0),
                         layers=tuple(model.distill_layers))
       tx = T.make_optimizer(stage_cfg(batch, (2,)), steps)
-      state = T.replicate(T.state_from_variables(variables, tx), mesh)
+      start_state = lambda v: T.state_from_variables(v, tx)
+      state = T.replicate((jax.vmap(start_state) if stacked else start_state)(variables), mesh)
       teacher = T.replicate(variables, mesh)
-      on_device = T.replicate((ds.train_images, ds.train_labels, np.zeros(2500, bool)), mesh)
+      on_device = T.replicate(tuple(copies(x) for x in (
+          ds.train_images, ds.train_labels, np.zeros(2500, bool))), mesh)
       eval_batch = args.eval_batch - args.eval_batch % num_devices
       test = T.make_test_set(ds.test_images, ds.test_labels, eval_batch, mesh, attack)
-      run = T.TrainEpoch(model, tx, mesh, recipe, normalize, None, scan)
-      evaluate = T.make_evaluate(model, mesh, normalize, attack, scan)
+      run = T.TrainEpoch(model, tx, mesh, recipe, normalize, None, scan, replicas=stacked)
+      evaluate = T.make_evaluate(model, mesh, normalize, attack, scan, replicas=stacked)
+      keys = lambda key: jax.random.split(key, count) if stacked else key
+      fold_in = jax.vmap(jax.random.fold_in, (0, None)) if stacked else jax.random.fold_in
       start = time.perf_counter()
       run.compile(state, teacher, *on_device)
       compile_s = time.perf_counter() - start
       start = time.perf_counter()  # eval warm-up: compile + one whole evaluation
-      jax.device_get(evaluate(state.variables, test, jax.random.key(7)))
+      jax.device_get(evaluate(state.variables, test, keys(jax.random.key(7))))
       eval_warmup_s = time.perf_counter() - start
       t_train = t_eval = 0.0
       start = time.perf_counter()
-      metrics = jax.device_get(evaluate(state.variables, test, jax.random.key(7)))
+      metrics = jax.device_get(evaluate(state.variables, test, keys(jax.random.key(7))))
       t_eval += time.perf_counter() - start
       for epoch in range(args.epochs):
         s = time.perf_counter()
-        state, losses = run(state, teacher, *on_device, jax.random.fold_in(jax.random.key(3), epoch))
+        state, losses = run(state, teacher, *on_device, fold_in(keys(jax.random.key(3)), epoch))
         jax.device_get(losses)
         t_train += time.perf_counter() - s
         s = time.perf_counter()
-        metrics = jax.device_get(evaluate(state.variables, test, jax.random.key(7)))
+        metrics = jax.device_get(evaluate(state.variables, test, keys(jax.random.key(7))))
         t_eval += time.perf_counter() - s
-      row(model=name, part='stage', batch=batch, epochs=args.epochs, eval_batch=eval_batch,
-          wall_s=round(t_train + t_eval, 2), train_s=round(t_train, 2), eval_s=round(t_eval, 2),
-          compile_s=round(compile_s, 2), eval_warmup_s=round(eval_warmup_s, 2),
-          img_per_s=round(args.epochs * steps * batch / t_train, 1),
-          acc=round(float(metrics['acc']), 2), asr=round(float(metrics['asr']), 2))
+      row(model=name, part='stage', replicas=count, batch=batch, epochs=args.epochs,
+          eval_batch=eval_batch, wall_s=round(t_train + t_eval, 2), train_s=round(t_train, 2),
+          eval_s=round(t_eval, 2), compile_s=round(compile_s, 2),
+          eval_warmup_s=round(eval_warmup_s, 2),
+          img_per_s=round(count * args.epochs * steps * batch / t_train, 1),
+          acc=round(float(np.mean(metrics['acc'])), 2),
+          asr=round(float(np.mean(metrics['asr'])), 2))
   return rows
 
 
@@ -329,7 +346,7 @@ def table(rows):
   for model, part, batch in keys:
     get = lambda fw, d=1: next((r for r in rows if r['framework'] == fw and r['model'] == model
                                 and r['part'] == part and r['batch'] == batch
-                                and r['devices'] == d), None)
+                                and r['devices'] == d and r.get('replicas', 1) == 1), None)
     cells = [model, part, str(batch)]
     for d in jax_devices:
       r = get('nad-jax', d)
@@ -356,6 +373,18 @@ def table(rows):
               '| model | framework | devices | wall s | train s | eval s | eval batch | '
               'compile s | final acc | final asr |', '|---|---|---|---|---|---|---|---|---|---|',
               *stage_lines]
+  stacked = [r for r in rows if r['part'] == 'stage' and r['framework'] == 'nad-jax']
+  if any(r.get('replicas', 1) > 1 for r in stacked):
+    lines += ['', 'K replicas side by side (config.seeds), the same stage for every replica:',
+              '', '| model | devices | K | wall s | train s | eval s | wall / wall at K=1 | '
+              'wall per replica s |', '|---|---|---|---|---|---|---|---|']
+    for r in stacked:
+      one = next((o for o in stacked if o['model'] == r['model']
+                  and o['devices'] == r['devices'] and o.get('replicas', 1) == 1), None)
+      ratio = '' if one is None else f"{r['wall_s'] / one['wall_s']:.2f}x"
+      lines.append(f"| {r['model']} | {r['devices']} | {r.get('replicas', 1)} | "
+                   f"{r['wall_s']:.1f} | {r['train_s']:.1f} | {r['eval_s']:.1f} | {ratio} | "
+                   f"{r['wall_s'] / r.get('replicas', 1):.1f} |")
   return '\n'.join(lines)
 
 

@@ -105,7 +105,7 @@ def load_data(source: str = 'synthetic', *, seed: int = 0, **fields) -> data_lib
 
   Args:
     source: `data.source`.
-    seed: the synthetic set's seed.
+    seed: the synthetic set's seed (`data.seed`).
     **fields: other `data.*` fields (train_size, test_size, num_classes, name, path, ...).
 
   Returns:
@@ -118,9 +118,9 @@ def load_data(source: str = 'synthetic', *, seed: int = 0, **fields) -> data_lib
   for field in fields:
     if field not in cfg:
       raise validation.ConfigError(f'unknown option {field!r} of load_data{_suggest(field, cfg)}')
-  cfg.update(dict(source=source, **fields))
+  cfg.update(dict(source=source, seed=seed, **fields))
   try:
-    return data_lib.load_dataset(cfg, seed)
+    return data_lib.load_dataset(cfg)
   except data_lib.DataError as e:
     raise validation.ConfigError(str(e)) from None
 

@@ -294,14 +294,13 @@ def folder(path: str) -> Dataset:
                  len(scan.classes))
 
 
-def load_dataset(cfg, seed: int) -> Dataset:
+def load_dataset(cfg) -> Dataset:
   """The dataset named by `config.data`.
 
   Args:
     cfg: `config.data`: source ('synthetic' | 'tfds' | 'folder') and that
       source's fields (synthetic: train_size, test_size, num_classes,
-      textures_per_class; tfds: name, data_dir; folder: path).
-    seed: the run's seed; only the synthetic source uses it.
+      textures_per_class, seed; tfds: name, data_dir; folder: path).
 
   Returns:
     A Dataset of uint8 NHWC images in [0, 255] and int32 labels.
@@ -311,7 +310,7 @@ def load_dataset(cfg, seed: int) -> Dataset:
       what `tfds_source`, `folder` or `synthetic` raise.
   """
   if cfg.source == 'synthetic':
-    return synthetic(seed, cfg.train_size, cfg.test_size, cfg.num_classes,
+    return synthetic(cfg.get('seed', 0), cfg.train_size, cfg.test_size, cfg.num_classes,
                      textures_per_class=cfg.get('textures_per_class', 1))
   if cfg.source == 'tfds':
     return tfds_source(cfg.name, cfg.get('data_dir'))

@@ -42,7 +42,11 @@ PREPARED = 'prepared_training_set.npz'
 
 
 class Context(NamedTuple):
-  """What every stage shares: model, data on the devices, attack and evaluation."""
+  """What every stage shares: model, data on the devices, attack and evaluation.
+
+  With `config.seeds` every seed-dependent field (`poisoned`, and what `clean_data`,
+  `init_variables` and the stages draw) holds K replicas along a leading axis.
+  """
   config: Any
   workdir: str | None  # None: stages keep no checkpoints
   model: Any
@@ -50,7 +54,7 @@ class Context(NamedTuple):
   normalize: Any
   attack: attacks_lib.Attack
   dataset: data_lib.Dataset
-  poisoned: np.ndarray  # (N,) bool: the training images the attack poisons
+  poisoned: np.ndarray  # (N,) or (K, N) bool: the training images the attack poisons
   test_set: train_lib.TestSet
   evaluate: Any
   abstract_variables: Any
@@ -66,8 +70,9 @@ class StageResult(NamedTuple):
     history: one dict per evaluated or trained epoch: 'epoch' (0: before training),
       'ce' and, when distilling, 'at' (per layer) for trained epochs, and the
       METRICS (percent) where the epoch was evaluated; the last entry is evaluated.
-    timing: {'compile_s', 'img_per_s': per trained epoch}; `from_earlier_run` where
-      copied from an earlier run's results; {} for a loaded model.
+    timing: {'compile_s', 'img_per_s': per trained epoch, counting every replica's
+      images}; `from_earlier_run` where copied from an earlier run's results; {} for
+      a loaded model.
     info: what a defense adds (fine-pruning's channels, MCR's curve, NAD's teacher).
   """
   variables: Any
@@ -77,8 +82,53 @@ class StageResult(NamedTuple):
 
   @property
   def metrics(self) -> dict:
-    """The METRICS of the last evaluation."""
+    """The METRICS of the last evaluation (with `config.seeds`, a list: one per seed)."""
     return {k: self.history[-1][k] for k in METRICS}
+
+
+# ------------------------------------------------------------------------------- seeds
+
+def replicas(config) -> bool:
+  """Whether the run trains `config.seeds` as stacked replicas (else the one `seed`)."""
+  return bool(config.get('seeds'))
+
+
+def run_seeds(config) -> tuple[int, ...]:
+  """The run's seeds: `config.seeds`, or (`config.seed`,)."""
+  return tuple(config.seeds) if replicas(config) else (config.seed,)
+
+
+def per_seed(config, draw: Callable[[int], Any]) -> Any:
+  """`draw(seed)` for the run's seed; with `config.seeds`, every seed's draw stacked
+  along a new leading axis (numpy arrays stay numpy, jax arrays and keys stay jax).
+
+  Replica s of a K-seed run thus draws exactly what a single run with seed s draws.
+  """
+  if not replicas(config):
+    return draw(config.seed)
+  stack = lambda *xs: jnp.stack(xs) if isinstance(xs[0], jax.Array) else np.stack(xs)
+  return jax.tree.map(stack, *[draw(seed) for seed in config.seeds])
+
+
+def stage_abstract(ctx: 'Context') -> Any:
+  """The shapes and dtypes of a stage's variables: the model's, with a leading replica
+  axis of size K under `config.seeds`."""
+  if not replicas(ctx.config):
+    return ctx.abstract_variables
+  count = len(ctx.config.seeds)
+  return jax.tree.map(lambda a: jax.ShapeDtypeStruct((count, *a.shape), a.dtype),
+                      ctx.abstract_variables)
+
+
+def per_replica(ctx: 'Context', variables) -> Any:
+  """Variables of one model repeated for each replica of a K-seed run; variables that
+  already hold K replicas (a K-seed stage folder) as they are."""
+  leaf, abstract = jax.tree.leaves(variables)[0], jax.tree.leaves(ctx.abstract_variables)[0]
+  if not replicas(ctx.config) or np.ndim(leaf) > len(abstract.shape):
+    return variables
+  count = len(ctx.config.seeds)
+  return jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (count, *np.shape(x))),
+                      variables)
 
 
 # -------------------------------------------------------------------------- validation
@@ -122,7 +172,7 @@ def setup(config, workdir: str | None,
   log(f'loading the {config.data.source} data ({where})')
   start = time.perf_counter()
   try:
-    dataset = data_lib.load_dataset(config.data, config.seed)
+    dataset = data_lib.load_dataset(config.data)
   except data_lib.DataError as e:
     raise ConfigError(str(e)) from None
   log(f'loaded {len(dataset.train_images) + len(dataset.test_images)} images in '
@@ -158,13 +208,14 @@ def make_context(config, dataset: data_lib.Dataset, workdir: str | None,
                                       dataset.train_images.shape[1:], dataset, fit=train_lib.fit)
   except ValueError as e:
     raise ConfigError(str(e)) from None
-  poisoned = attacks_lib.poison_mask(dataset.train_labels, attack, config.attack.poison_rate,
-                                     streams.rng(config.seed, 'poisoned_indices'))
+  poisoned = per_seed(config, lambda seed: attacks_lib.poison_mask(
+      dataset.train_labels, attack, config.attack.poison_rate,
+      streams.rng(seed, 'poisoned_indices')))
   if not config.student.checkpoint:
     labels = dataset.train_labels
     candidates = (int(np.sum(np.asarray(attack.relabel(labels)) == labels))
                   if attack.clean_label else len(labels))
-    validation.validate_poisoning(config, int(poisoned.sum()), candidates)
+    validation.validate_poisoning(config, poisoned_count(poisoned), candidates)
   model = models.build_model(config.model.name, dataset.num_classes, config.model.dtype,
                              config.model.conv)
   mesh = train_lib.make_mesh()
@@ -181,23 +232,33 @@ def make_context(config, dataset: data_lib.Dataset, workdir: str | None,
             for stage, path in paths.items()}
   test_set = train_lib.make_test_set(dataset.test_images, dataset.test_labels,
                                      config.data.eval_batch_size, mesh, attack)
+  evaluate_fn = train_lib.make_evaluate(model, mesh, normalize, attack, config.get('scan_epoch'),
+                                        replicas=replicas(config))
   return Context(config, workdir, model, mesh, normalize, attack, dataset, poisoned, test_set,
-                 train_lib.make_evaluate(model, mesh, normalize, attack, config.get('scan_epoch')),
-                 abstract, loaded, validation.data_digest(dataset))
+                 evaluate_fn, abstract, loaded, validation.data_digest(dataset))
+
+
+def poisoned_count(poisoned: np.ndarray) -> int:
+  """How many training images one replica poisons (every replica poisons as many)."""
+  return int(np.reshape(poisoned, (-1, poisoned.shape[-1]))[0].sum())
 
 
 def clean_data(ctx: Context):
-  """The defender's clean subset: (images, labels, an all-False poisoned mask)."""
+  """The defender's clean subset: (images, labels, an all-False poisoned mask); with
+  `config.seeds`, each seed's subset stacked ((K, n, H, W, C), (K, n), (K, n))."""
   ds, config = ctx.dataset, ctx.config
-  clean = data_lib.clean_subset(len(ds.train_images), config.data.clean_fraction, config.seed)
-  return ds.train_images[clean], ds.train_labels[clean], np.zeros(len(clean), bool)
+
+  def subset(seed):
+    clean = data_lib.clean_subset(len(ds.train_images), config.data.clean_fraction, seed)
+    return ds.train_images[clean], ds.train_labels[clean], np.zeros(len(clean), bool)
+  return per_seed(config, subset)
 
 
 def init_variables(ctx: Context, stream: str) -> dict:
-  """A fresh initialisation of the model from the random stream `stream`."""
+  """A fresh initialisation of the model from the random stream `stream` (per seed)."""
   shape = ctx.dataset.train_images.shape[1:]
-  return ctx.model.init(streams.key(ctx.config.seed, stream), jnp.zeros((1, *shape)),
-                        train=False)
+  return per_seed(ctx.config, lambda seed: ctx.model.init(
+      streams.key(seed, stream), jnp.zeros((1, *shape)), train=False))
 
 
 # ------------------------------------------------------------------------------ stages
@@ -217,10 +278,37 @@ def progress(total: int, initial: int, desc: str, unit: str) -> tqdm.tqdm:
 
 
 def evaluate(ctx: Context, variables) -> dict:
-  """The METRICS of `variables` on the test set, in percent rounded to 4 decimals."""
-  key = streams.key(ctx.config.seed, 'evaluation')  # same trigger draws at every evaluation
+  """The METRICS of `variables` on the test set, in percent rounded to 4 decimals (with
+  `config.seeds`, a list of one value per seed)."""
+  # The same trigger draws at every evaluation.
+  key = per_seed(ctx.config, lambda seed: streams.key(seed, 'evaluation'))
   metrics = jax.device_get(ctx.evaluate(variables, ctx.test_set, key))
-  return {k: round(float(v), 4) for k, v in metrics.items()}
+  return {k: rounded(v, 4) for k, v in metrics.items()}
+
+
+def rounded(value, digits: int):
+  """A float, or nested lists of floats for an array, rounded to `digits` decimals."""
+  if np.ndim(value) == 0:
+    return round(float(value), digits)
+  return [rounded(v, digits) for v in value]
+
+
+def mean(value) -> float:
+  """The mean over replicas of a recorded figure (the figure itself for one seed)."""
+  return float(np.mean(value))
+
+
+def shown(value) -> str:
+  """A recorded figure for a log line: '82.10', or over replicas '82.10±0.52' (mean and
+  sample standard deviation)."""
+  std = sample_std(value) if np.ndim(value) else None
+  return f'{np.mean(value):.2f}' + ('' if std is None else f'±{std:.2f}')
+
+
+def sample_std(values) -> float | None:
+  """The sample standard deviation (ddof 1) over replicas; None for a single one."""
+  values = np.asarray(values, np.float64)
+  return float(np.std(values, ddof=1)) if values.size > 1 else None
 
 
 def evaluated_epoch(epoch: int, stage_cfg) -> bool:
@@ -266,7 +354,8 @@ def train_stage(ctx: Context, name: str, stage_cfg, recipe: train_lib.Recipe, in
     stage_cfg: its config section (epochs, batch_size, optimiser, eval_every).
     recipe: batch size, augmentation, distillation.
     init_variables: the variables training starts from.
-    images, labels, poisoned: the training set: (N, H, W, C) uint8, (N,) int32, (N,) bool.
+    images, labels, poisoned: the training set: (N, H, W, C) uint8, (N,) int32, (N,) bool;
+      with `config.seeds`, each may hold one set per replica ((K, N, ...); TrainEpoch).
     attack: triggers and relabels the `poisoned` samples; None: no poisoning.
     frozen: what the loss reads but does not train: NAD's teacher, MCR's curve ends.
     stream: the streams name of the batch order and augmentation (default: `name`);
@@ -283,9 +372,10 @@ def train_stage(ctx: Context, name: str, stage_cfg, recipe: train_lib.Recipe, in
     FloatingPointError: the loss became non-finite (naming what to lower).
   """
   readout = readout or (lambda variables: variables)
-  steps_per_epoch = len(images) // stage_cfg.batch_size
+  steps_per_epoch = np.shape(poisoned)[-1] // stage_cfg.batch_size  # (K,) N or N images
   tx = train_lib.make_optimizer(stage_cfg, steps_per_epoch)
-  state = train_lib.state_from_variables(init_variables, tx)
+  start_state = lambda variables: train_lib.state_from_variables(variables, tx)
+  state = (jax.vmap(start_state) if replicas(ctx.config) else start_state)(init_variables)
   state = train_lib.replicate(state, ctx.mesh)
   checkpoints = open_stage(ctx, name) if ctx.workdir is not None else None
   done = checkpoints.latest_epoch() if checkpoints else None
@@ -298,40 +388,44 @@ def train_stage(ctx: Context, name: str, stage_cfg, recipe: train_lib.Recipe, in
     on_device = train_lib.replicate((images, labels, poisoned), ctx.mesh)
     frozen = frozen if frozen is not None else {}
     run_epoch = train_lib.TrainEpoch(ctx.model, tx, ctx.mesh, recipe, ctx.normalize, attack,
-                                     ctx.config.get('scan_epoch'), loss=loss)
+                                     ctx.config.get('scan_epoch'), loss=loss,
+                                     replicas=replicas(ctx.config))
     log(f'[{name}] compiling the training step')
     start = time.perf_counter()
-    run_epoch.compile(state, frozen, *on_device)
+    compiled = run_epoch.compile(state, frozen, *on_device)
     timing['compile_s'] = round(time.perf_counter() - start, 2)
     log(f'[{name}] compiled in {timing["compile_s"]:.1f} s')
-    stage_key = streams.key(ctx.config.seed, stream or name)
+    if replicas(ctx.config):
+      check_memory(ctx.config, name, compiled)
+    stage_key = per_seed(ctx.config, lambda seed: streams.key(seed, stream or name))
+    fold_in = jax.vmap(jax.random.fold_in, (0, None)) if replicas(ctx.config) else jax.random.fold_in
     distilled = any(recipe.betas)
     with progress(stage_cfg.epochs, done, f'[{name}]', 'epoch') as bar:
       for epoch in range(done, stage_cfg.epochs):
         start = time.perf_counter()
-        state, losses = run_epoch(state, frozen, *on_device, jax.random.fold_in(stage_key, epoch))
+        state, losses = run_epoch(state, frozen, *on_device, fold_in(stage_key, epoch))
         losses = jax.device_get(losses)
         seconds = time.perf_counter() - start
-        if not np.isfinite(losses['ce']) or (distilled and not np.all(np.isfinite(losses['at']))):
+        if not np.all(np.isfinite(losses['ce'])) or (distilled and
+                                                     not np.all(np.isfinite(losses['at']))):
           section = SECTIONS.get(name, name)
           raise FloatingPointError(
               f'{name}: the loss became non-finite in epoch {epoch + 1} (ce {losses["ce"]}'
-              + (f', AT per layer {list(losses["at"])}; lower nad.betas '
+              + (f', AT per layer {losses["at"].tolist()}; lower nad.betas '
                  f'{tuple(recipe.betas)} or {section}.learning_rate, or check nad.p {recipe.p}'
                  if distilled else f'; lower {section}.learning_rate') + ')')
-        speed = steps_per_epoch * stage_cfg.batch_size / seconds
+        speed = len(run_seeds(ctx.config)) * steps_per_epoch * stage_cfg.batch_size / seconds
         timing['img_per_s'].append(round(speed, 1))
-        entry = {'epoch': epoch + 1, 'ce': round(float(losses['ce']), 5)}
+        entry = {'epoch': epoch + 1, 'ce': rounded(losses['ce'], 5)}
+        message = f'[{name}] epoch {epoch + 1}/{stage_cfg.epochs}  ce {mean(entry["ce"]):.4f}'
         if distilled:  # with every beta 0 the AT term is not computed, so not recorded
-          entry['at'] = [round(float(a), 7) for a in losses['at']]
-        message = (f'[{name}] epoch {epoch + 1}/{stage_cfg.epochs}  ce {entry["ce"]:.4f}'
-                   + (f'  at {sum(b * a for b, a in zip(recipe.betas, entry["at"])):.4f}'
-                      if distilled else ''))
+          entry['at'] = rounded(losses['at'], 7)
+          weighted = np.sum(np.asarray(recipe.betas) * losses['at'], axis=-1)
+          message += f'  at {mean(weighted):.4f}'
         evaluated = evaluated_epoch(epoch + 1, stage_cfg)
         if evaluated:
           entry.update(evaluate(ctx, readout(state.variables)))
-          message += (f'  acc {entry["acc"]:.2f}  acc_nontarget {entry["acc_nontarget"]:.2f}'
-                      f'  asr {entry["asr"]:.2f}  ra {entry["ra"]:.2f}')
+          message += ''.join(f'  {k} {shown(entry[k])}' for k in METRICS)
         history.append(entry)
         log(f'{message}  ({speed:.0f} img/s)')
         if evaluated and checkpoints:
@@ -340,6 +434,43 @@ def train_stage(ctx: Context, name: str, stage_cfg, recipe: train_lib.Recipe, in
   if checkpoints:
     checkpoints.close()
   return StageResult(state.variables, history, timing)
+
+
+def check_memory(config, name: str, compiled) -> None:
+  """Refuses K replicas whose training step needs more memory than a device has free.
+
+  Args:
+    config: the run's config (`seeds`).
+    name: the stage, for the message.
+    compiled: the stage's compiled step (`TrainEpoch.compile`).
+
+  Raises:
+    ConfigError: naming `seeds`, the memory the step needs and the memory free.
+  """
+  analysis = compiled.memory_analysis()
+  free = device_memory_free()
+  if analysis is None or free is None:
+    return
+  needed = (analysis.argument_size_in_bytes + analysis.output_size_in_bytes
+            - analysis.alias_size_in_bytes + analysis.temp_size_in_bytes)
+  if needed > free:
+    count = len(config.seeds)
+    gib = lambda n: f'{n / 2**30:.1f} GiB'
+    raise ConfigError(f'seeds: {count} replicas of stage {name!r} need {gib(needed)} on a '
+                      f'device ({gib(needed / count)} a replica) but {gib(free)} is free; '
+                      'run fewer seeds at once or lower the batch size')
+
+
+def device_memory_free() -> int | None:
+  """Bytes free on the first local device: the accelerator's allocator limit less what
+  is in use, or on CPU the host's available memory; None where unknown."""
+  stats = jax.local_devices()[0].memory_stats()
+  if stats and 'bytes_limit' in stats:
+    return stats['bytes_limit'] - stats.get('bytes_in_use', 0)
+  try:
+    return os.sysconf('SC_AVPHYS_PAGES') * os.sysconf('SC_PAGE_SIZE')
+  except (ValueError, OSError):
+    return None
 
 
 def is_record(path: str) -> bool:
@@ -439,8 +570,9 @@ def load_checkpoint(path: str, abstract_variables, field: str) -> dict:
 
 
 def pretrained(ctx: Context, variables, path: str, name: str) -> StageResult:
-  """Loaded variables, evaluated once, as a stage that trained nothing."""
-  variables = train_lib.replicate(variables, ctx.mesh)
+  """Loaded variables (one model, repeated for each seed), evaluated once, as a stage
+  that trained nothing."""
+  variables = train_lib.replicate(per_replica(ctx, variables), ctx.mesh)
   log(f'[{name}] loaded {path}')
   return StageResult(variables, [{'epoch': 0, 'checkpoint': path, **evaluate(ctx, variables)}],
                      {})
@@ -458,9 +590,18 @@ def victim_set(ctx: Context, directory: str | None):
   ds = ctx.dataset
   if ctx.attack.prepare is None:
     return ds.train_images, ds.train_labels, ctx.poisoned
-  prepare = lambda: attacks_lib.prepare(ctx.attack, ds.train_images, ds.train_labels,
-                                        ctx.poisoned, streams.key(ctx.config.seed,
-                                                                  'attack_prepare'))
+  poisoned = list(np.reshape(ctx.poisoned, (-1, ctx.poisoned.shape[-1])))
+
+  def prepare_seed(seed):
+    log(f'[backdoored] preparing the {ctx.attack.name} training set of seed {seed} (the '
+        'attack works on its poisoned images before training; this can take minutes)')
+    start = time.perf_counter()
+    prepared = attacks_lib.prepare(ctx.attack, ds.train_images, ds.train_labels,
+                                   poisoned[run_seeds(ctx.config).index(seed)],
+                                   streams.key(seed, 'attack_prepare'))
+    log(f'[backdoored] prepared in {time.perf_counter() - start:.1f} s')
+    return prepared
+  prepare = lambda: per_seed(ctx.config, prepare_seed)
   if directory is None:
     return prepare()
   path = os.path.join(directory, PREPARED)
@@ -483,7 +624,7 @@ def backdoored(ctx: Context) -> StageResult:
   A finished stage is restored without preparing the attack again.
   """
   ds, config = ctx.dataset, ctx.config
-  log(f'{len(ds.train_images)} training images ({ctx.poisoned.sum()} poisoned by '
+  log(f'{len(ds.train_images)} training images ({poisoned_count(ctx.poisoned)} poisoned by '
       f'{ctx.attack.name}), {clean_count(config, ds)} clean for the defense, '
       f'{len(ds.test_images)} test; {jax.device_count()} {jax.default_backend()} device(s)')
   if 'backdoored' in ctx.checkpoints:
@@ -530,10 +671,40 @@ def write_json(path: str, content: dict) -> None:
   os.replace(tmp, path)
 
 
-def format_table(stages: dict) -> str:
-  """A text table of {stage: metrics}, one row a stage."""
-  width = {k: max(9, len(k) + 2) for k in METRICS}
+def summarize(config, metrics: dict) -> dict:
+  """The figures a results file opens with.
+
+  Args:
+    config: the run's config.
+    metrics: {stage: StageResult.metrics}; under `config.seeds` each value is a list
+      with one entry per seed.
+
+  Returns:
+    {'stages': {stage: {metric: value}}}; under `config.seeds` the value is the mean
+    over seeds, and the dict also holds 'seeds', 'std' ({stage: {metric: sample
+    standard deviation (ddof 1), None for one seed}}) and 'per_seed' ({seed:
+    {stage: {metric: value}}}).
+  """
+  if not replicas(config):
+    return {'stages': metrics}
+  return {
+      'seeds': list(config.seeds),
+      'stages': {name: {k: round(mean(v), 4) for k, v in m.items()} for name, m in metrics.items()},
+      'std': {name: {k: None if sample_std(v) is None else round(sample_std(v), 4)
+                     for k, v in m.items()} for name, m in metrics.items()},
+      'per_seed': {str(seed): {name: {k: v[i] for k, v in m.items()}
+                               for name, m in metrics.items()}
+                   for i, seed in enumerate(config.seeds)},
+  }
+
+
+def format_table(stages: dict, std: dict | None = None) -> str:
+  """A text table of {stage: metrics}, one row a stage; with `std` (`summarize`'s),
+  each cell is mean±std."""
+  cell = lambda name, k: (f'{stages[name][k]:.2f}' if not std or std[name][k] is None
+                          else f'{stages[name][k]:.2f}±{std[name][k]:.2f}')
+  width = {k: max(9, len(k) + 2, *(len(cell(name, k)) + 2 for name in stages)) for k in METRICS}
   lines = [f'{"stage":<12}' + ''.join(f'{k:>{width[k]}}' for k in METRICS)]
-  for name, m in stages.items():
-    lines.append(f'{name:<12}' + ''.join(f'{m[k]:>{width[k]}.2f}' for k in METRICS))
+  for name in stages:
+    lines.append(f'{name:<12}' + ''.join(f'{cell(name, k):>{width[k]}}' for k in METRICS))
   return '\n'.join(lines)

@@ -8,7 +8,6 @@ is replicated, so XLA inserts the gradient all-reduce and BatchNorm sees the
 global batch, exactly as on one device.
 """
 
-import functools
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -242,13 +241,19 @@ class TrainEpoch:
   defense whose objective is not NAD's hands in its own `loss` (MCR's curve), and
   the `teacher` argument carries whatever frozen variables that loss reads.
   `compile(...)` compiles ahead of time so that its cost is known.
+
+  With `replicas`, K independent models train side by side in one program (jax.vmap;
+  `config.seeds`): the state, teacher and key carry a leading replica axis of size
+  K, and so do the images, labels and poisoned mask where they differ between
+  replicas ((K, N, H, W, C), (K, N), (K, N)); unstacked ones are shared by all.
   """
 
   def __init__(self, model: nn.Module, tx: optax.GradientTransformation,
                mesh: jax.sharding.Mesh, recipe: Recipe,
                normalize: Callable[[jax.Array], jax.Array],
                attack: Attack | None, scan: bool | None = None,
-               loss: Callable[..., tuple[jax.Array, tuple]] | None = None):
+               loss: Callable[..., tuple[jax.Array, tuple]] | None = None,
+               replicas: bool = False):
     """Builds the jitted step (or scanned epoch); nothing is compiled yet.
 
     Args:
@@ -262,6 +267,7 @@ class TrainEpoch:
         None: `scan_by_default()`.
       loss: a function with `make_loss`'s signature and returns, differentiated
         with respect to its first argument; None: `make_loss(model, recipe)`.
+      replicas: train a stack of replicas (see the class docstring).
     """
     self.recipe = recipe
     self.scan = scan_by_default() if scan is None else scan
@@ -299,23 +305,38 @@ class TrainEpoch:
       order = jax.random.permutation(k_perm, num_images)[:steps * recipe.batch_size]
       return order.reshape(steps, recipe.batch_size), jax.random.split(k_steps, steps)
 
+    update = scan_steps if self.scan else step
+    if replicas:
+      update = over_replicas(update)
+      schedule = jax.vmap(schedule, in_axes=(0, None))
     self._schedule = jax.jit(schedule, static_argnums=1)
-    self._update = jax.jit(scan_steps if self.scan else step, donate_argnums=0,
+    self._update = jax.jit(update, donate_argnums=0,
                            compiler_options=cpu_compiler_options(training=True))
 
   def compile(self, state: TrainState, teacher: Any, images: jax.Array, labels: jax.Array,
-              poisoned: jax.Array) -> None:
+              poisoned: jax.Array) -> jax.stages.Compiled:
     """Compiles ahead of time for these shapes; later calls reuse the executables.
 
     Args:
       state, teacher, images, labels, poisoned: as for `__call__` (the key is not
         needed); only their shapes, dtypes and shardings matter.
+
+    Returns:
+      The compiled executable of one call (an epoch, or a step on CPU), whose
+      `memory_analysis()` tells what it needs.
     """
     # Calling the schedule once compiles it, so that the first epoch compiles nothing.
-    order, keys = self._schedule(jax.random.key(0), images.shape[0])
+    order, keys = self._schedule(self._key_like(state), poisoned.shape[-1])
     extra = () if self.scan else (0,)
     self._update = self._update.lower(state, teacher, images, labels, poisoned, order, keys,
                                       *extra).compile()
+    return self._update
+
+  @staticmethod
+  def _key_like(state: TrainState) -> jax.Array:
+    """A placeholder key shaped like the epoch's: (K,) keys for K replicas."""
+    key = jax.random.key(0)
+    return key if state.step.ndim == 0 else jax.random.split(key, state.step.shape[0])
 
   def __call__(self, state: TrainState, teacher: Any, images: jax.Array, labels: jax.Array,
                poisoned: jax.Array, key: jax.Array) -> tuple[TrainState, dict]:
@@ -327,21 +348,34 @@ class TrainEpoch:
       images: (N, H, W, C) uint8 training images in [0, 255], on the devices.
       labels: (N,) int32 labels.
       poisoned: (N,) bool, True where the attack triggers and relabels.
-      key: PRNG key of the epoch's shuffle, augmentation and triggers.
+      key: PRNG key of the epoch's shuffle, augmentation and triggers; (K,) keys
+        for K replicas, which also stack the state and the returned metrics.
 
     Returns:
       (new state, {'ce': float32 scalar, 'at': (len(betas),) float32}), the
       metrics averaged over the epoch's steps.
     """
-    order, keys = self._schedule(key, images.shape[0])
+    order, keys = self._schedule(key, poisoned.shape[-1])
     if self.scan:  # one dispatch, which also averages the steps' metrics
       return self._update(state, teacher, images, labels, poisoned, order, keys)
     per_step = []
-    for i in range(order.shape[0]):
+    for i in range(order.shape[-2]):
       state, m = self._update(state, teacher, images, labels, poisoned, order, keys, i)
       per_step.append(m)
     return state, jax.tree.map(lambda *m: jnp.mean(jnp.stack(m), axis=0), *per_step)
 
+
+def over_replicas(update: Callable) -> Callable:
+  """`update(state, teacher, images, labels, poisoned, order, keys, *step)` vmapped over
+  a leading replica axis of the state, teacher, order and keys, and of the images
+  (rank 5), labels and poisoned mask (rank 2) where they have one; `step` is shared."""
+  def stacked(state, teacher, images, labels, poisoned, order, keys, *step):
+    data_axes = tuple(0 if x.ndim > rank else None
+                      for x, rank in ((images, 4), (labels, 1), (poisoned, 1)))
+    in_axes = (0, 0, *data_axes, 0, 0, *[None] * len(step))
+    return jax.vmap(update, in_axes=in_axes)(state, teacher, images, labels, poisoned, order,
+                                             keys, *step)
+  return stacked
 
 
 def fit(model: nn.Module, cfg, images: np.ndarray, labels: np.ndarray,
@@ -446,7 +480,7 @@ def make_test_set(images: np.ndarray, labels: np.ndarray, batch_size: int,
 
 def make_evaluate(model: nn.Module, mesh: jax.sharding.Mesh,
                   normalize: Callable[[jax.Array], jax.Array], attack: Attack,
-                  scan: bool | None = None) -> Callable[..., dict]:
+                  scan: bool | None = None, replicas: bool = False) -> Callable[..., dict]:
   """Returns evaluate(variables, test_set, key) -> dict of acc, acc_nontarget, asr, ra (percent).
 
   acc: clean accuracy on the whole test set. acc_nontarget: clean accuracy on the
@@ -465,6 +499,10 @@ def make_evaluate(model: nn.Module, mesh: jax.sharding.Mesh,
       used as they are).
     scan: one jitted lax.map over the batches if True, one call per batch if
       False; None: `scan_by_default()`.
+    replicas: evaluate a stack of K replicas (`TrainEpoch`'s replicas): the
+      variables and the key carry a leading axis of size K, and so does each metric
+      returned; the test set is shared. With `scan`, one vmapped program; without
+      (CPU), one replica after another.
 
   Returns:
     evaluate(variables, test_set, key): variables {'params', 'batch_stats'}, a
@@ -496,13 +534,14 @@ def make_evaluate(model: nn.Module, mesh: jax.sharding.Mesh,
 
   def percentages(clean, backdoor):
     clean, backdoor = clean.astype(jnp.float32), backdoor.astype(jnp.float32)
-    return {'acc': 100 * clean[0] / clean[1], 'acc_nontarget': 100 * clean[2] / clean[3],
-            'asr': 100 * backdoor[0] / backdoor[2], 'ra': 100 * backdoor[1] / backdoor[2]}
+    return {'acc': 100 * clean[..., 0] / clean[..., 1],
+            'acc_nontarget': 100 * clean[..., 2] / clean[..., 3],
+            'asr': 100 * backdoor[..., 0] / backdoor[..., 2],
+            'ra': 100 * backdoor[..., 1] / backdoor[..., 2]}
 
   options = cpu_compiler_options(training=False)
 
-  @functools.partial(jax.jit, compiler_options=options)
-  def evaluate_scanned(variables, test_set: TestSet, key):
+  def evaluate_batches(variables, test_set: TestSet, key):
     clean = jax.lax.map(lambda b: clean_counts(variables, *b), tuple(test_set[:3]))
     keys = jax.random.split(key, test_set.backdoor_labels.shape[0])
     backdoor = jax.lax.map(lambda b: backdoor_counts(variables, *b), (*test_set[3:], keys))
@@ -522,5 +561,15 @@ def make_evaluate(model: nn.Module, mesh: jax.sharding.Mesh,
                    jnp.zeros(3, jnp.int32))
     return percentages(clean, backdoor)
 
-  use_scan = scan_by_default() if scan is None else scan
-  return evaluate_scanned if use_scan else evaluate_looped
+  def evaluate_each(variables, test_set: TestSet, keys):
+    # One replica after another: a CPU gains nothing from stacking them, and a stacked
+    # evaluation batch copies its activations in and out of oneDNN's per-replica loop
+    # (1.7x the time per replica for WRN-16-1: docs/seeds.md).
+    each = [evaluate_looped(jax.tree.map(lambda x: x[k], variables), test_set, keys[k])
+            for k in range(keys.shape[0])]
+    return jax.tree.map(lambda *m: jnp.stack(m), *each)
+
+  if scan_by_default() if scan is None else scan:
+    return jax.jit(jax.vmap(evaluate_batches, in_axes=(0, None, 0)) if replicas
+                   else evaluate_batches, compiler_options=options)
+  return evaluate_each if replicas else evaluate_looped

@@ -158,6 +158,12 @@ def coordinator_address(v, _=None) -> bool:
   return bool(host) and port.isdigit() and 1 <= int(port) <= 65535
 
 
+def distinct_seeds(v, _=None) -> bool:
+  """A tuple or list of distinct integers >= 0 (empty: one run with `seed`)."""
+  return (isinstance(v, (tuple, list)) and all(is_int(s) and s >= 0 for s in v)
+          and len(set(v)) == len(v))
+
+
 def mean_std_pair(_, config) -> bool:
   """`model.mean` and `model.std` are both set or both None."""
   mean, std = config.model.mean, config.model.std
@@ -166,6 +172,12 @@ def mean_std_pair(_, config) -> bool:
 
 RULES: list[Rule] = [
     Rule('seed', in_range(0, integer=True), 'an integer >= 0'),
+    Rule('seeds', distinct_seeds, 'a tuple of distinct integers >= 0, e.g. (0, 1, 2) '
+         '(empty: the one seed `seed`)'),
+    Rule('seed', lambda v, config: v == 0 or not config.get('seeds'),
+         "0 (its default) when seeds is set: seeds lists every seed of the run"),
+    Rule('seeds', lambda v, _: not v, "empty for runner 'table1': the comparison table runs "
+         'one seed at a time (run it once per seed)', lambda config: config.runner == 'table1'),
     Rule('runner', one_of(('nad', 'table1')), "'nad' or 'table1'"),
     Rule('eval_only', is_bool, 'True or False'),
     # distributed: checked before jax.distributed.initialize, so no row may start a backend
@@ -221,6 +233,8 @@ RULES: list[Rule] = [
     Rule('data.train_size', in_range(1, integer=True), 'an integer >= 1',
          data_source('synthetic')),
     Rule('data.test_size', in_range(1, integer=True), 'an integer >= 1',
+         data_source('synthetic')),
+    Rule('data.seed', in_range(0, integer=True), 'an integer >= 0',
          data_source('synthetic')),
     Rule('data.num_classes', in_range(2, integer=True), 'an integer >= 2',
          data_source('synthetic')),
@@ -413,7 +427,9 @@ FINGERPRINT = 'stage_config.json'
 NOT_SHAPING = ('eval_only', 'runner', 'distributed', 'compilation_cache', 'scan_epoch',
                'model.conv', 'data.eval_batch_size', 'table')
 # The sections that shape each stage: its own and those of the stages it starts from.
-BACKDOORED = ('seed', 'data', 'model', 'attack', 'backdoor_training', 'student')
+BACKDOORED = ('seed', 'seeds', 'data', 'model', 'attack', 'backdoor_training', 'student')
+# Fields newer than some stage folders, with the value that those folders trained with.
+ADDED_FIELDS = {'seeds': [], 'data.seed': 0}
 STAGE_SECTIONS = {
     'backdoored': BACKDOORED,
     'teacher': BACKDOORED + ('teacher',),
@@ -495,6 +511,7 @@ def check_workdir(config, workdir: str, stages, data_digest: str | None = None) 
       raise ConfigError(f'stage {stage!r}: {record} is unreadable; use another --workdir '
                         'or delete the folder') from None
     current = stage_fields(config, stage, data_digest)
+    recorded = {**{k: v for k, v in ADDED_FIELDS.items() if k in current}, **recorded}
     if data_digest is None:  # a check before the data is loaded
       recorded = {k: v for k, v in recorded.items() if k != 'data.digest'}
     changed = differences(recorded, current)

@@ -28,7 +28,7 @@ def tfds_config(name, data_dir):
 
 def test_prepares_offline_then_the_pipeline_runs_on_it(tmp_path):
   config = tfds_config('nad_test_images', tmp_path / 'tfds')
-  ds = data.load_dataset(config.data, config.seed)  # download_and_prepare, then read
+  ds = data.load_dataset(config.data)  # download_and_prepare, then read
   assert ds.num_classes == 10
   assert ds.train_images.shape == (TRAIN, 32, 32, 3) and ds.train_images.dtype == np.uint8
   assert ds.test_images.shape == (TEST, 32, 32, 3)

@@ -14,7 +14,9 @@ NOT_A_FILE = '/nonexistent/model.pth'
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # an existing folder
 # (field, bad value, other fields to set first), one case per rule at least.
 CASES = [
-    ('seed', -1, {}), ('runner', 'nosuch', {}), ('eval_only', 'yes', {}),
+    ('seed', -1, {}), ('seed', 2, {'seeds': (0, 1)}), ('seeds', (1, 1), {}),
+    ('seeds', (0, 1), {'runner': 'table1'}),
+    ('runner', 'nosuch', {}), ('eval_only', 'yes', {}),
     ('scan_epoch', 'auto', {}), ('compilation_cache', None, {}),
     ('distributed.enabled', 1, {}), ('distributed.enabled', False, {'distributed.process_id': 0}),
     ('distributed.coordinator_address', 'localhost', {}),
@@ -33,7 +35,7 @@ CASES = [
     ('data.data_dir', 5, {'data.source': 'tfds'}),
     ('data.path', '/nonexistent/cifar', {'data.source': 'folder'}),
     ('data.train_size', 0, {}), ('data.test_size', 0, {}), ('data.num_classes', 1, {}),
-    ('data.textures_per_class', 0, {}), ('data.clean_fraction', 0.0, {}),
+    ('data.textures_per_class', 0, {}), ('data.seed', -1, {}), ('data.clean_fraction', 0.0, {}),
     ('data.clean_fraction', 1.5, {}), ('data.eval_batch_size', 0, {}),
     ('data.eval_batch_size', 6, {}),
     ('attack.name', 'nosuchattack', {}), ('attack.target_label', -1, {}),

@@ -65,6 +65,16 @@ def ablation_cells(results: dict) -> list:
   return cells
 
 
+def seeds_cells(results: dict) -> list:
+  """docs/seeds.md's table: per stage, acc / ASR of each seed, their mean, their sample std."""
+  run = results['seeds_quickstart.json']
+  cells = []
+  for stage in ('backdoored', 'teacher', 'nad'):
+    cells += [pair(run['per_seed'][str(seed)][stage], 'acc', 'asr', 2) for seed in run['seeds']]
+    cells += [pair(run['stages'][stage], 'acc', 'asr', 2), pair(run['std'][stage], 'acc', 'asr', 2)]
+  return cells
+
+
 def main_command(config: str, workdir: str, *extra: str) -> str:
   return ' '.join(['python main.py', f'--config={config}', f'--workdir={workdir}', *extra])
 
@@ -84,6 +94,9 @@ BLOCKS = {
             *(['--config.teacher.checkpoint=runs/quickstart_badnets/teacher']
               if v.startswith('layers_') else [])),
             f'runs/ablation_{v}/results.json') for v in ABLATIONS}, ablation_cells),
+    'seeds': Block({'seeds_quickstart.json': (main_command(
+        'configs/quickstart.py', 'runs/seeds_quickstart', '--config.seeds=0,1,2'),
+        'runs/seeds_quickstart/results.json')}, seeds_cells),
 }
 
 

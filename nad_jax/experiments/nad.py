@@ -22,7 +22,8 @@ class Outcome(NamedTuple):
 
   Attributes:
     results: the content of `workdir/results.json`: 'stages' (final METRICS per
-      stage), 'history', 'timing', 'config'.
+      stage; with `config.seeds` their means, and 'seeds', 'std', 'per_seed' as
+      `stages.summarize` writes them), 'history', 'timing', 'config'.
     variables: {stage: {'params', 'batch_stats'}} of the three models, on the devices.
   """
   results: dict
@@ -74,13 +75,13 @@ def run(config, workdir: str) -> Outcome:
 
   path = os.path.join(workdir, 'results.json')
   written = {
-      'stages': {name: result.metrics for name, result in results.items()},
+      **stages.summarize(config, {name: result.metrics for name, result in results.items()}),
       'history': {name: result.history for name, result in results.items()},
       'timing': stages.kept_timing(path, {name: r.timing for name, r in results.items()}),
       'config': config.to_dict(),
   }
   stages.write_json(path, written)
-  stages.log(stages.format_table(written['stages']))
+  stages.log(stages.format_table(written['stages'], written.get('std')))
   return Outcome(written, {name: result.variables for name, result in results.items()})
 
 
@@ -89,7 +90,7 @@ def evaluate_only(config, workdir: str) -> dict:
   it and writes `workdir/eval.json`.
 
   Returns:
-    The content of eval.json: 'stages' (METRICS per stage) and 'checkpoints'.
+    The content of eval.json: `stages.summarize`'s figures and 'checkpoints'.
 
   Raises:
     ConfigError: a stage has no checkpoint, or it does not fit the model.
@@ -104,10 +105,10 @@ def evaluate_only(config, workdir: str) -> dict:
   evaluated = {}
   for name, path in sources.items():
     variables = (ctx.checkpoints[name] if name in ctx.checkpoints else
-                 stages.load_checkpoint(path, ctx.abstract_variables,
+                 stages.load_checkpoint(path, stages.stage_abstract(ctx),
                                         f'eval_only: stage {name!r}'))
     evaluated[name] = stages.pretrained(ctx, variables, path, name).metrics
-  results = {'stages': evaluated, 'checkpoints': sources}
+  results = {**stages.summarize(config, evaluated), 'checkpoints': sources}
   stages.write_json(os.path.join(workdir, 'eval.json'), results)
-  stages.log(stages.format_table(evaluated))
+  stages.log(stages.format_table(results['stages'], results.get('std')))
   return results

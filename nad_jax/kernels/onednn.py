@@ -175,7 +175,9 @@ def _conv(x, w, strides, pads):
   height, width = ((size + lo + hi - k) // s + 1 for size, (lo, hi), k, s
                    in zip(x.shape[1:3], pads, w.shape[:2], strides))
   out = jax.ShapeDtypeStruct((x.shape[0], height, width, w.shape[3]), x.dtype)
-  return jax.ffi.ffi_call(FORWARD, out)(x, w, **_attributes(strides, pads))
+  # Stacked replicas (config.seeds) call the kernel once per replica.
+  return jax.ffi.ffi_call(FORWARD, out, vmap_method='sequential')(
+      x, w, **_attributes(strides, pads))
 
 
 def _conv_forward(x, w, strides, pads):
@@ -185,8 +187,10 @@ def _conv_forward(x, w, strides, pads):
 def _conv_backward(strides, pads, saved, dy):
   x, w = saved
   attributes = _attributes(strides, pads)
-  dx = jax.ffi.ffi_call(BACKWARD_DATA, jax.ShapeDtypeStruct(x.shape, x.dtype))(dy, w, **attributes)
-  dw = jax.ffi.ffi_call(BACKWARD_WEIGHTS, jax.ShapeDtypeStruct(w.shape, w.dtype))(x, dy, **attributes)
+  dx = jax.ffi.ffi_call(BACKWARD_DATA, jax.ShapeDtypeStruct(x.shape, x.dtype),
+                        vmap_method='sequential')(dy, w, **attributes)
+  dw = jax.ffi.ffi_call(BACKWARD_WEIGHTS, jax.ShapeDtypeStruct(w.shape, w.dtype),
+                        vmap_method='sequential')(x, dy, **attributes)
   return dx, dw
 
 
