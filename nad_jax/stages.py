@@ -110,7 +110,7 @@ def per_seed(config, draw: Callable[[int], Any]) -> Any:
   return jax.tree.map(stack, *[draw(seed) for seed in config.seeds])
 
 
-def stage_abstract(ctx: 'Context') -> Any:
+def stage_abstract(ctx: Context) -> Any:
   """The shapes and dtypes of a stage's variables: the model's, with a leading replica
   axis of size K under `config.seeds`."""
   if not replicas(ctx.config):
@@ -120,7 +120,7 @@ def stage_abstract(ctx: 'Context') -> Any:
                       ctx.abstract_variables)
 
 
-def per_replica(ctx: 'Context', variables) -> Any:
+def per_replica(ctx: Context, variables) -> Any:
   """Variables of one model repeated for each replica of a K-seed run; variables that
   already hold K replicas (a K-seed stage folder) as they are."""
   leaf, abstract = jax.tree.leaves(variables)[0], jax.tree.leaves(ctx.abstract_variables)[0]
@@ -398,7 +398,8 @@ def train_stage(ctx: Context, name: str, stage_cfg, recipe: train_lib.Recipe, in
     if replicas(ctx.config):
       check_memory(ctx.config, name, compiled)
     stage_key = per_seed(ctx.config, lambda seed: streams.key(seed, stream or name))
-    fold_in = jax.vmap(jax.random.fold_in, (0, None)) if replicas(ctx.config) else jax.random.fold_in
+    fold_in = (jax.vmap(jax.random.fold_in, (0, None)) if replicas(ctx.config)
+               else jax.random.fold_in)
     distilled = any(recipe.betas)
     with progress(stage_cfg.epochs, done, f'[{name}]', 'epoch') as bar:
       for epoch in range(done, stage_cfg.epochs):
@@ -447,18 +448,26 @@ def check_memory(config, name: str, compiled) -> None:
   Raises:
     ConfigError: naming `seeds`, the memory the step needs and the memory free.
   """
-  analysis = compiled.memory_analysis()
-  free = device_memory_free()
-  if analysis is None or free is None:
+  needed, free = memory_needed(compiled), device_memory_free()
+  if needed is None or free is None:
     return
-  needed = (analysis.argument_size_in_bytes + analysis.output_size_in_bytes
-            - analysis.alias_size_in_bytes + analysis.temp_size_in_bytes)
   if needed > free:
     count = len(config.seeds)
     gib = lambda n: f'{n / 2**30:.1f} GiB'
     raise ConfigError(f'seeds: {count} replicas of stage {name!r} need {gib(needed)} on a '
                       f'device ({gib(needed / count)} a replica) but {gib(free)} is free; '
                       'run fewer seeds at once or lower the batch size')
+
+
+def memory_needed(compiled) -> int | None:
+  """Bytes a compiled step needs on a device by XLA's memory analysis: its arguments,
+  outputs (less the donated ones that reuse their arguments' buffers) and temporaries;
+  None where the backend gives no analysis."""
+  analysis = compiled.memory_analysis()
+  if analysis is None:
+    return None
+  return (analysis.argument_size_in_bytes + analysis.output_size_in_bytes
+          - analysis.alias_size_in_bytes + analysis.temp_size_in_bytes)
 
 
 def device_memory_free() -> int | None:

@@ -117,8 +117,10 @@ class Interrupted(Exception):
   pass
 
 
-def test_a_clean_label_stage_prepares_once_across_kill_resume_and_rerun(tmp_path, monkeypatch):
-  """CL trains a surrogate and runs PGD in `prepare`; a resumed or finished stage reuses it."""
+def test_a_clean_label_stage_prepares_once_across_kill_resume_and_rerun(tmp_path, monkeypatch,
+                                                                       capsys):
+  """CL trains a surrogate and runs PGD in `prepare`, saying so; a resumed or finished stage
+  reuses it."""
   config = tiny_config(**{'attack.name': 'cl', 'attack.poison_rate': 0.8,
                           'attack.surrogate.epochs': 1, 'teacher.epochs': 1, 'nad.epochs': 1})
   workdir = str(tmp_path)
@@ -136,6 +138,9 @@ def test_a_clean_label_stage_prepares_once_across_kill_resume_and_rerun(tmp_path
   with pytest.raises(Interrupted):
     nad_runner.run(config, workdir).results
   assert calls == [1]
+  printed = capsys.readouterr().out
+  assert '[backdoored] preparing the cl training set of seed 0' in printed
+  assert '[backdoored] prepared in' in printed
   prepared = os.path.join(workdir, 'backdoored', stages.PREPARED)
   assert os.path.isfile(prepared)
   monkeypatch.setattr(checkpoint.StageCheckpoints, 'save', save)
