@@ -127,6 +127,9 @@ def load_data(source: str = 'synthetic', *, seed: int = 0, **fields) -> data_lib
 
 def _context(dataset: data_lib.Dataset, config, trained: tuple[str, ...]) -> stages.Context:
   stages.validate(config)
+  if stages.replicas(config):
+    raise validation.ConfigError(f'seeds {tuple(config.seeds)}: the Python API trains one seed '
+                                 'per call; set seed=, or run main.py with --config.seeds')
   return stages.make_context(config, dataset, workdir=None, stages=trained)
 
 

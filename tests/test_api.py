@@ -55,6 +55,10 @@ def test_a_bad_option_names_it(data, backdoored):
     nad_jax.load_data('synthetic', trainsize=10)
   with pytest.raises(nad_jax.ConfigError, match="do not fit model.name 'wrn16_1'"):
     nad_jax.evaluate(data, backdoored.variables)  # tiny variables, the default model
+  config = nad_jax.make_config()
+  config.seeds = (0, 1)
+  with pytest.raises(nad_jax.ConfigError, match=r'seeds \(0, 1\): the Python API trains one'):
+    nad_jax.erase(data, backdoored.variables, config=config, **TINY)
 
 
 def test_evaluate_needs_no_training_batch_to_fit(backdoored):
