@@ -562,9 +562,8 @@ def make_evaluate(model: nn.Module, mesh: jax.sharding.Mesh,
     return percentages(clean, backdoor)
 
   def evaluate_each(variables, test_set: TestSet, keys):
-    # One replica after another: a CPU gains nothing from stacking them, and a stacked
-    # evaluation batch copies its activations in and out of oneDNN's per-replica loop
-    # (1.7x the time per replica for WRN-16-1: docs/seeds.md).
+    # One replica after another: a CPU gains nothing from stacking them, and a vmapped
+    # evaluation took 1.7x the time per replica for WRN-16-1 (docs/seeds.md).
     each = [evaluate_looped(jax.tree.map(lambda x: x[k], variables), test_set, keys[k])
             for k in range(keys.shape[0])]
     return jax.tree.map(lambda *m: jnp.stack(m), *each)
