@@ -17,12 +17,7 @@ from nad_jax.experiments import nad as nad_runner
 def tiny_config(**fields):
   config = tiny.get_config()
   config.backdoor_training.crop_flip = True  # the augmentation draws are per replica too
-  for field, value in fields.items():
-    *sections, last = field.split('.')
-    target = config
-    for section in sections:
-      target = target[section]
-    target[last] = value
+  config.update_from_flattened_dict(fields)
   return config
 
 
