@@ -219,7 +219,7 @@ def erase(dataset: data_lib.Dataset, variables: dict, *, method: str = 'nad',
 
 def evaluate(dataset: data_lib.Dataset, variables: dict, *, config=None,
              **options) -> dict[str, Any]:
-  """acc (clean test accuracy), acc_nontarget and asr of `variables`, in percent.
+  """acc (clean test accuracy), acc_nontarget, asr and ra of `variables`, in percent.
 
   Args:
     dataset: its test split is evaluated; asr triggers its non-target images.
@@ -227,7 +227,8 @@ def evaluate(dataset: data_lib.Dataset, variables: dict, *, config=None,
     config, **options: see `make_config` (model, attack, target_label, ...).
 
   Returns:
-    {'acc', 'acc_nontarget', 'asr'} as floats in [0, 100].
+    {'acc', 'acc_nontarget', 'asr', 'ra'} as floats in [0, 100] (ra: the triggered
+    non-target test images classified as their true label).
   """
   ctx = _context(dataset, make_config(config, **options), ())
   return stages.evaluate(ctx, _on_devices(ctx, variables))

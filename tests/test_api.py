@@ -65,3 +65,19 @@ def test_evaluate_needs_no_training_batch_to_fit(backdoored):
   few = nad_jax.load_data('synthetic', train_size=40, test_size=64)  # 2 clean images at 5%
   metrics = nad_jax.evaluate(few, backdoored.variables, model='tiny')
   assert set(metrics) == {'acc', 'acc_nontarget', 'asr', 'ra'}
+
+
+@pytest.mark.parametrize('model', ['resnet18', 'vgg19_bn'])
+def test_nad_on_the_backdoorbench_backbones(model):
+  """NAD trains on BackdoorBench's torchvision backbones: every distilled group's attention
+  maps have spatial extent, so each AT term is non-zero (after global pooling they would be
+  1x1 maps, equal after normalisation, and the term 0)."""
+  data = nad_jax.load_data('synthetic', train_size=128, test_size=64)
+  options = dict(model=model, clean_fraction=0.5)
+  backdoored = nad_jax.train_backdoored(data, epochs=1, batch_size=32, learning_rate=0.01,
+                                        lr_boundaries=(), **options)
+  erased = nad_jax.erase(data, backdoored.variables, epochs=1, teacher_epochs=1, batch_size=32,
+                         learning_rate=0.01, lr_boundaries=(), **options)
+  at = erased.history[-1]['at']
+  assert len(at) == 3 and all(np.isfinite(at)) and min(at) > 0, at
+  assert nad_jax.evaluate(data, erased.variables, **options)['acc'] == erased.history[-1]['acc']

@@ -141,6 +141,7 @@ def test_a_clean_label_stage_prepares_once_across_kill_resume_and_rerun(tmp_path
   printed = capsys.readouterr().out
   assert '[backdoored] preparing the cl training set of seed 0' in printed
   assert '[backdoored] prepared in' in printed
+  assert '[backdoored] evaluating on the ' in printed and '[backdoored] evaluated in' in printed
   prepared = os.path.join(workdir, 'backdoored', stages.PREPARED)
   assert os.path.isfile(prepared)
   monkeypatch.setattr(checkpoint.StageCheckpoints, 'save', save)

@@ -13,6 +13,7 @@ Each command runs from the repository root; its result file is copied here.
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -32,9 +33,11 @@ class Block(NamedTuple):
   Attributes:
     sources: {result file name in docs/results/: (command, the file the command writes)}.
     cells: results ({file name: parsed JSON}) -> the block's "a / b" cells in reading order.
+    prepare: run before the commands (e.g. a data subset they read).
   """
   sources: dict
   cells: Callable[[dict], list]
+  prepare: Callable[[], None] | None = None  # makes what the commands read, before them
 
 
 def pair(metrics: dict, first: str, second: str, digits: int) -> str:
@@ -75,6 +78,38 @@ def seeds_cells(results: dict) -> list:
   return cells
 
 
+OFFICIAL_RUNS = {  # result file: (config, workdir)
+    'official.json': ('configs/nad_official.py', 'runs/nad_official'),
+    'official_finetuned_teacher.json': ('configs/nad_official.py:finetuned_teacher',
+                                        'runs/nad_official_ft')}
+
+
+def official_cells(results: dict) -> list:
+  """README's rows for the authors' model: per teacher, the imported backdoored model, the
+  teacher and NAD, acc / ASR."""
+  return [pair(results[f]['stages'][s], 'acc', 'asr', 2)
+          for f in OFFICIAL_RUNS for s in ('backdoored', 'teacher', 'nad')]
+
+
+def official_summary_cells(results: dict) -> list:
+  """docs/reproduction.md's summary: per teacher, the teacher's and NAD's acc / ASR."""
+  return [pair(results[f]['stages'][s], 'acc', 'asr', 2)
+          for f in OFFICIAL_RUNS for s in ('teacher', 'nad')]
+
+
+def official_epochs_cells(results: dict) -> list:
+  """docs/reproduction.md's per-epoch table: per epoch (0: the backdoored model), NAD with the
+  authors' teacher, then the teacher fine-tuned here (while it trains) and NAD with it."""
+  own = results['official.json']['history']['nad']
+  teacher = results['official_finetuned_teacher.json']['history']['teacher']
+  nad = results['official_finetuned_teacher.json']['history']['nad']
+  cells = []
+  for epoch, row in enumerate(own):
+    columns = [row] + ([teacher[epoch]] if epoch < len(teacher) else []) + [nad[epoch]]
+    cells += [pair(c, 'acc', 'asr', 2) for c in columns]
+  return cells
+
+
 def main_command(config: str, workdir: str, *extra: str) -> str:
   return ' '.join(['python main.py', f'--config={config}', f'--workdir={workdir}', *extra])
 
@@ -98,13 +133,26 @@ BLOCKS = {
         'configs/quickstart.py', 'runs/seeds_quickstart', '--config.seeds=0,1,2'),
         'runs/seeds_quickstart/results.json')}, seeds_cells),
 }
+OFFICIAL_SOURCES = {result: (main_command(config, workdir), f'{workdir}/results.json')
+                    for result, (config, workdir) in OFFICIAL_RUNS.items()}
+BLOCKS.update({  # three places quote the same two runs
+    'official': Block(OFFICIAL_SOURCES, official_cells),
+    'official_summary': Block(OFFICIAL_SOURCES, official_summary_cells),
+    'official_epochs': Block(OFFICIAL_SOURCES, official_epochs_cells),
+})
 
 
-def regenerate(name: str) -> None:
-  """Runs the commands of block `name` and copies their result files here."""
+def regenerate(name: str, done: set) -> None:
+  """Runs the commands of block `name` not in `done` (and adds them) and copies their result
+  files here."""
+  if BLOCKS[name].prepare is not None:
+    BLOCKS[name].prepare()
   for result, (command, written) in BLOCKS[name].sources.items():
+    if command in done:
+      continue
+    done.add(command)
     print(f'[{name}] {command}', flush=True)
-    subprocess.run(command.split(), cwd=ROOT, check=True)
+    subprocess.run(shlex.split(command), cwd=ROOT, check=True)
     shutil.copyfile(os.path.join(ROOT, written), os.path.join(ROOT, HERE, result))
 
 
@@ -126,5 +174,6 @@ if __name__ == '__main__':
   if unknown:
     sys.exit(f'error: no block {unknown}; choose from {list(BLOCKS)}')
   # The quickstart's BadNets run first: the ablations start from its models.
+  done = set()
   for block in sorted(names, key=lambda n: n != 'quickstart'):
-    regenerate(block)
+    regenerate(block, done)
