@@ -135,6 +135,13 @@ BLOCKS = {
 }
 OFFICIAL_SOURCES = {result: (main_command(config, workdir), f'{workdir}/results.json')
                     for result, (config, workdir) in OFFICIAL_RUNS.items()}
+BLOCKS['clean'] = Block(  # the installed command on the authors' model
+    {'clean_wrn16_1.json': (
+        'nad-jax-clean ../shared/data/nad-official/WRN-16-1-S-model_best.pth.tar --arch wrn16_1 '
+        '--data ../shared/data/cifar10-jpeg --attack badnets --target-label 5 '
+        '--out runs/clean_wrn16_1', 'runs/clean_wrn16_1/results.json')},
+    lambda results: [pair(results['clean_wrn16_1.json']['stages'][s], 'acc', 'asr', 2)
+                     for s in ('backdoored', 'teacher', 'nad')])
 BLOCKS.update({  # three places quote the same two runs
     'official': Block(OFFICIAL_SOURCES, official_cells),
     'official_summary': Block(OFFICIAL_SOURCES, official_summary_cells),
