@@ -78,10 +78,16 @@ def seeds_cells(results: dict) -> list:
   return cells
 
 
+def main_command(config: str, workdir: str, *extra: str) -> str:
+  return ' '.join(['python main.py', f'--config={config}', f'--workdir={workdir}', *extra])
+
+
 OFFICIAL_RUNS = {  # result file: (config, workdir)
     'official.json': ('configs/nad_official.py', 'runs/nad_official'),
     'official_finetuned_teacher.json': ('configs/nad_official.py:finetuned_teacher',
                                         'runs/nad_official_ft')}
+OFFICIAL_SOURCES = {result: (main_command(config, workdir), f'{workdir}/results.json')
+                    for result, (config, workdir) in OFFICIAL_RUNS.items()}
 
 
 def official_cells(results: dict) -> list:
@@ -110,8 +116,70 @@ def official_epochs_cells(results: dict) -> list:
   return cells
 
 
-def main_command(config: str, workdir: str, *extra: str) -> str:
-  return ' '.join(['python main.py', f'--config={config}', f'--workdir={workdir}', *extra])
+def clean_cells(results: dict) -> list:
+  """docs/clean.md's run of nad-jax-clean: the backdoored model, the teacher, NAD; acc / asr."""
+  return [pair(results['clean_wrn16_1.json']['stages'][s], 'acc', 'asr', 2)
+          for s in ('backdoored', 'teacher', 'nad')]
+
+
+# Small clean sets: 5,000 training images, so 250 clean ones at 5%. Each recipe sets the
+# teacher (10 epochs) and NAD (20 epochs) alike: {name: (batch size, lr, lr_boundaries)}.
+SMALL_RECIPES = {'paper': (64, 0.1, (2,)), 'lr0.01': (64, 0.01, ()), 'b16_lr0.01': (16, 0.01, ()),
+                 'b16_lr0.02': (16, 0.02, ()), 'b16_lr0.05': (16, 0.05, ()),
+                 'b16_paper': (16, 0.1, (2,))}
+SMALL_DATA = {  # name: (config and data flags, the backdoored model's stage folder)
+    'cifar5k': ('configs/nad_cifar.py --config.data.source=folder '
+                '--config.data.path=runs/cifar10_5k', 'runs/small_cifar5k/backdoored'),
+    'synthetic': ('configs/quickstart.py', 'runs/quickstart_badnets/backdoored')}  # quickstart's
+
+
+def cifar_subset(source: str = '../shared/data/cifar10-jpeg', target: str = 'runs/cifar10_5k',
+                 per_class: int = 500) -> None:
+  """A 5,000-image CIFAR-10 training split: the first `per_class` images of each class of
+  the local JPEG copy (in name order), and its whole test split, as symbolic links."""
+  source, target = os.path.join(ROOT, source), os.path.join(ROOT, target)
+  if os.path.isdir(target):
+    return
+  for name in sorted(os.listdir(os.path.join(source, 'train'))):
+    os.makedirs(os.path.join(target, 'train', name))
+    for image in sorted(os.listdir(os.path.join(source, 'train', name)))[:per_class]:
+      os.symlink(os.path.realpath(os.path.join(source, 'train', name, image)),
+                 os.path.join(target, 'train', name, image))
+  os.symlink(os.path.realpath(os.path.join(source, 'test')), os.path.join(target, 'test'))
+
+
+def small_cells(results: dict) -> list:
+  """docs/clean.md's small-clean-set table: the backdoored model on each dataset, then per
+  recipe and dataset the teacher's and NAD's acc / ASR."""
+  first = next(iter(SMALL_RECIPES))
+  cells = [pair(results[f'small_{data}_{first}.json']['stages']['backdoored'], 'acc', 'asr', 2)
+           for data in SMALL_DATA]
+  for recipe in SMALL_RECIPES:
+    for data in SMALL_DATA:
+      stages = results[f'small_{data}_{recipe}.json']['stages']
+      cells += [pair(stages[s], 'acc', 'asr', 2) for s in ('teacher', 'nad')]
+  return cells
+
+
+def small_sources() -> dict:
+  """The CIFAR-10 subset's backdoored model (40 epochs), then every dataset x recipe."""
+  sources = {'small_cifar5k_backdoored.json': (main_command(
+      SMALL_DATA['cifar5k'][0], 'runs/small_cifar5k', '--config.backdoor_training.epochs=40',
+      "'--config.backdoor_training.lr_boundaries=(20,30)'",
+      '--config.backdoor_training.eval_every=10', '--config.teacher.epochs=0',
+      '--config.nad.epochs=0'), 'runs/small_cifar5k/results.json')}
+  for data, (config, student) in SMALL_DATA.items():
+    for recipe, (batch, lr, boundaries) in SMALL_RECIPES.items():
+      workdir = f'runs/small_{data}_{recipe}'
+      flags = [f'--config.student.checkpoint={student}', '--config.teacher.epochs=10',
+               '--config.teacher.eval_every=10', '--config.nad.epochs=20',
+               '--config.nad.eval_every=20']
+      for stage in ('teacher', 'nad'):
+        flags += [f'--config.{stage}.batch_size={batch}', f'--config.{stage}.learning_rate={lr}',
+                  f"'--config.{stage}.lr_boundaries={boundaries}'"]
+      sources[f'small_{data}_{recipe}.json'] = (main_command(config, workdir, *flags),
+                                                f'{workdir}/results.json')
+  return sources
 
 
 BLOCKS = {
@@ -132,21 +200,16 @@ BLOCKS = {
     'seeds': Block({'seeds_quickstart.json': (main_command(
         'configs/quickstart.py', 'runs/seeds_quickstart', '--config.seeds=0,1,2'),
         'runs/seeds_quickstart/results.json')}, seeds_cells),
-}
-OFFICIAL_SOURCES = {result: (main_command(config, workdir), f'{workdir}/results.json')
-                    for result, (config, workdir) in OFFICIAL_RUNS.items()}
-BLOCKS['clean'] = Block(  # the installed command on the authors' model
-    {'clean_wrn16_1.json': (
+    'clean': Block({'clean_wrn16_1.json': (  # the installed command on the authors' model
         'nad-jax-clean ../shared/data/nad-official/WRN-16-1-S-model_best.pth.tar --arch wrn16_1 '
         '--data ../shared/data/cifar10-jpeg --attack badnets --target-label 5 '
-        '--out runs/clean_wrn16_1', 'runs/clean_wrn16_1/results.json')},
-    lambda results: [pair(results['clean_wrn16_1.json']['stages'][s], 'acc', 'asr', 2)
-                     for s in ('backdoored', 'teacher', 'nad')])
-BLOCKS.update({  # three places quote the same two runs
+        '--out runs/clean_wrn16_1', 'runs/clean_wrn16_1/results.json')}, clean_cells),
+    'small_clean': Block(small_sources(), small_cells, cifar_subset),
+    # three places quote the same two runs
     'official': Block(OFFICIAL_SOURCES, official_cells),
     'official_summary': Block(OFFICIAL_SOURCES, official_summary_cells),
     'official_epochs': Block(OFFICIAL_SOURCES, official_epochs_cells),
-})
+}
 
 
 def regenerate(name: str, done: set) -> None:
@@ -180,7 +243,8 @@ if __name__ == '__main__':
   unknown = [n for n in names if n not in BLOCKS]
   if unknown:
     sys.exit(f'error: no block {unknown}; choose from {list(BLOCKS)}')
-  # The quickstart's BadNets run first: the ablations start from its models.
+  # The quickstart's BadNets run first: the ablations and the small-clean study start from
+  # its models.
   done = set()
   for block in sorted(names, key=lambda n: n != 'quickstart'):
     regenerate(block, done)
