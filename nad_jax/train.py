@@ -413,20 +413,21 @@ def fit(model: nn.Module, cfg, images: np.ndarray, labels: np.ndarray,
 class TestSet(NamedTuple):
   """The clean test split and the backdoor test images, each padded to whole evaluation batches.
 
-  B = ceil(N / batch) clean batches, B' = ceil(N' / batch) backdoor batches; the
-  `valid` masks are False on the zero padding.
+  B = ceil(N / batch) clean batches, B' = ceil(N' / batch') backdoor batches, where a
+  set smaller than the evaluation batch takes a smaller one (its size rounded up to a
+  multiple of the device count); the `valid` masks are False on the zero padding.
 
   Attributes:
     images: (B, batch, H, W, C) uint8 clean test images.
     labels: (B, batch) int32 their true labels.
     valid: (B, batch) bool.
-    backdoor_images: (B', batch, H, W, C) uint8: for an attack with a trigger the
+    backdoor_images: (B', batch', H, W, C) uint8: for an attack with a trigger the
       clean test images whose backdoor label differs from their label (triggered
       at evaluation; for all-to-one the non-target ones), for an attack with a
       given poisoned test set (`Attack.test_set`) its images.
-    backdoor_labels: (B', batch) int32 their backdoor labels.
-    true_labels: (B', batch) int32 their true labels.
-    backdoor_valid: (B', batch) bool.
+    backdoor_labels: (B', batch') int32 their backdoor labels.
+    true_labels: (B', batch') int32 their true labels.
+    backdoor_valid: (B', batch') bool.
   """
   images: jax.Array
   labels: jax.Array
@@ -437,9 +438,12 @@ class TestSet(NamedTuple):
   backdoor_valid: jax.Array
 
 
-def _batched(batch_size: int, *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
-  """Arrays of N rows -> zero-padded (ceil(N / batch_size), batch_size, ...) arrays and a valid mask."""
+def _batched(batch_size: int, multiple: int, *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
+  """Arrays of N rows -> zero-padded (ceil(N / b), b, ...) arrays and a valid mask, where
+  b = min(batch_size, N rounded up to a multiple of `multiple`): a set smaller than one
+  batch is not padded to a whole batch of zeros that would be evaluated too."""
   count = len(arrays[0])
+  batch_size = min(batch_size, max(multiple, -(-count // multiple) * multiple))
   batches = -(-count // batch_size)
   pad = batches * batch_size - count
   shape = lambda x: x.reshape(batches, batch_size, *x.shape[1:])
@@ -458,7 +462,7 @@ def make_test_set(images: np.ndarray, labels: np.ndarray, batch_size: int,
   Args:
     images: (N, H, W, C) uint8 test images in [0, 255].
     labels: (N,) int32 labels.
-    batch_size: the evaluation batch size.
+    batch_size: the evaluation batch size (a multiple of the mesh's device count).
     mesh: the device mesh.
     attack: its `test_set` where it has one (used as given), else its `relabel`
       picks the clean images to trigger.
@@ -474,8 +478,9 @@ def make_test_set(images: np.ndarray, labels: np.ndarray, batch_size: int,
     targets = np.asarray(attack.relabel(labels)).astype(np.int32)
     keep = targets != labels
     backdoor = (images[keep], targets[keep], np.asarray(labels, np.int32)[keep])
-  return replicate(TestSet(*_batched(batch_size, images, np.asarray(labels, np.int32)),
-                           *_batched(batch_size, *backdoor)), mesh)
+  devices = mesh.shape['data']  # every batch splits evenly over the devices
+  return replicate(TestSet(*_batched(batch_size, devices, images, np.asarray(labels, np.int32)),
+                           *_batched(batch_size, devices, *backdoor)), mesh)
 
 
 def make_evaluate(model: nn.Module, mesh: jax.sharding.Mesh,

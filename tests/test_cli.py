@@ -255,3 +255,22 @@ def test_the_runner_refuses_an_unknown_method(tmp_path):
   with pytest.raises(stages.ConfigError, match="method 'nap'"):
     clean.run(defaults.paper_config(), str(tmp_path / 'out'), 'nap')
   assert not (tmp_path / 'out').exists()
+
+
+@pytest.mark.parametrize('teacher', [True, False], ids=['authors_teacher', 'finetuned_teacher'])
+def test_the_documented_command_is_configs_nad_official(tmp_path, teacher):
+  """docs/clean.md's command on the authors' model builds configs/nad_official.py's config
+  (with --teacher) or its :finetuned_teacher variant's, every field alike but the paths."""
+  from configs import nad_official  # pylint: disable=g-import-not-at-top
+  student, their_teacher = tmp_path / 'S.pth.tar', tmp_path / 'T.pth.tar'
+  student.touch()
+  their_teacher.touch()
+  data = write_folder(tmp_path / 'cifar10-jpeg', train=1, test=1)
+  argv = [str(student), '--arch', 'wrn16_1', '--data', str(data), '--attack', 'badnets',
+          '--target-label', '5'] + (['--teacher', str(their_teacher)] if teacher else [])
+  built, _ = cli.build_config(cli.parser().parse_args(argv))
+  expected = nad_official.get_config(None if teacher else 'finetuned_teacher')
+  expected.student.checkpoint, expected.data.path = str(student), str(data)
+  if teacher:
+    expected.teacher.checkpoint = str(their_teacher)
+  assert built.to_dict() == expected.to_dict()

@@ -79,6 +79,24 @@ def test_only_the_images_the_metrics_count_are_triggered(setup):
     assert test_set.valid.sum() == len(labels)
 
 
+@pytest.mark.parametrize('scan', [True, False])
+def test_a_set_smaller_than_a_batch_is_not_padded_to_one(setup, scan):
+  """43 images with an evaluation batch of 1000: one batch of 44 (a multiple of the 4
+  devices), not 1000 of which 957 are zeros; the metrics are those of small batches."""
+  model, variables, images, labels = setup
+  mesh = train.make_mesh()
+  attack = build_attack(attack_config(), 10, SHAPE)
+  test_set = jax.device_get(train.make_test_set(images, labels, 1000, mesh, attack))
+  count = int(np.sum(labels != 5))
+  assert test_set.images.shape[:2] == (1, 44) and test_set.valid.sum() == 43
+  assert test_set.backdoor_images.shape[:2] == (1, -(-count // 4) * 4)
+  evaluate = train.make_evaluate(model, mesh, train.normalizer(None, None), attack, scan)
+  large, small = (jax.device_get(evaluate(variables, train.make_test_set(
+      images, labels, batch, mesh, attack), jax.random.key(1))) for batch in (1000, BATCH))
+  for name in small:
+    assert float(large[name]) == pytest.approx(float(small[name]), abs=1e-4), name
+
+
 def test_given_poisoned_images_are_used_as_they_are(setup, tmp_path):
   """The 'files' attack: asr and ra on the .npz's images, no trigger applied; acc on the clean set."""
   model, variables, images, labels = setup
