@@ -274,3 +274,22 @@ def test_the_documented_command_is_configs_nad_official(tmp_path, teacher):
   if teacher:
     expected.teacher.checkpoint = str(their_teacher)
   assert built.to_dict() == expected.to_dict()
+
+
+@pytest.mark.slow
+def test_the_readmes_python_equivalent_runs(tmp_path):
+  """README's "Clean your own model" Python block, on a tiny model, folder and schedule."""
+  readme = (ROOT / 'README.md').read_text()
+  section = readme[readme.index('## Clean your own model'):readme.index('## Results')]
+  code = section.split('```python\n')[1].split('```')[0]
+  data = write_folder(tmp_path / 'data', train=24)  # 72 images: the teacher's batch is 64
+  shrink = {"'preact_resnet18'": "'tiny'", "'DIR'": repr(str(data)),
+            "'model.pth'": repr(str(write_tiny_pth(tmp_path / 'model.pth'))),
+            "'cleaned.pth'": repr(str(tmp_path / 'cleaned.pth')),
+            'target_label=0)': 'target_label=0, epochs=1, teacher_epochs=1, batch_size=8, '
+                               'clean_fraction=1.0)'}
+  for shown, small in shrink.items():
+    assert shown in code, shown
+    code = code.replace(shown, small)
+  exec(compile(code, 'README.md', 'exec'), {})  # pylint: disable=exec-used
+  assert torch.load(tmp_path / 'cleaned.pth', weights_only=True)
