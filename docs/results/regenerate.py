@@ -78,6 +78,12 @@ def seeds_cells(results: dict) -> list:
   return cells
 
 
+def stage_cells(files, stages) -> Callable[[dict], list]:
+  """Cells of a table of final results: per result file, per stage, acc / ASR."""
+  return lambda results: [pair(results[f]['stages'][s], 'acc', 'asr', 2)
+                          for f in files for s in stages]
+
+
 def main_command(config: str, workdir: str, *extra: str) -> str:
   return ' '.join(['python main.py', f'--config={config}', f'--workdir={workdir}', *extra])
 
@@ -88,19 +94,6 @@ OFFICIAL_RUNS = {  # result file: (config, workdir)
                                         'runs/nad_official_ft')}
 OFFICIAL_SOURCES = {result: (main_command(config, workdir), f'{workdir}/results.json')
                     for result, (config, workdir) in OFFICIAL_RUNS.items()}
-
-
-def official_cells(results: dict) -> list:
-  """README's rows for the authors' model: per teacher, the imported backdoored model, the
-  teacher and NAD, acc / ASR."""
-  return [pair(results[f]['stages'][s], 'acc', 'asr', 2)
-          for f in OFFICIAL_RUNS for s in ('backdoored', 'teacher', 'nad')]
-
-
-def official_summary_cells(results: dict) -> list:
-  """docs/reproduction.md's summary: per teacher, the teacher's and NAD's acc / ASR."""
-  return [pair(results[f]['stages'][s], 'acc', 'asr', 2)
-          for f in OFFICIAL_RUNS for s in ('teacher', 'nad')]
 
 
 def official_epochs_cells(results: dict) -> list:
@@ -114,12 +107,6 @@ def official_epochs_cells(results: dict) -> list:
     columns = [row] + ([teacher[epoch]] if epoch < len(teacher) else []) + [nad[epoch]]
     cells += [pair(c, 'acc', 'asr', 2) for c in columns]
   return cells
-
-
-def clean_cells(results: dict) -> list:
-  """docs/clean.md's run of nad-jax-clean: the backdoored model, the teacher, NAD; acc / asr."""
-  return [pair(results['clean_wrn16_1.json']['stages'][s], 'acc', 'asr', 2)
-          for s in ('backdoored', 'teacher', 'nad')]
 
 
 # Small clean sets: 5,000 training images, so 250 clean ones at 5%. Each recipe sets the
@@ -203,11 +190,14 @@ BLOCKS = {
     'clean': Block({'clean_wrn16_1.json': (  # the installed command on the authors' model
         'nad-jax-clean ../shared/data/nad-official/WRN-16-1-S-model_best.pth.tar --arch wrn16_1 '
         '--data ../shared/data/cifar10-jpeg --attack badnets --target-label 5 '
-        '--out runs/clean_wrn16_1', 'runs/clean_wrn16_1/results.json')}, clean_cells),
+        '--out runs/clean_wrn16_1', 'runs/clean_wrn16_1/results.json')},
+        stage_cells(['clean_wrn16_1.json'], ('backdoored', 'teacher', 'nad'))),
     'small_clean': Block(small_sources(), small_cells, cifar_subset),
-    # three places quote the same two runs
-    'official': Block(OFFICIAL_SOURCES, official_cells),
-    'official_summary': Block(OFFICIAL_SOURCES, official_summary_cells),
+    # three places quote the same two runs: README (backdoored, teacher, NAD per teacher),
+    # docs/reproduction.md's summary (teacher, NAD) and its per-epoch table
+    'official': Block(OFFICIAL_SOURCES,
+                      stage_cells(OFFICIAL_RUNS, ('backdoored', 'teacher', 'nad'))),
+    'official_summary': Block(OFFICIAL_SOURCES, stage_cells(OFFICIAL_RUNS, ('teacher', 'nad'))),
     'official_epochs': Block(OFFICIAL_SOURCES, official_epochs_cells),
 }
 
