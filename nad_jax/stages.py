@@ -356,7 +356,8 @@ def restore_stage(checkpoints: ckpt_lib.StageCheckpoints, name: str, epoch: int,
 
 def train_stage(ctx: Context, name: str, stage_cfg, recipe: train_lib.Recipe, init_variables,
                 images, labels, poisoned, attack, frozen=None, stream: str | None = None,
-                loss: Callable | None = None, readout: Callable | None = None) -> StageResult:
+                loss: Callable | None = None, readout: Callable | None = None,
+                start_metrics: dict | None = None) -> StageResult:
   """Trains (or resumes) one stage with the engine's TrainEpoch.
 
   Args:
@@ -374,6 +375,9 @@ def train_stage(ctx: Context, name: str, stage_cfg, recipe: train_lib.Recipe, in
     loss: train.make_loss's signature; None: CE (+ distillation per `recipe`).
     readout: maps the trained variables to the model evaluated (MCR: the curve's
       point); None: the variables themselves.
+    start_metrics: the METRICS of `init_variables` where the caller has them (the
+      backdoored model's last evaluation): epoch 0 records them instead of evaluating
+      the same model again; None: epoch 0 is evaluated.
 
   Returns:
     StageResult; its variables are the trained ones, before `readout`.
@@ -393,7 +397,9 @@ def train_stage(ctx: Context, name: str, stage_cfg, recipe: train_lib.Recipe, in
   if done is not None:
     state, history = restore_stage(checkpoints, name, done, state)
   else:
-    done, history = 0, [{'epoch': 0, **evaluate_first(ctx, readout(state.variables), name)}]
+    first = (start_metrics if start_metrics is not None
+             else evaluate_first(ctx, readout(state.variables), name))
+    done, history = 0, [{'epoch': 0, **first}]
   timing = {'compile_s': 0.0, 'img_per_s': []}
   if done < stage_cfg.epochs:
     on_device = train_lib.replicate((images, labels, poisoned), ctx.mesh)

@@ -47,6 +47,9 @@ def test_end_to_end_writes_results(finished_run):
     assert all(0 <= v <= 100 for v in metrics.values())
     assert [h['epoch'] for h in saved['history'][stage]] == [0, 1, 2]
   assert len(saved['history']['nad'][-1]['at']) == 3
+  # The teacher and NAD start from the backdoored model: its last evaluation is their epoch 0.
+  for stage in ('teacher', 'nad'):
+    assert saved['history'][stage][0] == {'epoch': 0, **saved['stages']['backdoored']}
   assert saved['config']['model']['name'] == 'tiny'
   for stage in nad_runner.STAGES:
     assert sorted(os.listdir(os.path.join(workdir, stage)), key=str)[:2] == ['1', '2']
@@ -61,14 +64,19 @@ def test_rerun_skips_finished_stages(finished_run):
                              for name, t in results['timing'].items()}
 
 
-def test_the_python_api_gives_the_pipelines_numbers(finished_run):
+def test_the_python_api_gives_the_pipelines_numbers(finished_run, monkeypatch):
   _, results = finished_run
   config = tiny_config()
   data_set = nad_jax.load_data('synthetic', train_size=512, test_size=256)
   backdoored = nad_jax.train_backdoored(data_set, config=config)
   assert backdoored.history == results['history']['backdoored']
+  evaluated = []
+  evaluate = stages.evaluate
+  monkeypatch.setattr(stages, 'evaluate', lambda *a: evaluated.append(1) or evaluate(*a))
   erased = nad_jax.erase(data_set, backdoored.variables, config=config)
   assert erased.history == results['history']['nad']
+  # The given model once, then the teacher's and NAD's two epochs each: nothing twice.
+  assert len(evaluated) == 1 + 2 + 2
 
 
 def test_eval_only_reproduces_saved_figures(finished_run):

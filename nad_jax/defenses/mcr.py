@@ -141,17 +141,19 @@ def repair(ctx: stages.Context, start, end, clean, name: str = 'mcr') -> stages.
                             {'t': cfg.t, 'curve': curve})
 
 
-def erase(ctx: stages.Context, student, clean,
-          fine_tuned: stages.StageResult | None = None) -> stages.StageResult:
+def erase(ctx: stages.Context, student, clean, fine_tuned: stages.StageResult | None = None,
+          student_metrics: dict | None = None) -> stages.StageResult:
   """MCR as one defense: the curve from `student` to its fine-tuned model.
 
   Args:
     ctx, student, clean: as for `repair`.
     fine_tuned: the FT defense's result, where it ran already; None: trained here.
+    student_metrics: the backdoored model's METRICS where known, for the FT stage
+      trained here (`finetune.finetune`).
 
   Returns:
     `repair`'s StageResult.
   """
   if fine_tuned is None:
-    fine_tuned = finetune.finetune(ctx, student, clean)
+    fine_tuned = finetune.finetune(ctx, student, clean, student_metrics=student_metrics)
   return repair(ctx, student, fine_tuned.variables, clean)

@@ -19,13 +19,17 @@ def nad_recipe(config, betas=None):
   return stages.recipe_for(config.nad, tuple(betas), layers, config.nad.p)
 
 
-def teacher(ctx: stages.Context, student) -> stages.StageResult:
+def teacher(ctx: stages.Context, student,
+            student_metrics: dict | None = None) -> stages.StageResult:
   """`teacher.checkpoint`, or the teacher trained on the clean subset (CE only).
 
   Args:
     ctx: the stage Context.
     student: the backdoored model's {'params', 'batch_stats'}: where a 'finetune'
       teacher starts ('scratch' starts from a fresh initialisation).
+    student_metrics: the backdoored model's METRICS where known (its stage's last
+      evaluation), recorded as a fine-tuned teacher's epoch 0 instead of evaluating
+      `student` again; None: evaluated.
 
   Returns:
     StageResult of the teacher.
@@ -34,13 +38,17 @@ def teacher(ctx: stages.Context, student) -> stages.StageResult:
   if 'teacher' in ctx.checkpoints:
     return stages.pretrained(ctx, ctx.checkpoints['teacher'], config.teacher.checkpoint,
                              'teacher')
-  start = (stages.init_variables(ctx, 'scratch_teacher_init')
-           if config.teacher.source == 'scratch' else student)
+  if config.teacher.source == 'scratch':
+    start, student_metrics = stages.init_variables(ctx, 'scratch_teacher_init'), None
+  else:
+    start = student
   return stages.train_stage(ctx, 'teacher', config.teacher, stages.recipe_for(config.teacher),
-                            start, *stages.clean_data(ctx), None)
+                            start, *stages.clean_data(ctx), None,
+                            start_metrics=student_metrics)
 
 
-def distill(ctx: stages.Context, student, teacher_variables, clean) -> stages.StageResult:
+def distill(ctx: stages.Context, student, teacher_variables, clean,
+            student_metrics: dict | None = None) -> stages.StageResult:
   """The NAD stage: `student` trained on `clean` with CE + attention distillation.
 
   Args:
@@ -48,20 +56,28 @@ def distill(ctx: stages.Context, student, teacher_variables, clean) -> stages.St
     student: the backdoored model's {'params', 'batch_stats'}.
     teacher_variables: the frozen teacher's (not trained, not checkpointed).
     clean: the clean subset (images, labels, mask), as `stages.clean_data` returns.
+    student_metrics: the backdoored model's METRICS where known, recorded as epoch 0
+      instead of evaluating `student` again; None: evaluated.
 
   Returns:
     StageResult of the NAD student.
   """
   return stages.train_stage(ctx, 'nad', ctx.config.nad, nad_recipe(ctx.config), student,
-                            *clean, None, frozen=teacher_variables)
+                            *clean, None, frozen=teacher_variables, start_metrics=student_metrics)
 
 
-def erase(ctx: stages.Context, student, clean) -> stages.StageResult:
+def erase(ctx: stages.Context, student, clean,
+          student_metrics: dict | None = None) -> stages.StageResult:
   """NAD as one defense: the teacher (trained or loaded), then the student.
+
+  `student_metrics`: the backdoored model's METRICS where known (see `teacher`); else
+  `student` is evaluated once here for both stages.
 
   Returns:
     StageResult of the NAD student; info['teacher'] is the teacher's StageResult.
   """
-  trained_teacher = teacher(ctx, student)
-  result = distill(ctx, student, trained_teacher.variables, clean)
+  if student_metrics is None:
+    student_metrics = stages.evaluate_first(ctx, student, 'backdoored')
+  trained_teacher = teacher(ctx, student, student_metrics)
+  result = distill(ctx, student, trained_teacher.variables, clean, student_metrics)
   return result._replace(info={'teacher': trained_teacher})

@@ -109,7 +109,10 @@ def run(config, out: str, method: str = 'nad', source: dict | None = None,
                       'attack': config.attack.name}
 
   backdoored = stages.backdoored(ctx)
-  result = defenses.ERASE[method](ctx, backdoored.variables, stages.clean_data(ctx))
+  # The backdoored model's evaluation doubles as epoch 0 of the stages that start from it
+  # (FP's starts from the pruned model).
+  known = {} if method == 'fp' else {'student_metrics': backdoored.metrics}
+  result = defenses.ERASE[method](ctx, backdoored.variables, stages.clean_data(ctx), **known)
   results = {'backdoored': backdoored}
   if method == 'nad':
     results['teacher'] = result.info['teacher']

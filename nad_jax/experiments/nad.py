@@ -68,10 +68,10 @@ def run(config, workdir: str) -> Outcome:
   ctx = stages.setup(config, workdir)
   validation.check_workdir(config, workdir, STAGES, ctx.data_digest)
   results = {'backdoored': stages.backdoored(ctx)}
-  student = results['backdoored'].variables
-  results['teacher'] = nad_lib.teacher(ctx, student)
+  student, student_metrics = results['backdoored'].variables, results['backdoored'].metrics
+  results['teacher'] = nad_lib.teacher(ctx, student, student_metrics)
   results['nad'] = nad_lib.distill(ctx, student, results['teacher'].variables,
-                                   stages.clean_data(ctx))
+                                   stages.clean_data(ctx), student_metrics)
 
   path = os.path.join(workdir, 'results.json')
   written = {

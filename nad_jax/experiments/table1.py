@@ -126,7 +126,7 @@ def run_attack(ctx: stages.Context, defenses) -> dict:
   ft = None
   if 'ft' in defenses or 'mcr' in defenses:
     start = clock()
-    ft = finetune.finetune(ctx, student, clean)
+    ft = finetune.finetune(ctx, student, clean, student_metrics=backdoored.metrics)
     record('ft', ft, ft.metrics if 'ft' in defenses else None)
     out['timing']['ft'] = since(start)
   if 'fp' in defenses:
@@ -144,7 +144,7 @@ def run_attack(ctx: stages.Context, defenses) -> dict:
     out['timing']['mcr'] = since(start)
   if 'nad' in defenses:
     start = clock()
-    result = nad_lib.erase(ctx, student, clean)
+    result = nad_lib.erase(ctx, student, clean, backdoored.metrics)
     teacher = record('teacher', result.info['teacher'])
     nad = record('nad', result, result.metrics)
     out['timing']['nad'] = since(start)
