@@ -70,8 +70,10 @@ def erase(ctx: stages.Context, student, clean,
           student_metrics: dict | None = None) -> stages.StageResult:
   """NAD as one defense: the teacher (trained or loaded), then the student.
 
-  `student_metrics`: the backdoored model's METRICS where known (see `teacher`); else
-  `student` is evaluated once here for both stages.
+  Args:
+    ctx, student, clean: as for `distill`.
+    student_metrics: the backdoored model's METRICS where known (see `teacher`); None:
+      `student` is evaluated once here, for both stages.
 
   Returns:
     StageResult of the NAD student; info['teacher'] is the teacher's StageResult.
