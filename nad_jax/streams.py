@@ -20,7 +20,7 @@ STREAMS = {
     'poisoned_indices': 'which training images the attack poisons (attack.poison_rate)',
     'victim_init': "the backdoored model's initialisation",
     'scratch_teacher_init': "the initialisation of a teacher trained from scratch",
-    'attack_prepare': "Attack.prepare: CL's surrogate training and PGD, Refool's selection",
+    'attack_prepare': "Attack.prepare: CL's surrogate training and PGD",
     'backdoored': 'the backdoor training: batch order, augmentation, training triggers',
     'teacher': "the teacher's fine-tuning: batch order, augmentation",
     'nad': 'NAD, FT and FP fine-tuning: batch order, augmentation (one stream: same batches)',
@@ -32,7 +32,8 @@ STREAMS = {
     'trojan_patch': "Trojan's generated patch: the random model and the patch's start",
     'wanet_field': "WaNet's warp control field",
     'wanet_noise_mode': "WaNet's noise-mode training images",
-    'refool_reflections': "Refool's reflection images",
+    'refool_reflections': "Refool's reflection images: natural crops or held-out training images",
+    'refool_selection': "Refool's reflection selection: held-out images, poisoning, models, ties",
 }
 
 

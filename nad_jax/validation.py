@@ -18,7 +18,7 @@ import jax
 import numpy as np
 
 from nad_jax import attacks as attacks_lib
-from nad_jax.attacks import sig
+from nad_jax.attacks import refool, sig
 from nad_jax import checkpoint as ckpt_lib
 from nad_jax import models
 
@@ -277,21 +277,29 @@ RULES: list[Rule] = [
          attack_is('cl')),
     Rule('attack.pgd_steps', in_range(0, integer=True), 'an integer >= 0', attack_is('cl')),
     Rule('attack.surrogate.model', one_of(models.MODELS), f'one of {sorted(models.MODELS)}',
-         attack_is('cl', 'trojan')),
+         attack_is('cl', 'trojan', 'refool')),
     Rule('attack.surrogate.epochs', in_range(1, integer=True), 'an integer >= 1',
-         attack_is('cl')),
+         attack_is('cl', 'refool')),
     Rule('attack.surrogate.batch_size', positive_multiple_of_devices,
-         'a positive integer multiple of the device count ({devices})', attack_is('cl')),
+         'a positive integer multiple of the device count ({devices})', attack_is('cl', 'refool')),
     Rule('attack.surrogate.learning_rate', in_range(0, low_open=True), 'a number > 0',
-         attack_is('cl')),
+         attack_is('cl', 'refool')),
     Rule('attack.surrogate.lr_boundaries', increasing_epochs,
-         'a tuple of increasing epoch numbers >= 0', attack_is('cl')),
-    Rule('attack.surrogate.crop_flip', is_bool, 'True or False', attack_is('cl')),
+         'a tuple of increasing epoch numbers >= 0', attack_is('cl', 'refool')),
+    Rule('attack.surrogate.crop_flip', is_bool, 'True or False', attack_is('cl', 'refool')),
     Rule('attack.trojan_neurons', in_range(1, integer=True), 'an integer >= 1',
          attack_is('trojan')),
     Rule('attack.trojan_steps', in_range(1, integer=True), 'an integer >= 1',
          attack_is('trojan')),
+    Rule('attack.reflection_source', one_of(refool.SOURCES), f'one of {list(refool.SOURCES)}',
+         attack_is('refool')),
     Rule('attack.reflections', in_range(1, integer=True), 'an integer >= 1',
+         attack_is('refool')),
+    Rule('attack.reflection_candidates', in_range(1, integer=True), 'an integer >= 1',
+         attack_is('refool')),
+    Rule('attack.selection_rounds', in_range(0, integer=True),
+         'an integer >= 0 (0: no selection)', attack_is('refool')),
+    Rule('attack.selection_holdout', in_range(1, integer=True), 'an integer >= 1',
          attack_is('refool')),
     Rule('attack.ghost_rate', in_range(0, 1), 'a fraction in [0, 1]', attack_is('refool')),
     Rule('attack.reflection_strength',

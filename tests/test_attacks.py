@@ -19,6 +19,8 @@ from nad_jax.attacks import label_consistent, refool, sig, trojan, wanet
 OFFICIAL = os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'data', 'nad-official')
 SHAPE = (32, 32, 3)
 GRID = np.array([[0, 0, 255], [0, 255, 0], [255, 0, 255]], np.float32)
+# Refool as before its natural bank and selection: held-out training images, no training.
+HELDOUT = dict(reflection_source='heldout', selection_rounds=0)
 
 
 def attack_config(name, **overrides):
@@ -61,7 +63,7 @@ def test_dirty_label_poison_mask_and_relabel():
 
 @pytest.mark.parametrize('name', ['sig', 'cl', 'refool'])
 def test_clean_label_attacks_poison_only_the_target_class(name, dataset):
-  attack = build_attack(attack_config(name, reflections=10), 10, SHAPE, dataset)
+  attack = build_attack(attack_config(name, reflections=10, **HELDOUT), 10, SHAPE, dataset)
   assert attack.clean_label
   labels = dataset.train_labels
   mask = poison_mask(labels, attack, 0.8, np.random.default_rng([0, 2]))
@@ -70,7 +72,8 @@ def test_clean_label_attacks_poison_only_the_target_class(name, dataset):
   # The labels the training step gives the poisoned samples are their own.
   np.testing.assert_array_equal(np.asarray(attack.relabel(jnp.asarray(labels[mask]))),
                                 labels[mask])
-  dirty = build_attack(attack_config(name, clean_label=False, reflections=10), 10, SHAPE, dataset)
+  dirty = build_attack(attack_config(name, clean_label=False, reflections=10, **HELDOUT), 10,
+                       SHAPE, dataset)
   assert not dirty.clean_label
 
 
@@ -381,8 +384,8 @@ def numpy_refool(images, bank, p):
 
 
 def test_refool_matches_numpy(dataset):
-  attack = build_attack(attack_config('refool', reflections=10, ghost_rate=0.5), 10, SHAPE,
-                        dataset)
+  attack = build_attack(attack_config('refool', reflections=10, ghost_rate=0.5, **HELDOUT), 10,
+                        SHAPE, dataset)
   heldout = refool.heldout_indices(dataset.train_labels, 5, 10, 0)
   assert np.all(dataset.train_labels[heldout] != 5)
   x = dataset.train_images[:12].astype(np.float32)
@@ -396,7 +399,7 @@ def test_refool_matches_numpy(dataset):
 
 
 def test_refool_holds_out_its_reflections(dataset):
-  attack = build_attack(attack_config('refool', reflections=10), 10, SHAPE, dataset)
+  attack = build_attack(attack_config('refool', reflections=10, **HELDOUT), 10, SHAPE, dataset)
   mask = poison_mask(dataset.train_labels, attack, 0.8, np.random.default_rng([0, 2]))
   heldout = refool.heldout_indices(dataset.train_labels, 5, 10, 0)
   images, labels, poisoned = prepare(attack, dataset.train_images, dataset.train_labels, mask,
@@ -412,9 +415,98 @@ def test_refool_reflection_folder(dataset, tmp_path):
   from PIL import Image
   for i in range(3):
     Image.fromarray(dataset.test_images[i]).save(tmp_path / f'{i}.png')
-  attack = build_attack(attack_config('refool', pattern_path=str(tmp_path)), 10, SHAPE)
+  attack = build_attack(attack_config('refool', pattern_path=str(tmp_path), selection_rounds=0),
+                        10, SHAPE)
   assert attack.prepare is None
   assert trigger(attack, dataset.train_images[:2].astype(np.float32)).shape == (2, *SHAPE)
+
+
+def test_refool_natural_bank_is_seeded_and_uses_no_victim_data():
+  photos = refool.natural_photos()
+  assert len(photos) == len(refool.NATURAL_IMAGES)
+  bank = refool.natural_crops(photos, 12, SHAPE, 0)
+  assert bank.shape == (12, *SHAPE) and bank.dtype == np.float32
+  assert bank.min() >= 0 and bank.max() <= 255 and np.all(bank == np.round(bank))
+  assert len({b.tobytes() for b in bank}) == 12  # twelve different crops
+  np.testing.assert_array_equal(bank, refool.natural_crops(photos, 12, SHAPE, 0))
+  assert not np.array_equal(bank, refool.natural_crops(photos, 12, SHAPE, 1))
+  grey = refool.natural_crops(photos, 3, (16, 24, 1), 0)
+  assert grey.shape == (3, 16, 24, 1)
+  # Without selection the attack needs no dataset and removes no training image.
+  attack = build_attack(attack_config('refool', reflections=12, selection_rounds=0), 10, SHAPE)
+  assert attack.prepare is None and attack.clean_label
+
+
+def test_refool_natural_bank_without_scikit_image(monkeypatch):
+  import sys
+  monkeypatch.setitem(sys.modules, 'skimage', None)  # import skimage raises ImportError
+  with pytest.raises(ValueError, match=r"attack\.reflection_source .*pip install"):
+    build_attack(attack_config('refool', selection_rounds=0), 10, SHAPE)
+
+
+def test_refool_selection_keeps_candidates_above_the_median():
+  value = np.random.default_rng(0).permutation(40).astype(float)  # each candidate's success
+  rounds = []
+
+  def score(chosen, round_):
+    rounds.append(np.asarray(chosen))
+    return value[chosen]
+  final = refool.select(40, 8, 12, score, np.random.default_rng(1))
+  assert len(rounds) == 12 and all(len(set(c)) == 8 for c in rounds)
+  np.testing.assert_array_equal(final, rounds[-1])
+  for before, after in zip(rounds, rounds[1:]):
+    above = before[value[before] > np.median(value[before])]
+    assert set(above) <= set(after)  # above the median: kept for the next round
+  tried = np.unique(np.concatenate(rounds))
+  assert len(tried) > 8  # the others made room for new candidates
+  # The best candidate tried is kept to the end, and the final set beats the first.
+  assert tried[np.argmax(value[tried])] in final
+  assert value[final].mean() > value[rounds[0]].mean()
+
+
+class Brightness(nn.Module):
+  """Says class 5 when an image's mean (of pixels / 255) is above 0.3, else class 0."""
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    del train
+    margin = 100.0 * (x.mean(axis=(1, 2, 3)) - 0.3)
+    return jnp.zeros((x.shape[0], 10)).at[:, 5].set(margin)
+
+
+def test_refool_success_scorer_counts_the_target_predictions():
+  # Grey images (mean 60/255 < 0.3); a white reflection's ghost lifts every one of them
+  # above 0.3, a black one adds nothing: white scores all V held-out images, black none.
+  labels = np.repeat(np.arange(10, dtype=np.int32), 10)
+  images = np.full((100, *SHAPE), 60, np.uint8)
+  candidates = refool.to_linear(np.stack([np.full(SHAPE, v, np.float32)
+                                          for v in (255, 0, 0, 255)]))
+  holdout = np.flatnonzero(labels != 5)[::3]
+  seen = []
+
+  def train_model(x, y, key):
+    seen.append((x, y))
+    return {}
+  blend = refool.make_blend(1.0, (0.05, 0.45), SHAPE)  # ghosts only
+  score = refool.success_scorer(Brightness(), train_model, images, labels, holdout, candidates,
+                                5, 0.5, blend, jax.random.key(0), batch=4)
+  np.testing.assert_array_equal(score(np.array([3, 1, 0]), 0), [len(holdout), 0, len(holdout)])
+  x, y = seen[0]
+  train = np.setdiff1d(np.arange(100), holdout)
+  np.testing.assert_array_equal(y, labels[train])
+  changed = np.flatnonzero(np.any(x != images[train], axis=(1, 2, 3)))
+  assert len(changed) == 5 and np.all(y[changed] == 5)  # half of the 10 target images
+
+
+@pytest.mark.slow
+def test_refool_selection_runs_when_built(dataset):
+  from nad_jax import train
+  config = attack_config('refool', reflections=4, reflection_candidates=12, selection_rounds=2,
+                         selection_holdout=40, poison_rate=0.8)
+  config.surrogate.update(epochs=1, batch_size=64)
+  attack = build_attack(config, 10, SHAPE, dataset, fit=train.fit)
+  assert attack.prepare is None and attack.clean_label
+  assert trigger(attack, dataset.train_images[:3].astype(np.float32)).shape == (3, *SHAPE)
 
 
 # --------------------------------------------------------------------------------- WaNet
@@ -530,7 +622,12 @@ def test_config_variants(module):
     ('blend', {'pattern_path': '/no/such/file.png'}, 'attack.pattern_path'),
     ('trojan', {'pattern_path': '/no/such/file.npz'}, 'attack.pattern_path'),
     ('sig', {'mode': 'all_to_all'}, 'attack.clean_label'),
-    ('refool', {'reflections': 10_000}, 'attack.reflections'),
+    ('refool', {'reflections': 10_000, **HELDOUT}, 'attack.reflections'),
+    ('refool', {'reflection_candidates': 10_000, 'reflection_source': 'heldout'},
+     'attack.reflection_candidates'),
+    ('refool', {'reflections': 300, 'reflection_candidates': 100}, 'attack.reflections'),
+    ('refool', {'selection_holdout': 10_000, 'reflection_candidates': 10, 'reflections': 5},
+     'attack.selection_holdout'),
     ('refool', {'pattern_path': __file__}, 'attack.pattern_path'),
     ('wanet', {'warp_k': 40}, 'attack.warp_k'),
 ])
@@ -558,6 +655,7 @@ def test_pattern_file_out_of_range(tmp_path):
     build_attack(attack_config('blend', pattern_path=str(tmp_path / 'bright.npy')), 10, SHAPE)
 
 
-def test_refool_needs_a_dataset_or_a_folder():
-  with pytest.raises(ValueError, match='attack.pattern_path'):
-    build_attack(attack_config('refool', pattern_path=''), 10, SHAPE)
+def test_refool_needs_a_dataset_for_heldout_reflections_or_the_selection():
+  for overrides in (HELDOUT, {'reflection_candidates': 10}):
+    with pytest.raises(ValueError, match='dataset'):
+      build_attack(attack_config('refool', **overrides), 10, SHAPE)

@@ -23,7 +23,7 @@ __all__ = ['Attack', 'ATTACKS', 'DEFAULTS', 'PoisonedTest', 'build_attack', 'poi
 
 
 # Attacks whose `prepare` trains a model with the `fit` handed to build_attack.
-TRAIN_A_MODEL = ('cl',)
+TRAIN_A_MODEL = ('cl', 'refool')
 
 ATTACKS = {
     'badnets': badnets.build,
@@ -42,7 +42,7 @@ def build_attack(cfg, num_classes: int, image_shape: tuple[int, int, int],
   """Builds the attack named by `cfg.name`; ValueError names the bad field.
 
   `dataset` (a `data.Dataset`) is needed only by attacks that draw material from
-  the training set (Refool's reflection images).
+  the training set (Refool's held-out reflection images and its selection).
 
   Args:
     cfg: `config.attack` (a ConfigDict): name (a key of ATTACKS), target_label,
@@ -51,7 +51,8 @@ def build_attack(cfg, num_classes: int, image_shape: tuple[int, int, int],
     image_shape: (H, W, C) of the images.
     dataset: a `data.Dataset`, or None where the attack needs none.
     fit: the engine's trainer (`nad_jax.train.fit`), for attacks that train a model
-      (TRAIN_A_MODEL: CL's surrogate); the attacks do not import the engine.
+      (TRAIN_A_MODEL: CL's surrogate, Refool's selection); the attacks do not import
+      the engine.
 
   Returns:
     The Attack, its `relabel` set from `cfg.mode` / `cfg.target_label` and its

@@ -132,11 +132,16 @@ DEFAULTS = {
     'alpha': 0.2,  # blend; sig with sig_mode 'blend'
     'delta': 20.0, 'frequency': 6.0, 'sig_mode': 'add',  # sig
     'amplitude': 255.0, 'pgd_eps': 8.0, 'pgd_step': 2.0, 'pgd_steps': 10,  # cl (pixel units)
-    # cl: the clean model PGD attacks; trojan: the random model a patch is generated for.
+    # cl: the clean model PGD attacks; trojan: the random model a patch is generated for;
+    # refool: the model each round of its reflection selection trains.
     'surrogate': {'model': 'tiny', 'epochs': 10, 'batch_size': 128, 'learning_rate': 0.05,
                   'lr_boundaries': (), 'crop_flip': True},
     'trojan_neurons': 1, 'trojan_steps': 200,  # trojan without pattern_path
-    'reflections': 200, 'ghost_rate': 0.69, 'reflection_strength': (0.05, 0.45),  # refool
+    # refool: the bank (`reflections` kept of `reflection_candidates` by `selection_rounds`
+    # of the paper's selection, scored on `selection_holdout` images) and the blend
+    'reflection_source': 'natural', 'reflections': 200, 'reflection_candidates': 2000,
+    'selection_rounds': 16, 'selection_holdout': 1000,
+    'ghost_rate': 0.69, 'reflection_strength': (0.05, 0.45),
     'warp_k': 4, 'warp_strength': 0.5, 'cross_ratio': 2.0,  # wanet
 }
 
