@@ -176,8 +176,6 @@ RULES: list[Rule] = [
          '(empty: the one seed `seed`)'),
     Rule('seed', lambda v, config: v == 0 or not config.get('seeds'),
          "0 (its default) when seeds is set: seeds lists every seed of the run"),
-    Rule('seeds', lambda v, _: not v, "empty for runner 'table1': the comparison table runs "
-         'one seed at a time (run it once per seed)', lambda config: config.runner == 'table1'),
     Rule('runner', one_of(('nad', 'table1')), "'nad' or 'table1'"),
     Rule('eval_only', is_bool, 'True or False'),
     # distributed: checked before jax.distributed.initialize, so no row may start a backend

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -115,6 +116,35 @@ def test_finetuning_is_nad_with_zero_betas(table_run, tmp_path):
   nad = nad_runner.run(config, str(tmp_path)).results
   ft = results['details']['badnets']['history']['ft']
   assert nad['history']['nad'] == ft
+
+
+def test_table_over_seeds_gathers_runs_of_single_seeds(table_run, tmp_path):
+  """A `seeds` table runs each seed as `--config.seed=S --workdir=DIR/seed_S` would: the
+  module's seed-0 table, run alone, is resumed as seed 0 and not trained again, and each
+  cell is the mean and sample std of the seeds' cells."""
+  workdir, single = table_run
+  shutil.copytree(workdir, tmp_path / 'seed_0')
+  config = tiny_table_config()
+  config.table.update(dict(defenses=('none', 'ft'), figures=False))
+  config.seeds = (0, 1)
+  results = table.run(config, str(tmp_path))
+  per_seed = {}
+  for seed in (0, 1):
+    with open(tmp_path / f'seed_{seed}' / 'table1.json') as f:
+      per_seed[seed] = json.load(f)
+  trained = lambda seed: [name for name, t in per_seed[seed]['details']['badnets'][
+      'stage_timing'].items() if t.get('img_per_s')]
+  assert trained(0) == [] and trained(1) == ['none', 'ft']
+  assert per_seed[0]['table']['badnets'] == {d: single['table']['badnets'][d] for d in ('none', 'ft')}
+  with open(tmp_path / 'table1.json') as f:
+    saved = json.load(f)
+  assert saved['seeds'] == [0, 1] and saved['table'] == results['table']
+  for defense in ('none', 'ft'):
+    values = [per_seed[s]['table']['badnets'][defense]['asr'] for s in (0, 1)]
+    assert saved['table']['badnets'][defense]['asr'] == round(float(np.mean(values)), 2)
+    assert saved['std']['badnets'][defense]['asr'] == round(float(np.std(values, ddof=1)), 2)
+  with open(tmp_path / 'table1.md') as f:
+    assert f'{saved["table"]["badnets"]["ft"]["asr"]:.2f} ± ' in f.read()
 
 
 # ------------------------------------------------------------------------------ fine-pruning

@@ -106,7 +106,6 @@ def test_a_workdir_of_one_seed_is_not_resumed_as_several(tmp_path):
     ({'seeds': (1, 1)}, 'seeds (1, 1): must be a tuple of distinct integers'),
     ({'seeds': (0, -1)}, 'seeds (0, -1): must be a tuple of distinct integers'),
     ({'seeds': (0, 1), 'seed': 4}, 'seed 4: must be 0 (its default) when seeds is set'),
-    ({'seeds': (0, 1), 'runner': 'table1'}, "seeds (0, 1): must be empty for runner 'table1'"),
 ])
 def test_bad_seeds_are_refused(fields, message):
   with pytest.raises(validation.ConfigError) as error:

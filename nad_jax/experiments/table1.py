@@ -8,6 +8,13 @@ done and resumes what is not. Writes `workdir/table1.{md,csv,json}` (ACC,
 ACC on non-target images, ASR per cell, and the average over attacks) and the
 figures in `workdir/figures/`. `config.eval_only` restores every stage a run wrote and
 evaluates it (`evaluate_only`).
+
+With `config.seeds` (e.g. (0, 1, 2)) the whole table runs once per seed, one seed after
+another, in `workdir/seed_<S>` exactly as `--config.seed=S --workdir=workdir/seed_<S>`
+runs it (so seeds may also run as separate processes, and this command then gathers
+them), and `workdir/table1.{md,csv,json}` give each cell's mean and sample standard
+deviation over the seeds. Fine-pruning removes other channels in each seed, so the
+seeds are not stacked as replicas of one network, as the NAD pipeline stacks them.
 """
 
 import copy
@@ -158,25 +165,56 @@ def average(cells: dict, defenses) -> dict:
           for d in defenses}
 
 
-def markdown(cells: dict, avg: dict, defenses) -> str:
-  """table1.md: a row per attack and the average; ASR and ACC per defense."""
+def markdown(cells: dict, avg: dict, defenses, std: dict | None = None) -> str:
+  """table1.md: a row per attack and the average; ASR and ACC per defense.
+
+  Args:
+    cells: {attack: {defense: METRICS}}, in percent.
+    avg: {defense: METRICS}, the average over attacks.
+    defenses: the column order.
+    std: `over_seeds`'s 'std' ({attack or 'average': {defense: METRICS}}); each cell
+      then reads 'mean ± std'.
+  """
+  rows = {**cells, 'average': avg}
+  def cell(name, d, k):
+    spread = std[name][d][k] if std else None
+    return f'{rows[name][d][k]:.2f}' + ('' if spread is None else f' ± {spread:.2f}')
+
   head = '| Attack | ' + ' | '.join(f'{NAMES[d]} ASR | {NAMES[d]} ACC' for d in defenses) + ' |'
   lines = [head, '|' + '---|' * (1 + 2 * len(defenses))]
-  for name, row in [*cells.items(), ('**Average**', avg)]:
-    lines.append(f'| {name} | ' + ' | '.join(f'{row[d]["asr"]:.2f} | {row[d]["acc"]:.2f}'
-                                          for d in defenses) + ' |')
+  for name in rows:
+    label = '**Average**' if name == 'average' else name
+    lines.append(f'| {label} | ' + ' | '.join(f'{cell(name, d, "asr")} | {cell(name, d, "acc")}'
+                                           for d in defenses) + ' |')
   return '\n'.join(lines) + '\n'
 
 
-def csv_text(cells: dict, avg: dict, defenses) -> str:
-  """table1.csv: attack, defense and the METRICS, one row a cell."""
+def csv_text(cells: dict, avg: dict, defenses, std: dict | None = None) -> str:
+  """table1.csv: attack, defense and the METRICS, one row a cell; with `std` (as for
+  `markdown`) a `<metric>_std` column follows each metric (empty for one seed)."""
+  rows = {**cells, 'average': avg}
+  columns = [c for k in METRICS for c in ([k, f'{k}_std'] if std else [k])]
   buffer = io.StringIO()
   writer = csv.writer(buffer, lineterminator='\n')
-  writer.writerow(['attack', 'defense', *METRICS])
-  for name, row in [*cells.items(), ('average', avg)]:
+  writer.writerow(['attack', 'defense', *columns])
+  for name in rows:
     for d in defenses:
-      writer.writerow([name, d, *(f'{row[d][k]:.2f}' for k in METRICS)])
+      values = {k: f'{rows[name][d][k]:.2f}' for k in METRICS}
+      if std:
+        values.update({f'{k}_std': '' if std[name][d][k] is None else f'{std[name][d][k]:.2f}'
+                       for k in METRICS})
+      writer.writerow([name, d, *(values[c] for c in columns)])
   return buffer.getvalue()
+
+
+def write_tables(workdir: str, cells: dict, avg: dict, defenses, std: dict | None = None):
+  """Writes table1.md and table1.csv in `workdir` (process 0) and logs the table."""
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'table1.md'), 'w') as f:
+      f.write(markdown(cells, avg, defenses, std))
+    with open(os.path.join(workdir, 'table1.csv'), 'w') as f:
+      f.write(csv_text(cells, avg, defenses, std))
+  stages.log(markdown(cells, avg, defenses, std))
 
 
 def write_figures(figure_dir: str, ctx, attack: str, out: dict, config) -> list:
@@ -220,16 +258,69 @@ def attack_configs(config, workdir: str) -> dict:
   return configs
 
 
+def seed_config(config, seed: int):
+  """The config of one seed of a `config.seeds` table: `seed` set, `seeds` empty."""
+  cfg = copy.deepcopy(config)  # a deep copy keeps fp's and mcr's references to nad
+  cfg.seed, cfg.seeds = seed, ()
+  return cfg
+
+
+def over_seeds(tables: dict) -> dict:
+  """Each cell's mean and sample standard deviation over seeds.
+
+  Args:
+    tables: {seed: {'table': {attack: {defense: METRICS}}, 'average': {defense: METRICS}}}.
+
+  Returns:
+    {'table', 'average': the means (rounded to 2 decimals), 'std': {attack or 'average':
+    {defense: {metric: sample std (ddof 1), None for one seed}}}, 'seeds', 'per_seed':
+    {seed: table}}.
+  """
+  first = next(iter(tables.values()))
+  rows = {**{a: [t['table'][a] for t in tables.values()] for a in first['table']},
+          'average': [t['average'] for t in tables.values()]}
+  stat = lambda f, runs: {d: {k: f([r[d][k] for r in runs]) for k in METRICS} for d in runs[0]}
+  means = {a: stat(lambda v: round(stages.mean(v), 2), runs) for a, runs in rows.items()}
+  spreads = {a: stat(lambda v: None if stages.sample_std(v) is None
+                     else round(stages.sample_std(v), 2), runs) for a, runs in rows.items()}
+  return {'table': {a: means[a] for a in first['table']}, 'average': means['average'],
+          'std': spreads, 'seeds': list(tables),
+          'per_seed': {str(seed): t['table'] for seed, t in tables.items()}}
+
+
 def run(config, workdir: str) -> dict:
   """Runs (or resumes) the whole comparison; writes table1.{md,csv,json} and figures.
 
   `table1.json` records the table's config ('config') and, per attack, the config
-  its rows ran with ('details'.<attack>.'config').
+  its rows ran with ('details'.<attack>.'config'). With `config.seeds`, each seed's
+  table is in `workdir/seed_<S>` and `table1.json` holds `over_seeds`'s figures, the
+  timing and the config.
 
   Raises:
     ConfigError: a bad config, data or checkpoint, or a stage folder trained with
       other values; nothing is written then.
   """
+  if not config.seeds:
+    return run_one(config, workdir)
+  total = clock()
+  per_seed = {seed: seed_config(config, seed) for seed in config.seeds}
+  for seed, cfg in per_seed.items():  # every seed's folders checked before any trains
+    attack_configs(cfg, os.path.join(workdir, f'seed_{seed}'))
+  tables = {}
+  for seed, cfg in per_seed.items():
+    stages.log(f'=== seed {seed} ===')
+    tables[seed] = run_one(cfg, os.path.join(workdir, f'seed_{seed}'))
+  results = {**over_seeds(tables), 'defenses': list(config.table.defenses),
+             'attacks': list(config.table.attacks), 'timing': since(total),
+             'config': config.to_dict()}
+  stages.write_json(os.path.join(workdir, 'table1.json'), results)
+  write_tables(workdir, results['table'], results['average'], config.table.defenses,
+               results['std'])
+  return results
+
+
+def run_one(config, workdir: str) -> dict:
+  """`run` for one seed (`config.seed`)."""
   configs = attack_configs(config, workdir)
   defenses = tuple(config.table.defenses)
   total = clock()
@@ -263,12 +354,7 @@ def run(config, workdir: str) -> dict:
              'timing': since(total), 'figures': [os.path.relpath(p, workdir) for p in paths],
              'config': config.to_dict()}
   stages.write_json(os.path.join(workdir, 'table1.json'), results)
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'table1.md'), 'w') as f:
-      f.write(markdown(cells, avg, defenses))
-    with open(os.path.join(workdir, 'table1.csv'), 'w') as f:
-      f.write(csv_text(cells, avg, defenses))
-  stages.log(markdown(cells, avg, defenses))
+  write_tables(workdir, cells, avg, defenses)
   stages.log(f'total: {results["timing"]["wall_s"]:.0f} s wall, '
                f'{results["timing"]["cpu_s"]:.0f} s CPU')
   return results
@@ -277,6 +363,8 @@ def run(config, workdir: str) -> dict:
 def evaluate_only(config, workdir: str) -> dict:
   """Restores every stage that `run` wrote in `workdir/<attack>/`, evaluates the
   models the table reports and writes `workdir/table1_eval.json`; trains nothing.
+  With `config.seeds`, each seed's in `workdir/seed_<S>`, and `workdir/table1_eval.json`
+  holds `over_seeds`'s figures.
 
   MCR's cell is the curve at `mcr.t`, rebuilt as `run` builds it: the saved control
   point between the backdoored and the FT model, BatchNorm recomputed on the clean
@@ -292,6 +380,14 @@ def evaluate_only(config, workdir: str) -> dict:
     ConfigError: a bad config, a stage folder trained with other values, or a stage
       without a checkpoint.
   """
+  if config.seeds:
+    tables = {seed: evaluate_only(seed_config(config, seed), os.path.join(workdir, f'seed_{seed}'))
+              for seed in config.seeds}
+    results = over_seeds(tables)
+    stages.write_json(os.path.join(workdir, 'table1_eval.json'), results)
+    stages.log(markdown(results['table'], results['average'], config.table.defenses,
+                        results['std']))
+    return results
   configs = attack_configs(config, workdir)
   defenses = tuple(config.table.defenses)
   needed = {'backdoored'} | {d for d in defenses if d in FOLDERS}
