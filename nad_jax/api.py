@@ -190,8 +190,10 @@ def erase(dataset: data_lib.Dataset, variables: dict, *, method: str = 'nad',
       (CE only, `teacher_epochs`, the paper's 10).
     config, **options: see `make_config`.
     epochs, batch_size, learning_rate, lr_boundaries, betas: `nad.*` (the paper's 20
-      epochs, batch 64, lr 0.1 then 0.01 from epoch 2, betas 500/1000/1000). FP and
-      MCR follow NAD's schedule.
+      epochs, batch 64, lr 0.1 then 0.01 from epoch 2, betas 500/1000/1000); FP
+      follows NAD's schedule. For 'mcr' they set the curve's `mcr.*` (Zhao et al.'s
+      recipe: 100 epochs of 10,000 samples, batch 128, lr 0.01; nad_jax/defenses/mcr.py)
+      and the curve's FT end keeps `nad`'s; betas is refused there.
 
   Returns:
     Result of the erased model.
@@ -204,9 +206,14 @@ def erase(dataset: data_lib.Dataset, variables: dict, *, method: str = 'nad',
   recipe = {k: v for k, v in dict(epochs=epochs, batch_size=batch_size,
                                   learning_rate=learning_rate, lr_boundaries=lr_boundaries,
                                   betas=betas).items() if v is not None}
+  curve = recipe if method == 'mcr' else {}
+  if 'betas' in curve:
+    raise validation.ConfigError("betas: NAD's, not a field of method 'mcr'")
   teacher_recipe = {} if teacher_epochs is None else {'epochs': teacher_epochs}
-  config = make_config(config, nad=recipe, teacher=teacher_recipe, **options)
-  defaults.defense_stages(config)
+  config = make_config(config, nad={} if curve else recipe, teacher=teacher_recipe, **options)
+  if 'mcr' not in config:
+    defaults.defense_stages(config)
+  config.mcr.update(curve)
   trains = {'nad': ('teacher', 'nad') if teacher is None else ('nad',), 'ft': ('nad',),
             'fp': ('fp',), 'mcr': ('nad', 'mcr')}[method]
   ctx = _context(dataset, config, trains)

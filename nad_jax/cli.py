@@ -124,15 +124,17 @@ def parser() -> argparse.ArgumentParser:
                        help='nad (default): attention distillation from a teacher; ft: '
                             'fine-tuning; fp: fine-pruning; mcr: mode connectivity repair')
   defense.add_argument('--epochs', type=int, metavar='N',
-                       help="the defense's epochs (default 20) [nad.epochs; FP and MCR follow]")
+                       help="the defense's epochs (default 20; mcr: the curve's, default 100) [nad.epochs, "
+                            'FP follows; mcr: mcr.epochs]')
   defense.add_argument('--teacher-epochs', type=int, metavar='N',
                        help="NAD's teacher's fine-tuning epochs (default 10) [teacher.epochs]")
   defense.add_argument('--batch-size', type=int, metavar='N',
-                       help='training batch size, a multiple of the device count (default 64) '
-                            '[nad.batch_size, teacher.batch_size]')
+                       help='training batch size, a multiple of the device count (default 64; mcr: 128) '
+                            '[nad.batch_size, teacher.batch_size; mcr: mcr.batch_size]')
   defense.add_argument('--lr', type=float, metavar='X',
-                       help='initial learning rate, x0.1 from epoch 2 (default 0.1) '
-                            '[nad.learning_rate, teacher.learning_rate]')
+                       help='initial learning rate, x0.1 from epoch 2 (default 0.1; mcr: 0.01, held for '
+                            'half the epochs, then down to 1%%) [nad.learning_rate, '
+                            'teacher.learning_rate; mcr: mcr.learning_rate]')
   defense.add_argument('--seed', type=int, metavar='N',
                        help='every random choice: the clean subset, batches, augmentation '
                             '(default 0) [seed]')
@@ -145,7 +147,8 @@ def parser() -> argparse.ArgumentParser:
                       help='the output folder (default ./cleaned)')
   output.add_argument('--eval-every', type=int, metavar='N',
                       help='evaluate (and checkpoint) every N epochs and after the last '
-                           '(default 1) [nad.eval_every, teacher.eval_every]')
+                           '(default 1; mcr: 10) [nad.eval_every, teacher.eval_every; mcr: '
+                           'mcr.eval_every]')
   output.add_argument('--attention-images', type=int, default=clean.ATTENTION_IMAGES,
                       metavar='N', help='triggered test images in attention.png (default '
                                         f'{clean.ATTENTION_IMAGES}; 0: no figure)')
@@ -317,12 +320,17 @@ def build_config(args):
     if not os.path.exists(args.teacher):
       raise UsageError(f'--teacher {args.teacher} does not exist')
     config.teacher.checkpoint = os.path.abspath(args.teacher)
+  if args.method == 'mcr':  # the curve trains with its own recipe: the options set it
+    defaults.defense_stages(config)
+    trained = ('mcr',)
+  else:
+    trained = ('nad', 'teacher')
   for value, fields in ((args.clean_fraction, ('data.clean_fraction',)),
-                        (args.epochs, ('nad.epochs',)),
+                        (args.epochs, (f'{trained[0]}.epochs',)),
                         (args.teacher_epochs, ('teacher.epochs',)),
-                        (args.batch_size, ('nad.batch_size', 'teacher.batch_size')),
-                        (args.lr, ('nad.learning_rate', 'teacher.learning_rate')),
-                        (args.eval_every, ('nad.eval_every', 'teacher.eval_every')),
+                        (args.batch_size, tuple(f'{s}.batch_size' for s in trained)),
+                        (args.lr, tuple(f'{s}.learning_rate' for s in trained)),
+                        (args.eval_every, tuple(f'{s}.eval_every' for s in trained)),
                         (args.seed, ('seed',))):
     if value is not None:
       for field in fields:

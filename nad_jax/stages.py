@@ -203,9 +203,11 @@ def make_context(config, dataset: data_lib.Dataset, workdir: str | None,
              if is_record(path)}
   for stage, record in records.items():  # before the attack, which may read the record too
     check_record(config, record, image_shape, dataset.num_classes, LOADABLE[stage])
+  digest = validation.data_digest(dataset)
   try:
     attack = attacks_lib.build_attack(config.attack, dataset.num_classes,
-                                      dataset.train_images.shape[1:], dataset, fit=train_lib.fit)
+                                      dataset.train_images.shape[1:], dataset, fit=train_lib.fit,
+                                      memo=attack_memo(workdir, config.attack, digest))
   except ValueError as e:
     raise ConfigError(str(e)) from None
   poisoned = per_seed(config, lambda seed: attacks_lib.poison_mask(
@@ -235,7 +237,42 @@ def make_context(config, dataset: data_lib.Dataset, workdir: str | None,
   evaluate_fn = train_lib.make_evaluate(model, mesh, normalize, attack, config.get('scan_epoch'),
                                         replicas=replicas(config))
   return Context(config, workdir, model, mesh, normalize, attack, dataset, poisoned, test_set,
-                 evaluate_fn, abstract, loaded, validation.data_digest(dataset))
+                 evaluate_fn, abstract, loaded, digest)
+
+
+def attack_memo(workdir: str | None, attack_cfg, data_digest: str):
+  """The `memo` of `attacks.build_attack`: what an attack's build chose (Refool's selected
+  reflections) is kept in `workdir/<name>.json` with the attack config and the data it was
+  chosen for, and returned again for the same ones, so a resumed, rerun or evaluation-only
+  run does not choose again.
+
+  Args:
+    workdir: the run's folder; None (the Python API): nothing is kept.
+    attack_cfg: `config.attack`.
+    data_digest: `validation.data_digest` of the dataset.
+
+  Returns:
+    memo(name, compute) -> np.ndarray, or None without a workdir.
+  """
+  if workdir is None:
+    return None
+  key = json.loads(json.dumps({'attack': attack_cfg.to_dict(), 'data.digest': data_digest},
+                              default=str))
+
+  def memo(name: str, compute) -> np.ndarray:
+    path = os.path.join(workdir, f'{name}.json')
+    try:
+      with open(path) as f:
+        saved = json.load(f)
+      if saved['key'] == key:
+        log(f'{name}: kept from {path}')
+        return np.asarray(saved['value'])
+    except (OSError, ValueError, KeyError, TypeError):
+      pass  # none kept yet, or an unreadable file: choose again
+    value = np.asarray(compute())
+    write_json(path, {'key': key, 'value': value.tolist()})
+    return value
+  return memo
 
 
 def poisoned_count(poisoned: np.ndarray) -> int:

@@ -112,23 +112,41 @@ def normalizer(mean: Sequence[float] | None, std: Sequence[float] | None
 
 # ------------------------------------------------------------------------------ training
 
+def curve_lr_factor(epoch, epochs: int):
+  """The learning-rate factor of Garipov et al.'s curve schedule in epoch `epoch` (1-based).
+
+  Constant 1 while epoch / epochs <= 0.5, then linear down to 0.01 at 0.9, then 0.01
+  (timgaripov/dnn-mode-connectivity train.py, `learning_rate_schedule`; Zhao et al.
+  train their curves with it). `epoch` may be a traced integer; returns float32.
+  """
+  progress = jnp.asarray(epoch, jnp.float32) / epochs
+  return jnp.clip(1.0 - 0.99 * (progress - 0.5) / 0.4, 0.01, 1.0)
+
+
 def make_optimizer(cfg, steps_per_epoch: int) -> optax.GradientTransformation:
-  """SGD with PyTorch-style coupled weight decay and a per-epoch step schedule.
+  """SGD with PyTorch-style coupled weight decay and a per-epoch learning-rate schedule.
 
   Weight decay is added to the gradient before momentum (torch.optim.SGD's
-  weight_decay); the learning rate is multiplied by `lr_decay` at each boundary.
+  weight_decay). `cfg.lr_schedule` 'step' (also where the section has no such field:
+  every stage but MCR) multiplies the learning rate by `lr_decay` at each of
+  `lr_boundaries`; 'curve' sets it per epoch by `curve_lr_factor`.
 
   Args:
-    cfg: a stage's optimiser config with learning_rate, lr_boundaries (epochs),
-      lr_decay, weight_decay, momentum (0 or None: plain SGD) and nesterov.
+    cfg: a stage's optimiser config with epochs, learning_rate, lr_boundaries (epochs),
+      lr_decay, weight_decay, momentum (0 or None: plain SGD), nesterov and optionally
+      lr_schedule.
     steps_per_epoch: optimiser steps per epoch, to turn epochs into steps.
 
   Returns:
     The optax transformation.
   """
-  schedule = optax.piecewise_constant_schedule(
-      cfg.learning_rate,
-      {int(epoch) * steps_per_epoch: cfg.lr_decay for epoch in cfg.lr_boundaries})
+  if cfg.get('lr_schedule', 'step') == 'curve':
+    lr, epochs = float(cfg.learning_rate), max(int(cfg.epochs), 1)
+    schedule = lambda step: lr * curve_lr_factor(step // steps_per_epoch + 1, epochs)
+  else:
+    schedule = optax.piecewise_constant_schedule(
+        cfg.learning_rate,
+        {int(epoch) * steps_per_epoch: cfg.lr_decay for epoch in cfg.lr_boundaries})
   return optax.chain(optax.add_decayed_weights(cfg.weight_decay),
                      optax.sgd(schedule, momentum=cfg.momentum or None, nesterov=cfg.nesterov))
 

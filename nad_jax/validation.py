@@ -331,6 +331,12 @@ RULES: list[Rule] = [
     *sgd_rows('mcr', has('mcr')),
     Rule('mcr.t', in_range(0, 1), 'a number in [0, 1]', has('mcr')),
     Rule('mcr.points', in_range(2, integer=True), 'an integer >= 2', has('mcr')),
+    Rule('mcr.lr_schedule', one_of(('step', 'curve')),
+         "'step' (lr_decay at lr_boundaries) or 'curve' (held, then linear to 1%)", has('mcr')),
+    Rule('mcr.lr_boundaries', lambda v, c: not v or c.mcr.lr_schedule == 'step',
+         "() with mcr.lr_schedule 'curve' (boundaries belong to 'step')", has('mcr')),
+    Rule('mcr.samples_per_epoch', in_range(0, integer=True),
+         'an integer >= 0 (an epoch repeats the clean subset to this many samples)', has('mcr')),
     Rule('table', lambda v, _: v is not None, 'a section (configs/table1.py)',
          lambda c: c.runner == 'table1'),
     Rule('table.attacks', lambda v, c: len(v) >= 1 and set(v) <= set(c.table.attack_configs),
@@ -397,8 +403,9 @@ def validate_data(config, num_classes: int, train_size: int, clean_size: int,
   if not 0 <= target < num_classes:
     raise ConfigError(f'attack.target_label {target}: must be in [0, {num_classes}) for a '
                       f'dataset of {num_classes} classes')
+  mcr_size = max(clean_size, config.mcr.samples_per_epoch) if 'mcr' in config else clean_size
   sizes = {'backdoor_training': train_size, 'teacher': clean_size, 'nad': clean_size,
-           'fp': clean_size, 'mcr': clean_size}
+           'fp': clean_size, 'mcr': mcr_size}
   for stage, size in sizes.items():
     cfg = config.get(stage) if stage in stages else None
     if cfg is not None and cfg.epochs and cfg.batch_size > size:

@@ -499,14 +499,39 @@ def test_refool_success_scorer_counts_the_target_predictions():
 
 
 @pytest.mark.slow
-def test_refool_selection_runs_when_built(dataset):
-  from nad_jax import train
+def test_refool_selection_runs_when_built_and_is_kept(dataset, tmp_path):
+  """The selection trains a model per round when the attack is built; with a workdir's memo
+  a second build (a resumed or evaluation-only run) takes the kept choice and trains none."""
+  from nad_jax import stages, train
   config = attack_config('refool', reflections=4, reflection_candidates=12, selection_rounds=2,
                          selection_holdout=40, poison_rate=0.8)
   config.surrogate.update(epochs=1, batch_size=64)
-  attack = build_attack(config, 10, SHAPE, dataset, fit=train.fit)
-  assert attack.prepare is None and attack.clean_label
-  assert trigger(attack, dataset.train_images[:3].astype(np.float32)).shape == (3, *SHAPE)
+  trained = []
+  fit = lambda *args: trained.append(1) or train.fit(*args)
+  memo = lambda: stages.attack_memo(str(tmp_path), config, 'digest')
+  attack = build_attack(config, 10, SHAPE, dataset, fit=fit, memo=memo())
+  assert attack.prepare is None and attack.clean_label and len(trained) == 2
+  again = build_attack(config, 10, SHAPE, dataset, fit=fit, memo=memo())
+  assert len(trained) == 2
+  x = dataset.train_images[:3].astype(np.float32)
+  assert trigger(attack, x).shape == (3, *SHAPE)
+  np.testing.assert_array_equal(trigger(attack, x), trigger(again, x))
+
+
+def test_an_attacks_choice_is_kept_for_the_same_config_and_data(tmp_path):
+  from nad_jax import stages
+  calls = []
+  choose = lambda: calls.append(1) or np.array([3, 1, 2])
+  config = attack_config('refool')
+  memo = lambda cfg, digest: stages.attack_memo(str(tmp_path), cfg, digest)
+  first = memo(config, 'a')('refool_selection', choose)
+  again = memo(config, 'a')('refool_selection', choose)
+  assert len(calls) == 1 and first.tolist() == again.tolist() == [3, 1, 2]
+  memo(config, 'b')('refool_selection', choose)  # other data: chosen again
+  other = attack_config('refool', seed=1)
+  memo(other, 'b')('refool_selection', choose)  # another attack config: chosen again
+  assert len(calls) == 3
+  assert stages.attack_memo(None, config, 'a') is None  # no workdir, nothing kept
 
 
 # --------------------------------------------------------------------------------- WaNet

@@ -99,6 +99,23 @@ def test_help_names_every_option_and_its_field(tmp_path):
     assert option in result.stdout, option
 
 
+def test_method_mcr_options_set_the_curve_recipe(tmp_path):
+  """With --method mcr, --epochs, --batch-size, --lr and --eval-every set the curve's
+  mcr.* (NAD's schedule still trains its FT end) and --set reaches any mcr field."""
+  model = tmp_path / 'model.pth'
+  model.touch()
+  data = write_folder(tmp_path / 'data', train=1, test=1)
+  argv = [str(model), '--arch', 'tiny', '--data', str(data), '--attack', 'badnets',
+          '--target-label', '0', '--method', 'mcr', '--epochs', '7', '--batch-size', '16',
+          '--lr', '0.02', '--eval-every', '7', '--set', 'mcr.samples_per_epoch=500']
+  config, _ = cli.build_config(cli.parser().parse_args(argv))
+  assert (config.mcr.epochs, config.mcr.batch_size, config.mcr.learning_rate,
+          config.mcr.eval_every, config.mcr.samples_per_epoch) == (7, 16, 0.02, 7, 500)
+  fresh = defaults.paper_config()
+  assert config.nad.to_dict() == fresh.nad.to_dict()
+  assert config.teacher.to_dict() == fresh.teacher.to_dict()
+
+
 @pytest.mark.slow
 def test_cleans_a_pytorch_model_from_another_folder(inputs, tmp_path):
   data, model = inputs

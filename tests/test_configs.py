@@ -47,17 +47,22 @@ def test_a_table_row_runs_what_its_base_config_runs(variant):
   assert shaping(ran, False) == shaping(with_defenses(nad_cifar.get_config(variant)), False)
 
 
-def test_nad_schedule_reaches_every_defense_of_every_attack():
+def test_nad_schedule_reaches_fp_and_mcr_keeps_its_own_recipe():
   config = table1.get_config('badnets,refool')
   config.nad.epochs = 1
+  config.mcr.samples_per_epoch = 500
   for attack in ('badnets', 'refool'):
     ran = table.attack_config(config, attack)
-    assert ran.nad.epochs == ran.fp.epochs == ran.mcr.epochs == 1
-    assert ran.mcr.lr_boundaries == (0,)  # halfway, following nad.epochs
-    assert ran.fp.batch_size == ran.mcr.batch_size == ran.nad.batch_size
+    assert ran.nad.epochs == ran.fp.epochs == 1 and ran.fp.batch_size == ran.nad.batch_size
+    # Zhao et al.'s curve recipe (nad_jax/defenses/mcr.py), whatever NAD's schedule
+    assert (ran.mcr.epochs, ran.mcr.batch_size, ran.mcr.learning_rate, ran.mcr.lr_schedule,
+            ran.mcr.momentum, ran.mcr.nesterov, ran.mcr.weight_decay, ran.mcr.crop_flip) == (
+                100, 128, 0.01, 'curve', 0.9, False, 1e-4, False)
+    assert ran.mcr.samples_per_epoch == 500
+  assert defaults.defense_stages(quickstart.get_config()).mcr.samples_per_epoch == 10_000
   assert table.attack_config(config, 'refool').fp.batch_size == 16  # refool's own NAD batch
   config.fp.epochs = 3  # a defense's own field changes that defense only
-  assert (config.fp.epochs, config.nad.epochs, config.mcr.epochs) == (3, 1, 1)
+  assert (config.fp.epochs, config.nad.epochs, config.mcr.epochs) == (3, 1, 100)
 
 
 def test_an_override_an_attack_shadows_is_refused_with_the_per_attack_field():
@@ -122,7 +127,8 @@ TINY_TABLE = [
     '--config.backdoor_training.lr_boundaries=()', '--config.teacher.epochs=1',
     '--config.teacher.batch_size=32', '--config.teacher.learning_rate=0.05',
     '--config.teacher.lr_boundaries=()', '--config.nad.epochs=1', '--config.nad.batch_size=32',
-    '--config.nad.lr_boundaries=()', '--config.mcr.points=3', '--config.table.figures=False',
+    '--config.nad.lr_boundaries=()', '--config.mcr.epochs=1', '--config.mcr.batch_size=32',
+    '--config.mcr.samples_per_epoch=64', '--config.mcr.points=3', '--config.table.figures=False',
     '--config.compilation_cache=']  # no shell here: '' would be a folder named ''
 
 
@@ -162,8 +168,8 @@ def test_main_refuses_a_shadowed_override(tmp_path):
 
 @pytest.mark.slow
 def test_main_records_what_each_attack_ran_and_evaluates_it_again(tmp_path):
-  """table1.json's per-attack config is the one that ran (nad.epochs=1 reaches FT, FP,
-  MCR and NAD), and --config.eval_only=True restores every stage to the same table."""
+  """table1.json's per-attack config is the one that ran (nad.epochs=1 reaches FT, FP and
+  NAD, mcr.* MCR), and --config.eval_only=True restores every stage to the same table."""
   workdir = str(tmp_path / 'table')
   args = ['--config=configs/table1.py:badnets', f'--workdir={workdir}', *TINY_TABLE]
   assert run_main(args) is None
@@ -174,7 +180,7 @@ def test_main_records_what_each_attack_ran_and_evaluates_it_again(tmp_path):
   given = flags.FLAGS.config
   flags.FLAGS.unparse_flags()
   assert recorded == json.loads(json.dumps(table.attack_config(given, 'badnets').to_dict()))
-  assert recorded['mcr']['lr_boundaries'] == [0]
+  assert (recorded['mcr']['batch_size'], recorded['mcr']['samples_per_epoch']) == (32, 64)
   for stage in ('ft', 'fp', 'mcr', 'nad'):
     assert [h['epoch'] for h in saved['details']['badnets']['history'][stage]] == [0, 1]
     assert recorded['nad' if stage == 'ft' else stage]['epochs'] == 1

@@ -33,12 +33,11 @@ def tiny_table_config(attacks=('badnets',)):
                           eval_batch_size=128))
   config.backdoor_training.update(dict(epochs=2, batch_size=32, learning_rate=0.05,
                                        lr_boundaries=()))
-  # FP and MCR follow NAD's schedule: setting it shrinks them too.
+  # FP follows NAD's schedule: setting it shrinks FP too. MCR has its own recipe.
   for stage in ('teacher', 'nad'):
     config[stage].update(dict(epochs=1, batch_size=32, lr_boundaries=()))
-  config.mcr.lr_boundaries = ()
+  config.mcr.update(dict(epochs=1, batch_size=32, samples_per_epoch=0, eval_every=1, points=3))
   config.teacher.learning_rate = 0.05
-  config.mcr.points = 3
   config.table.attention_images = 2
   return config
 
@@ -291,6 +290,60 @@ def test_table_config_variants_and_errors(tmp_path):
     table.run(config, str(tmp_path))
 
 
+def test_the_curve_learning_rate_is_held_then_falls_linearly_to_one_percent():
+  """lr_schedule 'curve' (the authors' train.py): per epoch, lr while epoch / epochs <= 0.5,
+  then linearly to 1% at 0.9, then 1%; each step of an epoch takes its epoch's rate."""
+  cfg = defaults.sgd_stage(10, 3, 0.5, lr_schedule='curve')
+  cfg.update(dict(weight_decay=0.0, momentum=0.0))  # so each update is -lr * gradient
+  tx = train_lib.make_optimizer(cfg, steps_per_epoch=3)
+  params = jnp.zeros(())
+  state, rates = tx.init(params), []
+  for _ in range(30):
+    updates, state = tx.update(jnp.ones(()), state, params)
+    rates.append(-float(updates))
+  factors = {1: 1.0, 5: 1.0, 6: 1.0 - 0.99 * 0.25, 7: 1.0 - 0.99 * 0.5, 8: 1.0 - 0.99 * 0.75,
+             9: 0.01, 10: 0.01}
+  for epoch, factor in factors.items():
+    np.testing.assert_allclose(rates[3 * (epoch - 1):3 * epoch], [0.5 * factor] * 3, rtol=1e-4)
+
+
+def test_an_epoch_repeats_the_clean_subset_to_its_samples():
+  images = np.arange(4, dtype=np.uint8)[:, None, None, None] * np.ones((1, 2, 2, 3), np.uint8)
+  clean = (images, np.arange(4, dtype=np.int32), np.zeros(4, bool))
+  tiled = mcr.repeated(clean, 10)
+  np.testing.assert_array_equal(tiled[1], [0, 1, 2, 3, 0, 1, 2, 3, 0, 1])
+  np.testing.assert_array_equal(tiled[0][:, 0, 0, 0], tiled[1])
+  assert tiled[2].shape == (10,) and not tiled[2].any()
+  assert [len(a) for a in mcr.repeated(clean, 3)] == [4, 4, 4]  # never fewer than the subset
+  stacked = mcr.repeated(tuple(np.stack([a, a]) for a in clean), 6)  # one subset per seed
+  assert stacked[0].shape == (2, 6, 2, 2, 3)
+  np.testing.assert_array_equal(stacked[1], [[0, 1, 2, 3, 0, 1]] * 2)
+
+
+def test_curve_weight_decay_is_an_l2_term_on_the_sampled_point(tiny_model):
+  """As the authors' curves.l2_regularizer: 0.5 * wd * ||theta(t)||^2 at the step's t, so
+  the control point's gradient gains wd * 2t(1 - t) * theta(t)."""
+  model, start, ds = tiny_model
+  end = model.init(jax.random.key(1), jnp.zeros((1, 32, 32, 3)), train=False)
+  middle = jax.tree.map(lambda a, b: (a + b) / 2, start['params'], end['params'])
+  ends = (start['params'], end['params'])
+  x = jnp.asarray(ds.train_images[:8], jnp.float32) / 255
+  y = jnp.asarray(ds.train_labels[:8])
+  key, wd = jax.random.key(3), 0.01
+  args = (start['batch_stats'], ends, x, y, key)
+  (with_l2, aux), grads = jax.value_and_grad(mcr.curve_loss(model, wd), has_aux=True)(
+      middle, *args)
+  (plain, _), plain_grads = jax.value_and_grad(mcr.curve_loss(model, 0.0), has_aux=True)(
+      middle, *args)
+  t = jax.random.uniform(key)
+  point = mcr.bezier(t, ends[0], middle, ends[1])
+  l2 = sum(float(jnp.sum(p ** 2)) for p in jax.tree.leaves(point))
+  np.testing.assert_allclose(float(with_l2) - float(plain), 0.5 * wd * l2, rtol=1e-4)
+  np.testing.assert_allclose(float(aux[1]), float(plain), rtol=1e-6)  # the CE it reports
+  jax.tree.map(lambda g, h, p: np.testing.assert_allclose(
+      g - h, wd * 2 * t * (1 - t) * p, rtol=1e-3, atol=1e-6), grads, plain_grads, point)
+
+
 class Interrupted(Exception):
   pass
 
@@ -301,8 +354,9 @@ def test_fine_pruning_and_mcr_resume_where_they_were_stopped(table_run, tmp_path
   it and ends with the numbers of an uninterrupted run."""
   config = tiny_table_config()
   config.student.checkpoint = os.path.join(table_run[0], 'badnets', 'backdoored')
-  # FP and MCR follow NAD's schedule: two epochs, a checkpoint after each, can stop halfway.
+  # FP follows NAD's schedule: two epochs each, a checkpoint after each, can stop halfway.
   config.nad.update(dict(epochs=2, eval_every=1))
+  config.mcr.epochs = 2
   config.table.defenses = ('none', 'fp', 'mcr')
   config.table.figures = False
   uninterrupted = table.run(config, str(tmp_path / 'whole'))['details']['badnets']

@@ -77,7 +77,8 @@ CASES = [
     ('nad.layers', ('group1', 3), {}), ('nad.betas', (1.0, 2.0), {}),
     ('nad.betas', (500.0, -1.0, 1000.0), {}), ('nad.p', 0.0, {}),
     ('fp.holdout_fraction', 1.0, {}), ('fp.acc_drop', -1.0, {}), ('mcr.t', 2.0, {}),
-    ('mcr.points', 1, {}), ('table', None, {}), ('table.attacks', ('nosuch',), {}),
+    ('mcr.points', 1, {}), ('mcr.lr_schedule', 'cosine', {}), ('mcr.lr_boundaries', (5,), {}),
+    ('mcr.samples_per_epoch', -1, {}), ('table', None, {}), ('table.attacks', ('nosuch',), {}),
     ('table.attacks', (), {}), ('table.defenses', ('xx',), {}), ('table.figures', 'y', {}),
     ('table.attention_images', -1, {}),
 ]

@@ -22,8 +22,10 @@ __all__ = ['Attack', 'ATTACKS', 'DEFAULTS', 'PoisonedTest', 'build_attack', 'poi
            'prepare', 'relabel_fn']
 
 
-# Attacks whose `prepare` trains a model with the `fit` handed to build_attack.
+# Attacks that train a model with the `fit` handed to build_attack (CL in `prepare`).
 TRAIN_A_MODEL = ('cl', 'refool')
+# Attacks whose build makes a costly choice, kept by the `memo` handed to build_attack.
+REMEMBER = ('refool',)
 
 ATTACKS = {
     'badnets': badnets.build,
@@ -38,7 +40,7 @@ ATTACKS = {
 
 
 def build_attack(cfg, num_classes: int, image_shape: tuple[int, int, int],
-                 dataset=None, fit=None) -> Attack:
+                 dataset=None, fit=None, memo=None) -> Attack:
   """Builds the attack named by `cfg.name`; ValueError names the bad field.
 
   `dataset` (a `data.Dataset`) is needed only by attacks that draw material from
@@ -53,6 +55,10 @@ def build_attack(cfg, num_classes: int, image_shape: tuple[int, int, int],
     fit: the engine's trainer (`nad_jax.train.fit`), for attacks that train a model
       (TRAIN_A_MODEL: CL's surrogate, Refool's selection); the attacks do not import
       the engine.
+    memo: `memo(name, compute) -> np.ndarray`, which returns what `compute()` returned
+      for the same attack config and data before (`stages.attack_memo` keeps it in the
+      workdir), for attacks whose build makes a costly choice (REMEMBER: Refool's
+      selected reflections); None: computed at every build.
 
   Returns:
     The Attack, its `relabel` set from `cfg.mode` / `cfg.target_label` and its
@@ -68,6 +74,8 @@ def build_attack(cfg, num_classes: int, image_shape: tuple[int, int, int],
     raise ValueError(f'unknown attack.name {cfg.name!r}; choose one of {sorted(ATTACKS)}')
   # Attacks that train a model get the engine's trainer handed in (they sit below it).
   extra = {'fit': fit} if cfg.name in TRAIN_A_MODEL else {}
+  if cfg.name in REMEMBER:
+    extra['memo'] = memo
   attack = ATTACKS[cfg.name](cfg, num_classes, tuple(image_shape), dataset, **extra)
   relabel = relabel_fn(cfg.get('mode', 'all_to_one'), cfg.target_label, num_classes)
   clean_label = cfg.get('clean_label')

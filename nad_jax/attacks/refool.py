@@ -459,11 +459,11 @@ def success_scorer(model, train_model: Callable, images: np.ndarray, labels: np.
 
 
 def build(cfg, num_classes: int, image_shape: tuple[int, int, int], dataset=None,
-          fit: Callable | None = None) -> Attack:
+          fit: Callable | None = None, memo: Callable | None = None) -> Attack:
   """Builds Refool (Liu et al., ECCV 2020) from `config.attack` (fields in the module docstring).
 
   With `selection_rounds` > 0 this trains `selection_rounds` models (Algorithm 1) before
-  it returns; each round prints one line.
+  it returns, each round printing one line, unless `memo` holds the selection already.
 
   Args:
     cfg: `config.attack`.
@@ -472,6 +472,8 @@ def build(cfg, num_classes: int, image_shape: tuple[int, int, int], dataset=None
     dataset: a `data.Dataset`; needed (its uint8 training images and labels) by the
       'heldout' source and by the selection.
     fit: the engine's trainer (`nad_jax.train.fit`), needed by the selection.
+    memo: `memo(name, compute)` (`attacks.build_attack`): keeps the selected indices, so
+      a resumed, rerun or evaluation-only run does not select again; None: selects.
 
   Returns:
     A clean-label Attack whose trigger draws a reflection of its bank per image from
@@ -513,8 +515,9 @@ def build(cfg, num_classes: int, image_shape: tuple[int, int, int], dataset=None
   blend = make_blend(ghost_rate, strength, image_shape)
   bank = candidates
   if rounds:
-    bank = candidates[jnp.asarray(_selected(cfg, num_classes, dataset, heldout, candidates,
-                                            blend, fit, keep, rounds, seed))]
+    choose = lambda: _selected(cfg, num_classes, dataset, heldout, candidates, blend, fit,
+                               keep, rounds, seed)
+    bank = candidates[jnp.asarray(memo('refool_selection', choose) if memo else choose())]
 
   def trigger(images, key):
     return blend(images, bank, key)

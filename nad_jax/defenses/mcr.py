@@ -1,5 +1,6 @@
 """Mode connectivity repair (MCR; Zhao et al., "Bridging Mode Connectivity in Loss
-Landscapes and Adversarial Robustness", ICLR 2020).
+Landscapes and Adversarial Robustness", ICLR 2020, whose path connection is Garipov et
+al.'s, "Loss Surfaces, Mode Connectivity, and Fast Ensembling of DNNs", NeurIPS 2018).
 
 A quadratic Bezier curve joins the backdoored model (t = 0) and the fine-tuned
 one (t = 1):
@@ -13,7 +14,40 @@ BatchNorm in training mode. As in the authors' code (and Garipov et al.'s), the
 BatchNorm statistics of a point are not on the curve: they are recomputed on the
 clean subset for each t where the curve is evaluated (the mean over batches of
 each batch's mean and variance). The defense is the model at `mcr.t` (0.3 by
-default, the paper's choice for 5% clean data); the whole curve is reported.
+default, where NAD's Table 1 reads MCR); the whole curve is reported.
+
+The curve's training recipe (`config.mcr`, nad_jax/defaults.py) is that of the
+authors' code, IBM/model-sanitization, backdoor/backdoor-cifar (README.md "Training
+the curves"; train.py; data.py `loaders_part_test`; curves.py; utils.py):
+- 100 epochs (train.py --epochs default), batch 128 (--batch_size), a t ~ U(0, 1)
+  per batch (curves.CurveNet.forward), ends fixed (--fix_start, --fix_end), the
+  control point initialised on the segment (--init_linear, num_bends 3).
+- SGD, momentum 0.9, not Nesterov; lr 0.01 (--lr default; the README's CIFAR-10
+  examples use 0.015 for VGG16 and 0.03 for PreResNet-164 and WRN-28-10), held for
+  the first half of the epochs, then linearly down to 1% of it at 90% of the
+  epochs, then 1% (train.py `learning_rate_schedule`: `train.curve_lr_factor`).
+- Weight decay 1e-4 (--wd) not as decay of the control point (the optimiser's is
+  0 for curves) but as the loss term 0.5 * wd * ||theta(t)||^2 on the sampled
+  point's weights, BatchNorm's scales and shifts included (curves.l2_regularizer).
+- No augmentation: the clean images go through the test transform.
+- An epoch is a fixed number of samples, not one pass over the clean images:
+  `loaders_part_test` draws the bonafide images (1% of 5,000 test images there,
+  `perc_training`; the paper varies their count) and repeats them to 10,000
+  samples, so an epoch is 79 batches of 128 whatever the clean count: 7,900 steps
+  in all (`mcr.samples_per_epoch` = 10,000; the clean subset repeated, whole
+  copies first, then shuffled each epoch).
+- The curve is evaluated at 11 equally spaced t (eval_curve.py --num_points),
+  BatchNorm statistics updated on the training loader at each t (utils.update_bn).
+
+Where nad-jax departs: the clean images are the defender's clean training subset
+(`data.clean_fraction`, NAD's setting), not half of the test split, and the
+metrics are on the whole test split; the curve's t = 1 end is the backdoored model
+fine-tuned on that subset (the FT defense), as NAD's comparison uses MCR, where the
+authors' code connects two models trained on the same poisoned data; the batches
+drop their last partial batch (78 steps per 10,000-sample epoch, not 79), as every
+stage of nad-jax does; the curve is evaluated during training every
+`mcr.eval_every` epochs (the authors' is not, for networks with BatchNorm), which
+is also where a killed run resumes.
 """
 
 import functools
@@ -73,12 +107,17 @@ def curve_point(ctx: stages.Context, t: float, start, middle_params, end, images
   return {'params': params, 'batch_stats': stats}
 
 
-def curve_loss(model):
+def curve_loss(model, weight_decay: float):
   """The curve's training loss, in train.make_loss's signature: the control point
   `middle` is trained, the ends are frozen, and each step draws its own t ~ U(0, 1).
 
+  Args:
+    model: the Flax module.
+    weight_decay: wd of the L2 term 0.5 * wd * ||theta(t)||^2 on the point's
+      parameters (Garipov et al.'s curve regulariser).
+
   Returns:
-    loss(middle, batch_stats, ends, x, y, key) -> (CE, (batch_stats, CE, ())):
+    loss(middle, batch_stats, ends, x, y, key) -> (CE + L2, (batch_stats, CE, ())):
     ends = (start params, end params), x normalised float32 (N, H, W, C), y int32 (N,).
   """
   def loss(middle, batch_stats, ends, x, y, key):
@@ -86,8 +125,28 @@ def curve_loss(model):
     logits, new = model.apply({'params': params, 'batch_stats': batch_stats}, x, train=True,
                               mutable=['batch_stats'])
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-    return ce, (new['batch_stats'], ce, jnp.zeros(0, jnp.float32))
+    l2 = sum(jnp.sum(jnp.square(p)) for p in jax.tree.leaves(params))
+    return ce + 0.5 * weight_decay * l2, (new['batch_stats'], ce, jnp.zeros(0, jnp.float32))
   return loss
+
+
+def repeated(clean, samples: int):
+  """The clean subset repeated to `samples` samples (whole copies, then the first
+  images of one more), as the authors' `loaders_part_test` fills its 10,000.
+
+  Args:
+    clean: (images, labels, mask): (N, H, W, C), (N,), (N,), or stacked per seed
+      ((K, N, ...); stages.clean_data).
+    samples: the epoch's samples; at most N keeps the subset as it is.
+
+  Returns:
+    (images, labels, mask) with max(samples, N) samples each.
+  """
+  n = np.shape(clean[1])[-1]
+  index = np.resize(np.arange(n), max(samples, n))
+  images, labels, mask = (np.asarray(a) for a in clean)
+  return (np.take(images, index, axis=images.ndim - 4), np.take(labels, index, axis=-1),
+          np.take(mask, index, axis=-1))
 
 
 def curve_ts(cfg) -> list[float]:
@@ -98,8 +157,9 @@ def curve_ts(cfg) -> list[float]:
 
 def repair(ctx: stages.Context, start, end, clean, name: str = 'mcr') -> stages.StageResult:
   """Trains (or resumes) the curve from `start` (backdoored) to `end` (fine-tuned) on
-  `clean` with `config.mcr`, through the engine's TrainEpoch, and evaluates it at
-  `mcr.points` values of t.
+  `clean`, repeated to `mcr.samples_per_epoch` samples an epoch, with `config.mcr`
+  (the module docstring gives the recipe), through the engine's TrainEpoch, and
+  evaluates it at `mcr.points` values of t.
 
   Args:
     ctx: the stage Context.
@@ -112,16 +172,19 @@ def repair(ctx: stages.Context, start, end, clean, name: str = 'mcr') -> stages.
     model after every evaluated epoch, its info {'t', 'curve'}: the metrics along
     the whole curve.
   """
-  config = ctx.config
-  cfg = config.mcr
+  cfg = ctx.config.mcr
   images = clean[0]
   ends = (start['params'], end['params'])
   middle = jax.tree.map(lambda a, b: (a + b) / 2, *ends)
   point = lambda t, variables: curve_point(ctx, t, start, variables['params'], end, images)
+  optimizer = cfg.copy_and_resolve_references()
+  optimizer.weight_decay = 0.0  # the L2 term is on the curve's point, in the loss
   trained = stages.train_stage(
-      ctx, name, cfg, stages.recipe_for(cfg),
-      {'params': middle, 'batch_stats': start['batch_stats']}, *clean, None, frozen=ends,
-      loss=curve_loss(ctx.model), readout=lambda variables: point(cfg.t, variables))
+      ctx, name, optimizer, stages.recipe_for(cfg),
+      {'params': middle, 'batch_stats': start['batch_stats']},
+      *repeated(clean, cfg.samples_per_epoch), None, frozen=ends,
+      loss=curve_loss(ctx.model, cfg.weight_decay),
+      readout=lambda variables: point(cfg.t, variables))
 
   curve_file = ctx.workdir and os.path.join(ctx.workdir, f'{name}_curve.json')
   ts = curve_ts(cfg)

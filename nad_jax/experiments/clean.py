@@ -97,7 +97,9 @@ def run(config, out: str, method: str = 'nad', source: dict | None = None,
     raise validation.ConfigError(f'method {method!r}: must be one of {METHODS}')
   if not config.student.checkpoint:
     raise validation.ConfigError('student.checkpoint: the backdoored model to clean is not set')
-  config = defense_stages(config.copy_and_resolve_references())
+  config = config.copy_and_resolve_references()
+  if 'mcr' not in config:  # the command line adds them for --method mcr, to set them
+    defense_stages(config)
   check_writable(out)
   workdir = os.path.join(out, 'checkpoints')
   trains = {'nad': ('nad',) if config.teacher.checkpoint else ('teacher', 'nad'),
