@@ -140,7 +140,7 @@ def make_optimizer(cfg, steps_per_epoch: int) -> optax.GradientTransformation:
   Returns:
     The optax transformation.
   """
-  if cfg.get('lr_schedule', 'step') == 'curve':
+  if getattr(cfg, 'lr_schedule', 'step') == 'curve':  # a surrogate's namespace has none
     lr, epochs = float(cfg.learning_rate), max(int(cfg.epochs), 1)
     schedule = lambda step: lr * curve_lr_factor(step // steps_per_epoch + 1, epochs)
   else:

@@ -40,9 +40,11 @@ def with_defenses(config):
 @pytest.mark.parametrize('variant', defaults.ATTACK_VARIANTS)
 def test_a_table_row_runs_what_its_base_config_runs(variant):
   """configs/table1.py:X runs configs/quickstart.py:X, and :cifar,X configs/nad_cifar.py:X,
-  for every section that shapes a stage (FP and MCR follow NAD in both)."""
+  for every section that shapes a stage (FP follows NAD in both; MCR's curve is shortened on
+  the quickstart's data by configs/table1.py's `quickstart_mcr`)."""
   ran = table.attack_config(table1.get_config('all'), variant)
-  assert shaping(ran, True) == shaping(with_defenses(quickstart.get_config(variant)), True)
+  base = table1.quickstart_mcr(with_defenses(quickstart.get_config(variant)))
+  assert shaping(ran, True) == shaping(base, True)
   ran = table.attack_config(table1.get_config('cifar,all'), variant)
   assert shaping(ran, False) == shaping(with_defenses(nad_cifar.get_config(variant)), False)
 
@@ -54,12 +56,16 @@ def test_nad_schedule_reaches_fp_and_mcr_keeps_its_own_recipe():
   for attack in ('badnets', 'refool'):
     ran = table.attack_config(config, attack)
     assert ran.nad.epochs == ran.fp.epochs == 1 and ran.fp.batch_size == ran.nad.batch_size
-    # Zhao et al.'s curve recipe (nad_jax/defenses/mcr.py), whatever NAD's schedule
+    # Zhao et al.'s curve recipe (nad_jax/defenses/mcr.py), whatever NAD's schedule; on the
+    # quickstart's data at its batch size
     assert (ran.mcr.epochs, ran.mcr.batch_size, ran.mcr.learning_rate, ran.mcr.lr_schedule,
             ran.mcr.momentum, ran.mcr.nesterov, ran.mcr.weight_decay, ran.mcr.crop_flip) == (
-                100, 128, 0.01, 'curve', 0.9, False, 1e-4, False)
+                100, 64, 0.01, 'curve', 0.9, False, 1e-4, False)
     assert ran.mcr.samples_per_epoch == 500
   assert defaults.defense_stages(quickstart.get_config()).mcr.samples_per_epoch == 10_000
+  assert (table1.get_config('cifar').mcr.samples_per_epoch,
+          table1.get_config('cifar').mcr.batch_size) == (10_000, 128)
+  assert table1.get_config().mcr.samples_per_epoch == 0
   assert table.attack_config(config, 'refool').fp.batch_size == 16  # refool's own NAD batch
   config.fp.epochs = 3  # a defense's own field changes that defense only
   assert (config.fp.epochs, config.nad.epochs, config.mcr.epochs) == (3, 1, 100)

@@ -15,7 +15,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # an existin
 # (field, bad value, other fields to set first), one case per rule at least.
 CASES = [
     ('seed', -1, {}), ('seed', 2, {'seeds': (0, 1)}), ('seeds', (1, 1), {}),
-    ('seeds', (0, 1), {'runner': 'table1'}),
     ('runner', 'nosuch', {}), ('eval_only', 'yes', {}),
     ('scan_epoch', 'auto', {}), ('compilation_cache', None, {}),
     ('distributed.enabled', 1, {}), ('distributed.enabled', False, {'distributed.process_id': 0}),

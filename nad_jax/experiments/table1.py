@@ -48,7 +48,7 @@ def attack_config(config, attack: str):
   Returns:
     A copy of `config` with the fields of `config.table.attack_configs.<attack>` laid
     over its sections, references resolved. They are laid over before the references
-    are resolved, so FP and MCR, which follow NAD's schedule, follow the attack's.
+    are resolved, so FP, which follows NAD's schedule, follows the attack's.
 
   Raises:
     ConfigError: a per-attack field that the top-level sections lack.
