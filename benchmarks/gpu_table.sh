@@ -2,18 +2,24 @@
 # The paper's Table 1 on CIFAR-10 on one GPU: WRN-16-1, the paper's six attacks x {no defense,
 # FT, FP, MCR, NAD}, backdoors trained with the paper's 100-epoch recipe (configs/nad_cifar.py),
 # one process per seed sharing the GPU, then each cell's mean ± std over the seeds.
+# BASE=backdoorbench runs BackdoorBench's PreAct-ResNet-18 rows instead (configs/backdoorbench.py:
+# BadNets, Blend, SIG, WaNet x the same defenses, with BackdoorBench's recipes).
 #
 #   bash benchmarks/gpu_table.sh prepare                   # here, with a registry: see below
 #   bash benchmarks/gpu_table.sh [--config.FIELD=VALUE ...]  # on the GPU machine
 #
 # Environment (all optional):
-#   OUT         where the tables, logs and figures are copied (default runs/gpu_table/out)
+#   BASE        the table's base config: 'cifar' (default, configs/nad_cifar.py) or
+#               'backdoorbench' (configs/backdoorbench.py)
+#   OUT         where the tables, logs and figures are copied (default WORK/out, WORK being
+#               runs/gpu_table or runs/gpu_table/backdoorbench)
 #   DATA        the CIFAR-10 ImageFolder copy (default ../shared/data/cifar10-jpeg), or
 #               'synthetic' for the synthetic data (a check of this script on a CPU)
-#   ATTACKS     comma-separated attack variants (default badnets,trojan,blend,cl,sig,refool)
+#   ATTACKS     comma-separated attack variants (default badnets,trojan,blend,cl,sig,refool;
+#               with BASE=backdoorbench badnets,blend,sig,wanet)
 #   SEEDS       space-separated seeds (default "0 1 2")
 #   TIME_LIMIT  seconds each seed's process may run (default 540)
-# Checkpoints stay in runs/gpu_table/seed_S: a rerun continues a run cut short by TIME_LIMIT,
+# Checkpoints stay in WORK/seed_S: a rerun continues a run cut short by TIME_LIMIT,
 # and once every seed has finished, the gathered table1.{md,csv,json} are written.
 # The machine needs jax (with CUDA), flax, optax, orbax-checkpoint, numpy and pillow (and
 # matplotlib for the figures). `prepare`, run beforehand where PyPI and the [refool] extra are
@@ -41,10 +47,14 @@ print(f'runs/refool_bank: {len(crops)} reflections; runs/wheels:', *os.listdir('
 EOF
   exit 0
 fi
-out=${OUT:-runs/gpu_table/out}
-work=runs/gpu_table
+base=${BASE:-cifar}
+case "$base" in
+  cifar) work=runs/gpu_table; attacks=${ATTACKS:-badnets,trojan,blend,cl,sig,refool} ;;
+  backdoorbench) work=runs/gpu_table/backdoorbench; attacks=${ATTACKS:-badnets,blend,sig,wanet} ;;
+  *) echo "error: BASE: '$base' is not 'cifar' or 'backdoorbench'" >&2; exit 1 ;;
+esac
+out=${OUT:-$work/out}
 data=${DATA:-../shared/data/cifar10-jpeg}
-attacks=${ATTACKS:-badnets,trojan,blend,cl,sig,refool}
 read -r -a seeds <<< "${SEEDS:-0 1 2}"
 limit=${TIME_LIMIT:-540}
 mkdir -p "$out" "$work"
@@ -67,7 +77,7 @@ fi
 } > "$out/machine.txt"
 cat "$out/machine.txt"
 
-config="configs/table1.py:cifar,$attacks"
+config="configs/table1.py:$base,$attacks"
 if [[ ",$attacks," == *,refool,* ]] && ! python -c 'import skimage' 2>/dev/null; then
   if [ ! -d runs/refool_bank ]; then
     echo 'error: no scikit-image and no runs/refool_bank: run `bash benchmarks/gpu_table.sh prepare` where they can be made' >&2
@@ -83,7 +93,7 @@ def get_config(arg=None):
   config.table.attack_configs.refool.attack.pattern_path = 'runs/refool_bank'
   return config
 EOF
-  config="$work/table1_bank.py:cifar,$attacks"
+  config="$work/table1_bank.py:$base,$attacks"
 fi
 start=$(date +%s)
 pids=()

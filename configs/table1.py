@@ -3,15 +3,19 @@
 python main.py --config=configs/table1.py --workdir=runs/table1
 On the synthetic quickstart data by default, BadNets and Blend. The variant is a
 comma-separated list: attack variants (nad_jax/defaults.py ATTACK_VARIANTS), 'all'
-for every one, 'cifar' for the paper's CIFAR-10 setting instead of quickstart's:
+for every one, and at most one base instead of quickstart's: 'cifar' for the paper's
+CIFAR-10 setting (configs/nad_cifar.py), 'backdoorbench' for BackdoorBench's
+PreAct-ResNet-18 setting (configs/backdoorbench.py; its attacks are badnets, blend, sig, wanet):
   configs/table1.py:all    configs/table1.py:badnets,sig    configs/table1.py:cifar,all
+  configs/table1.py:backdoorbench,badnets,blend,sig,wanet
 Writes runs/table1/table1.{md,csv,json} and runs/table1/figures/*.png. On the quickstart's
 data MCR passes once over the clean subset an epoch, at batch 64 (with 'cifar': the
 recipe of nad_jax/defenses/mcr.py, 10,000 samples an epoch at batch 128).
 --config.seeds=0,1,2 runs the table once per seed and gives each cell's mean ± std.
 
 Each attack runs exactly what its base config runs (configs/quickstart.py:ATTACK, or
-configs/nad_cifar.py:ATTACK with 'cifar'). The top-level sections are the base config's
+configs/nad_cifar.py:ATTACK with 'cifar', configs/backdoorbench.py:ATTACK with
+'backdoorbench'). The top-level sections are the base config's
 default (BadNets); `table.attack_configs.<attack>` holds the fields where that attack's
 config differs from them (always attack.name and attack.mode), laid over them for its
 rows. A top-level override reaches every attack, unless an attack of the table sets that
@@ -21,6 +25,7 @@ field itself: then main.py refuses it and names the per-attack field to set inst
 
 import ml_collections
 
+from configs import backdoorbench
 from configs import nad_cifar
 from configs import quickstart
 from nad_jax import defaults
@@ -30,6 +35,9 @@ EVAL_EVERY = 2
 QUICK_MCR_BATCH = 64
 # The sections an attack variant may set: those of the stages an attack shapes.
 ATTACK_SECTIONS = ('attack', 'backdoor_training', 'teacher', 'nad')
+# The bases a token of the variant picks instead of the quickstart: (config file, its attacks).
+BASES = {'cifar': (nad_cifar, defaults.ATTACK_VARIANTS),
+         'backdoorbench': (backdoorbench, backdoorbench.VARIANTS)}
 
 
 def changed_fields(variant: dict, base: dict) -> dict:
@@ -64,29 +72,33 @@ def quickstart_mcr(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
 
 def get_config(arg=None):
   tokens = [t for t in (arg or '').split(',') if t]
-  cifar = 'cifar' in tokens
-  tokens = [t for t in tokens if t != 'cifar']
+  bases = [t for t in tokens if t in BASES]
+  if len(bases) > 1:
+    raise ValueError(f'configs/table1.py takes one base of {tuple(BASES)} at most, got {arg!r}')
+  tokens = [t for t in tokens if t not in BASES]
+  base_file, variants = BASES[bases[0]] if bases else (quickstart, defaults.ATTACK_VARIANTS)
   if 'all' in tokens:
     if tokens != ['all']:
-      raise ValueError(f"configs/table1.py: 'all' stands alone (with 'cifar' at most), got {arg!r}")
-    attacks = defaults.ATTACK_VARIANTS
+      raise ValueError(f"configs/table1.py: 'all' stands alone (with a base at most), got {arg!r}")
+    attacks = variants
   else:
     attacks = tuple(tokens) or DEFAULT_ATTACKS
   for attack in attacks:
-    if attack not in defaults.ATTACK_VARIANTS:
-      raise ValueError(f'configs/table1.py has no attack {attack!r}; choose from '
-                       f"{defaults.ATTACK_VARIANTS}, 'all' or 'cifar'")
-  base_file = nad_cifar if cifar else quickstart
+    if attack not in variants:
+      raise ValueError(f'configs/table1.py has no attack {attack!r}'
+                       f"{' on ' + bases[0] if bases else ''}; choose from {variants}, 'all' or "
+                       f'a base of {tuple(BASES)}')
   config = base_file.get_config()
   config.runner = 'table1'
   defaults.defense_stages(config)
-  if not cifar:  # the 15-minute budget on 2 CPU cores: evaluate and checkpoint every 2 epochs
+  if base_file is quickstart:
+    # the 15-minute budget on 2 CPU cores: evaluate and checkpoint every 2 epochs
     for stage in ('backdoor_training', 'teacher', 'nad'):
       config[stage].eval_every = EVAL_EVERY
     quickstart_mcr(config)
   config.table = ml_collections.ConfigDict(dict(
       attacks=tuple(attacks), defenses=('none', 'ft', 'fp', 'mcr', 'nad'),
       attack_configs=ml_collections.ConfigDict(
-          {variant: attack_sections(base_file, variant) for variant in defaults.ATTACK_VARIANTS}),
+          {variant: attack_sections(base_file, variant) for variant in variants}),
       figures=True, attention_images=4))
   return config

@@ -112,6 +112,20 @@ def normalizer(mean: Sequence[float] | None, std: Sequence[float] | None
 
 # ------------------------------------------------------------------------------ training
 
+# A stage's `lr_schedule` (every stage but MCR has 'step' where it sets none).
+LR_SCHEDULES = ('step', 'cosine', 'curve')
+
+
+def cosine_lr_factor(epoch, epochs: int):
+  """The learning-rate factor of cosine annealing in epoch `epoch` (0-based): (1 + cos(pi *
+  epoch / epochs)) / 2, from 1 in the first epoch towards 0 (PyTorch's CosineAnnealingLR with
+  T_max = epochs, stepped once an epoch, as BackdoorBench's
+  utils/aggregate_block/train_settings_generate.py uses it). `epoch` may be a traced integer;
+  returns float32.
+  """
+  return 0.5 * (1.0 + jnp.cos(jnp.pi * jnp.asarray(epoch, jnp.float32) / epochs))
+
+
 def curve_lr_factor(epoch, epochs: int):
   """The learning-rate factor of Garipov et al.'s curve schedule in epoch `epoch` (1-based).
 
@@ -127,9 +141,9 @@ def make_optimizer(cfg, steps_per_epoch: int) -> optax.GradientTransformation:
   """SGD with PyTorch-style coupled weight decay and a per-epoch learning-rate schedule.
 
   Weight decay is added to the gradient before momentum (torch.optim.SGD's
-  weight_decay). `cfg.lr_schedule` 'step' (also where the section has no such field:
-  every stage but MCR) multiplies the learning rate by `lr_decay` at each of
-  `lr_boundaries`; 'curve' sets it per epoch by `curve_lr_factor`.
+  weight_decay). `cfg.lr_schedule` (LR_SCHEDULES) 'step' (also where the section has no
+  such field) multiplies the learning rate by `lr_decay` at each of `lr_boundaries`;
+  'cosine' and 'curve' set it per epoch by `cosine_lr_factor` and `curve_lr_factor`.
 
   Args:
     cfg: a stage's optimiser config with epochs, learning_rate, lr_boundaries (epochs),
@@ -140,9 +154,12 @@ def make_optimizer(cfg, steps_per_epoch: int) -> optax.GradientTransformation:
   Returns:
     The optax transformation.
   """
-  if getattr(cfg, 'lr_schedule', 'step') == 'curve':  # a surrogate's namespace has none
-    lr, epochs = float(cfg.learning_rate), max(int(cfg.epochs), 1)
+  kind = getattr(cfg, 'lr_schedule', 'step')  # a surrogate's namespace has none
+  lr, epochs = float(cfg.learning_rate), max(int(cfg.epochs), 1)
+  if kind == 'curve':
     schedule = lambda step: lr * curve_lr_factor(step // steps_per_epoch + 1, epochs)
+  elif kind == 'cosine':
+    schedule = lambda step: lr * cosine_lr_factor(step // steps_per_epoch, epochs)
   else:
     schedule = optax.piecewise_constant_schedule(
         cfg.learning_rate,

@@ -21,6 +21,7 @@ from nad_jax import attacks as attacks_lib
 from nad_jax.attacks import refool, sig
 from nad_jax import checkpoint as ckpt_lib
 from nad_jax import models
+from nad_jax import train
 
 
 class ConfigError(ValueError):
@@ -145,6 +146,13 @@ def sgd_rows(section: str, when=lambda config: True) -> list[Rule]:
       Rule(f'{section}.cutout', in_range(0, integer=True), 'an integer >= 0 (0: no Cutout)',
            when),
       Rule(f'{section}.eval_every', in_range(1, integer=True), 'an integer >= 1', when),
+      Rule(f'{section}.lr_schedule', one_of(train.LR_SCHEDULES),
+           "'step' (lr_decay at lr_boundaries), 'cosine' (annealed per epoch towards 0) or "
+           "'curve' (held, then linear to 1%)", when),
+      Rule(f'{section}.lr_boundaries', lambda v, c: not v or c[section].get(
+          'lr_schedule', 'step') == 'step',
+           f"() where {section}.lr_schedule is not 'step' (boundaries belong to 'step')",
+           when),
   ]
 
 
@@ -331,10 +339,6 @@ RULES: list[Rule] = [
     *sgd_rows('mcr', has('mcr')),
     Rule('mcr.t', in_range(0, 1), 'a number in [0, 1]', has('mcr')),
     Rule('mcr.points', in_range(2, integer=True), 'an integer >= 2', has('mcr')),
-    Rule('mcr.lr_schedule', one_of(('step', 'curve')),
-         "'step' (lr_decay at lr_boundaries) or 'curve' (held, then linear to 1%)", has('mcr')),
-    Rule('mcr.lr_boundaries', lambda v, c: not v or c.mcr.lr_schedule == 'step',
-         "() with mcr.lr_schedule 'curve' (boundaries belong to 'step')", has('mcr')),
     Rule('mcr.samples_per_epoch', in_range(0, integer=True),
          'an integer >= 0 (an epoch repeats the clean subset to this many samples)', has('mcr')),
     Rule('table', lambda v, _: v is not None, 'a section (configs/table1.py)',

@@ -13,7 +13,7 @@ import pytest
 from absl import flags
 
 import main
-from configs import ablations, nad_cifar, nad_official, quickstart, table1, tiny
+from configs import ablations, backdoorbench, nad_cifar, nad_official, quickstart, table1, tiny
 from nad_jax import defaults, validation
 from nad_jax.experiments import table1 as table
 
@@ -47,6 +47,13 @@ def test_a_table_row_runs_what_its_base_config_runs(variant):
   assert shaping(ran, True) == shaping(base, True)
   ran = table.attack_config(table1.get_config('cifar,all'), variant)
   assert shaping(ran, False) == shaping(with_defenses(nad_cifar.get_config(variant)), False)
+
+
+@pytest.mark.parametrize('variant', backdoorbench.VARIANTS)
+def test_a_backdoorbench_table_row_runs_what_its_config_runs(variant):
+  """configs/table1.py:backdoorbench,X runs configs/backdoorbench.py:X."""
+  ran = table.attack_config(table1.get_config('backdoorbench,all'), variant)
+  assert shaping(ran, False) == shaping(with_defenses(backdoorbench.get_config(variant)), False)
 
 
 def test_nad_schedule_reaches_fp_and_mcr_keeps_its_own_recipe():
@@ -97,7 +104,8 @@ def test_a_per_attack_field_the_config_lacks_is_named():
 
 CONFIG_FILES = {'configs/tiny.py': tiny, 'configs/quickstart.py': quickstart,
                 'configs/nad_cifar.py': nad_cifar, 'configs/nad_official.py': nad_official,
-                'configs/ablations.py': ablations, 'configs/table1.py': table1}
+                'configs/ablations.py': ablations, 'configs/table1.py': table1,
+                'configs/backdoorbench.py': backdoorbench}
 
 
 @pytest.mark.parametrize('path', CONFIG_FILES)
@@ -112,6 +120,43 @@ def test_all_stands_alone():
   with pytest.raises(ValueError, match="'all' stands alone"):
     table1.get_config('all,badnets')
   assert table1.get_config('cifar,all').table.attacks == defaults.ATTACK_VARIANTS
+  assert table1.get_config('backdoorbench,all').table.attacks == backdoorbench.VARIANTS
+  with pytest.raises(ValueError, match="no attack 'trojan' on backdoorbench"):
+    table1.get_config('backdoorbench,trojan')
+  with pytest.raises(ValueError, match='one base'):
+    table1.get_config('cifar,backdoorbench,badnets')
+
+
+# ------------------------------------------------------- BackdoorBench's setting (its files)
+
+def test_backdoorbench_variants_validate_and_hold_its_settings():
+  """SCLBD/BackdoorBench: config/attack/prototype/cifar10.yaml, config/attack/*/default.yaml,
+  config/defense/nad/cifar10.yaml and defense/nad.py (configs/backdoorbench.py cites them)."""
+  configs = {v: backdoorbench.get_config(v) for v in backdoorbench.VARIANTS}
+  assert backdoorbench.get_config().to_dict() == configs['badnets'].to_dict()
+  for variant, config in configs.items():
+    validation.validate(config)
+    assert (config.model.name, config.attack.name, config.attack.target_label,
+            config.data.clean_fraction) == ('preact_resnet18', variant, 0, 0.05)
+    assert config.model.std == (0.247, 0.243, 0.261)
+    bd, teacher, nad = config.backdoor_training, config.teacher, config.nad
+    assert (bd.epochs, bd.batch_size, teacher.epochs, teacher.batch_size, nad.epochs,
+            nad.batch_size) == (100, 128, 10, 256, 10, 256)
+    for stage in (bd, teacher, nad):
+      assert (stage.learning_rate, stage.lr_boundaries, stage.momentum, stage.nesterov,
+              stage.weight_decay, stage.crop_flip, stage.cutout) == (0.01, (), 0.9, False,
+                                                                     5e-4, True, 0)
+    assert bd.lr_schedule == ('step' if variant == 'wanet' else 'cosine')
+    assert (nad.betas, nad.p, nad.layers) == ((500.0, 1000.0, 1000.0), 2.0, None)
+    assert config.attack.poison_rate == (0.5 if variant == 'sig' else 0.1)
+  attacks = {v: c.attack for v, c in configs.items()}
+  assert (attacks['badnets'].pattern, attacks['badnets'].size,
+          attacks['badnets'].corner) == ('square', 3, 'bottom_right')
+  assert attacks['blend'].alpha == 0.2
+  assert (attacks['sig'].delta, attacks['sig'].frequency, attacks['sig'].sig_mode) == (
+      40.0, 6.0, 'add')
+  assert (attacks['wanet'].warp_k, attacks['wanet'].warp_strength,
+          attacks['wanet'].cross_ratio) == (4, 0.5, 2.0)
 
 
 def test_ablation_default_fraction_is_the_quickstart():
@@ -196,3 +241,19 @@ def test_main_records_what_each_attack_ran_and_evaluates_it_again(tmp_path):
   assert evaluated['table'] == saved['table']
   assert set(evaluated['stages']['badnets']) == {'backdoored', 'ft', 'fp', 'mcr', 'teacher',
                                                  'nad'}
+
+
+@pytest.mark.slow
+def test_main_runs_a_backdoorbench_variant_cut_down(tmp_path):
+  """configs/backdoorbench.py:sig through main.py: tiny net, synthetic data, 1 epoch a stage."""
+  workdir = str(tmp_path / 'bb')
+  args = ['--config=configs/backdoorbench.py:sig', f'--workdir={workdir}',
+          '--config.model.name=tiny', '--config.data.source=synthetic',
+          '--config.data.train_size=512', '--config.data.test_size=256',
+          '--config.data.clean_fraction=0.25', '--config.data.eval_batch_size=128',
+          *(f'--config.{stage}.{field}' for stage in ('backdoor_training', 'teacher', 'nad')
+            for field in ('epochs=1', 'batch_size=32')), '--config.compilation_cache=']
+  assert run_main(args) is None
+  with open(os.path.join(workdir, 'results.json')) as f:
+    results = json.load(f)
+  assert {'backdoored', 'teacher', 'nad'} <= set(results['stages']), results.keys()

@@ -307,6 +307,21 @@ def test_the_curve_learning_rate_is_held_then_falls_linearly_to_one_percent():
     np.testing.assert_allclose(rates[3 * (epoch - 1):3 * epoch], [0.5 * factor] * 3, rtol=1e-4)
 
 
+def test_the_cosine_learning_rate_is_annealed_once_an_epoch():
+  """lr_schedule 'cosine' (BackdoorBench's CosineAnnealingLR, T_max = epochs, stepped per
+  epoch): epoch e (0-based) trains at lr * (1 + cos(pi * e / epochs)) / 2."""
+  cfg = defaults.sgd_stage(4, 3, 0.5, lr_schedule='cosine')
+  cfg.update(dict(weight_decay=0.0, momentum=0.0))  # so each update is -lr * gradient
+  tx = train_lib.make_optimizer(cfg, steps_per_epoch=2)
+  params = jnp.zeros(())
+  state, rates = tx.init(params), []
+  for _ in range(8):
+    updates, state = tx.update(jnp.ones(()), state, params)
+    rates.append(-float(updates))
+  expected = [0.5 * (1 + np.cos(np.pi * e / 4)) / 2 for e in range(4) for _ in range(2)]
+  np.testing.assert_allclose(rates, expected, rtol=1e-5)
+
+
 def test_an_epoch_repeats_the_clean_subset_to_its_samples():
   images = np.arange(4, dtype=np.uint8)[:, None, None, None] * np.ones((1, 2, 2, 3), np.uint8)
   clean = (images, np.arange(4, dtype=np.int32), np.zeros(4, bool))

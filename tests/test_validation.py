@@ -76,7 +76,7 @@ CASES = [
     ('nad.layers', ('group1', 3), {}), ('nad.betas', (1.0, 2.0), {}),
     ('nad.betas', (500.0, -1.0, 1000.0), {}), ('nad.p', 0.0, {}),
     ('fp.holdout_fraction', 1.0, {}), ('fp.acc_drop', -1.0, {}), ('mcr.t', 2.0, {}),
-    ('mcr.points', 1, {}), ('mcr.lr_schedule', 'cosine', {}), ('mcr.lr_boundaries', (5,), {}),
+    ('mcr.points', 1, {}), ('mcr.lr_boundaries', (5,), {}),
     ('mcr.samples_per_epoch', -1, {}), ('table', None, {}), ('table.attacks', ('nosuch',), {}),
     ('table.attacks', (), {}), ('table.defenses', ('xx',), {}), ('table.figures', 'y', {}),
     ('table.attention_images', -1, {}),
@@ -84,9 +84,10 @@ CASES = [
 STAGE_FIELDS = [('epochs', -1), ('batch_size', 0), ('learning_rate', 0.0),
                 ('lr_boundaries', (3, 1)), ('lr_decay', 0.0), ('momentum', 1.0),
                 ('nesterov', 'y'), ('weight_decay', -1.0), ('crop_flip', 'y'), ('cutout', -1),
-                ('eval_every', 0)]
+                ('eval_every', 0), ('lr_schedule', 'linear')]
 for _stage in ('backdoor_training', 'teacher', 'nad', 'fp', 'mcr'):
   CASES += [(f'{_stage}.{name}', value, {}) for name, value in STAGE_FIELDS]
+  CASES += [(f'{_stage}.lr_boundaries', (5,), {f'{_stage}.lr_schedule': 'cosine'})]
 
 
 def base_config(field: str):
