@@ -124,17 +124,19 @@ def parser() -> argparse.ArgumentParser:
                        help='nad (default): attention distillation from a teacher; ft: '
                             'fine-tuning; fp: fine-pruning; mcr: mode connectivity repair')
   defense.add_argument('--epochs', type=int, metavar='N',
-                       help="the defense's epochs (default 20; mcr: the curve's, default 100) [nad.epochs, "
-                            'FP follows; mcr: mcr.epochs]')
+                       help="the defense's epochs (default 20; mcr: the curve's, default "
+                            '100) [nad.epochs, FP follows; mcr: mcr.epochs]')
   defense.add_argument('--teacher-epochs', type=int, metavar='N',
                        help="NAD's teacher's fine-tuning epochs (default 10) [teacher.epochs]")
   defense.add_argument('--batch-size', type=int, metavar='N',
-                       help='training batch size, a multiple of the device count (default 64; mcr: 128) '
-                            '[nad.batch_size, teacher.batch_size; mcr: mcr.batch_size]')
+                       help='training batch size, a multiple of the device count (default '
+                            '64; mcr: 128) [nad.batch_size, teacher.batch_size; mcr: '
+                            'mcr.batch_size]')
   defense.add_argument('--lr', type=float, metavar='X',
-                       help='initial learning rate, x0.1 from epoch 2 (default 0.1; mcr: 0.01, held for '
-                            'half the epochs, then down to 1%%) [nad.learning_rate, '
-                            'teacher.learning_rate; mcr: mcr.learning_rate]')
+                       help='initial learning rate, x0.1 from epoch 2 (default 0.1; mcr: '
+                            '0.01, held for half the epochs, then down to 1%%) '
+                            '[nad.learning_rate, teacher.learning_rate; mcr: '
+                            'mcr.learning_rate]')
   defense.add_argument('--seed', type=int, metavar='N',
                        help='every random choice: the clean subset, batches, augmentation '
                             '(default 0) [seed]')

@@ -134,7 +134,8 @@ def test_table_over_seeds_gathers_runs_of_single_seeds(table_run, tmp_path):
   trained = lambda seed: [name for name, t in per_seed[seed]['details']['badnets'][
       'stage_timing'].items() if t.get('img_per_s')]
   assert trained(0) == [] and trained(1) == ['none', 'ft']
-  assert per_seed[0]['table']['badnets'] == {d: single['table']['badnets'][d] for d in ('none', 'ft')}
+  assert per_seed[0]['table']['badnets'] == {d: single['table']['badnets'][d]
+                                             for d in ('none', 'ft')}
   with open(tmp_path / 'table1.json') as f:
     saved = json.load(f)
   assert saved['seeds'] == [0, 1] and saved['table'] == results['table']

@@ -381,7 +381,8 @@ def evaluate_only(config, workdir: str) -> dict:
       without a checkpoint.
   """
   if config.seeds:
-    tables = {seed: evaluate_only(seed_config(config, seed), os.path.join(workdir, f'seed_{seed}'))
+    tables = {seed: evaluate_only(seed_config(config, seed),
+                                  os.path.join(workdir, f'seed_{seed}'))
               for seed in config.seeds}
     results = over_seeds(tables)
     stages.write_json(os.path.join(workdir, 'table1_eval.json'), results)
