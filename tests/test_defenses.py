@@ -347,10 +347,10 @@ def test_curve_weight_decay_is_an_l2_term_on_the_sampled_point(tiny_model):
   y = jnp.asarray(ds.train_labels[:8])
   key, wd = jax.random.key(3), 0.01
   args = (start['batch_stats'], ends, x, y, key)
-  (with_l2, aux), grads = jax.value_and_grad(mcr.curve_loss(model, wd), has_aux=True)(
-      middle, *args)
-  (plain, _), plain_grads = jax.value_and_grad(mcr.curve_loss(model, 0.0), has_aux=True)(
-      middle, *args)
+  gradient = lambda decay: jax.jit(jax.value_and_grad(mcr.curve_loss(model, decay),
+                                                      has_aux=True))(middle, *args)
+  (with_l2, aux), grads = gradient(wd)
+  (plain, _), plain_grads = gradient(0.0)
   t = jax.random.uniform(key)
   point = mcr.bezier(t, ends[0], middle, ends[1])
   l2 = sum(float(jnp.sum(p ** 2)) for p in jax.tree.leaves(point))
