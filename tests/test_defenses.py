@@ -145,6 +145,8 @@ def test_table_over_seeds_gathers_runs_of_single_seeds(table_run, tmp_path):
     assert saved['std']['badnets'][defense]['asr'] == round(float(np.std(values, ddof=1)), 2)
   with open(tmp_path / 'table1.md') as f:
     assert f'{saved["table"]["badnets"]["ft"]["asr"]:.2f} ± ' in f.read()
+  evaluated = table.evaluate_only(config, str(tmp_path))  # restores each seed's stages
+  assert evaluated['table'] == saved['table'] and evaluated['std'] == saved['std']
 
 
 # ------------------------------------------------------------------------------ fine-pruning
