@@ -293,17 +293,24 @@ def test_table_config_variants_and_errors(tmp_path):
     table.run(config, str(tmp_path))
 
 
+def step_rates(lr_schedule: str, epochs: int, steps_per_epoch: int) -> list[float]:
+  """The learning rate of every step of a stage at lr 0.5 with `lr_schedule`, read off the
+  updates of plain SGD (no momentum, no decay) on a gradient of 1."""
+  cfg = defaults.sgd_stage(epochs, 3, 0.5, lr_schedule=lr_schedule)
+  cfg.update(dict(weight_decay=0.0, momentum=0.0))  # so each update is -lr * gradient
+  tx = train_lib.make_optimizer(cfg, steps_per_epoch=steps_per_epoch)
+  params = jnp.zeros(())
+  state, rates = tx.init(params), []
+  for _ in range(epochs * steps_per_epoch):
+    updates, state = tx.update(jnp.ones(()), state, params)
+    rates.append(-float(updates))
+  return rates
+
+
 def test_the_curve_learning_rate_is_held_then_falls_linearly_to_one_percent():
   """lr_schedule 'curve' (the authors' train.py): per epoch, lr while epoch / epochs <= 0.5,
   then linearly to 1% at 0.9, then 1%; each step of an epoch takes its epoch's rate."""
-  cfg = defaults.sgd_stage(10, 3, 0.5, lr_schedule='curve')
-  cfg.update(dict(weight_decay=0.0, momentum=0.0))  # so each update is -lr * gradient
-  tx = train_lib.make_optimizer(cfg, steps_per_epoch=3)
-  params = jnp.zeros(())
-  state, rates = tx.init(params), []
-  for _ in range(30):
-    updates, state = tx.update(jnp.ones(()), state, params)
-    rates.append(-float(updates))
+  rates = step_rates('curve', epochs=10, steps_per_epoch=3)
   factors = {1: 1.0, 5: 1.0, 6: 1.0 - 0.99 * 0.25, 7: 1.0 - 0.99 * 0.5, 8: 1.0 - 0.99 * 0.75,
              9: 0.01, 10: 0.01}
   for epoch, factor in factors.items():
@@ -313,14 +320,7 @@ def test_the_curve_learning_rate_is_held_then_falls_linearly_to_one_percent():
 def test_the_cosine_learning_rate_is_annealed_once_an_epoch():
   """lr_schedule 'cosine' (BackdoorBench's CosineAnnealingLR, T_max = epochs, stepped per
   epoch): epoch e (0-based) trains at lr * (1 + cos(pi * e / epochs)) / 2."""
-  cfg = defaults.sgd_stage(4, 3, 0.5, lr_schedule='cosine')
-  cfg.update(dict(weight_decay=0.0, momentum=0.0))  # so each update is -lr * gradient
-  tx = train_lib.make_optimizer(cfg, steps_per_epoch=2)
-  params = jnp.zeros(())
-  state, rates = tx.init(params), []
-  for _ in range(8):
-    updates, state = tx.update(jnp.ones(()), state, params)
-    rates.append(-float(updates))
+  rates = step_rates('cosine', epochs=4, steps_per_epoch=2)
   expected = [0.5 * (1 + np.cos(np.pi * e / 4)) / 2 for e in range(4) for _ in range(2)]
   np.testing.assert_allclose(rates, expected, rtol=1e-5)
 
