@@ -16,6 +16,7 @@ import main
 from configs import ablations, backdoorbench, nad_cifar, nad_official, quickstart, table1, tiny
 from nad_jax import defaults, validation
 from nad_jax.experiments import table1 as table
+from tests import tiny_table
 
 # The sections that shape a stage (validation.STAGE_SECTIONS) and the defenses' own.
 SHAPING = ('seed', 'data', 'model', 'attack', 'backdoor_training', 'student', 'teacher', 'nad',
@@ -171,16 +172,9 @@ def test_ablation_default_fraction_is_the_quickstart():
 
 # ------------------------------------------------------------------- main.py's config path
 
-TINY_TABLE = [
-    '--config.model.name=tiny', '--config.data.train_size=512', '--config.data.test_size=256',
-    '--config.data.clean_fraction=0.25', '--config.data.eval_batch_size=128',
-    '--config.backdoor_training.epochs=2', '--config.backdoor_training.batch_size=32',
-    '--config.backdoor_training.lr_boundaries=()', '--config.teacher.epochs=1',
-    '--config.teacher.batch_size=32', '--config.teacher.learning_rate=0.05',
-    '--config.teacher.lr_boundaries=()', '--config.nad.epochs=1', '--config.nad.batch_size=32',
-    '--config.nad.lr_boundaries=()', '--config.mcr.epochs=1', '--config.mcr.batch_size=32',
-    '--config.mcr.samples_per_epoch=64', '--config.mcr.points=3', '--config.table.figures=False',
-    '--config.compilation_cache=']  # no shell here: '' would be a folder named ''
+# figures off; no compilation cache folder of main.py's own (the tests' serves it). No
+# shell here: '' would be a folder named ''.
+TINY_TABLE = [*tiny_table.flags(), '--config.table.figures=False', '--config.compilation_cache=']
 
 
 def parsed(args) -> list[str]:
@@ -231,7 +225,7 @@ def test_main_records_what_each_attack_ran_and_evaluates_it_again(tmp_path):
   given = flags.FLAGS.config
   flags.FLAGS.unparse_flags()
   assert recorded == json.loads(json.dumps(table.attack_config(given, 'badnets').to_dict()))
-  assert (recorded['mcr']['batch_size'], recorded['mcr']['samples_per_epoch']) == (32, 64)
+  assert (recorded['mcr']['batch_size'], recorded['mcr']['points']) == (32, 3)
   for stage in ('ft', 'fp', 'mcr', 'nad'):
     assert [h['epoch'] for h in saved['details']['badnets']['history'][stage]] == [0, 1]
     assert recorded['nad' if stage == 'ft' else stage]['epochs'] == 1

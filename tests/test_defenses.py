@@ -19,6 +19,7 @@ from nad_jax import train as train_lib
 from nad_jax.defenses import fine_pruning, mcr
 from nad_jax.experiments import nad as nad_runner
 from nad_jax.experiments import table1 as table
+from tests import tiny_table
 
 pytestmark = pytest.mark.slow  # whole-pipeline runs: `pytest -m "not slow"` skips them
 
@@ -26,19 +27,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_table_config(attacks=('badnets',)):
-  """configs/table1.py shrunk: tiny net, 512 synthetic images, 1 or 2 epochs a stage."""
+  """configs/table1.py shrunk (tests/tiny_table.py)."""
   config = table1.get_config(','.join(attacks))
-  config.model.name = 'tiny'
-  config.data.update(dict(train_size=512, test_size=256, clean_fraction=0.25,
-                          eval_batch_size=128))
-  config.backdoor_training.update(dict(epochs=2, batch_size=32, learning_rate=0.05,
-                                       lr_boundaries=()))
-  # FP follows NAD's schedule: setting it shrinks FP too. MCR has its own recipe.
-  for stage in ('teacher', 'nad'):
-    config[stage].update(dict(epochs=1, batch_size=32, lr_boundaries=()))
-  config.mcr.update(dict(epochs=1, batch_size=32, samples_per_epoch=0, eval_every=1, points=3))
-  config.teacher.learning_rate = 0.05
-  config.table.attention_images = 2
+  config.update_from_flattened_dict(tiny_table.OVERRIDES)
   return config
 
 

@@ -36,6 +36,8 @@ def test_sown_shapes(name):
   shapes = {k: v[0].shape[1:] for k, v in sown['intermediates'].items()}
   assert shapes == EXPECTED[name]
   assert set(model.distill_layers) <= set(shapes)
+  # A 1x1 attention map normalises to 1 in student and teacher alike: no AT term.
+  assert all(shapes[g][0] * shapes[g][1] > 1 for g in model.distill_layers)
 
 
 def test_wrn_parameter_count_and_depth():
