@@ -18,6 +18,7 @@ import jax
 import numpy as np
 
 from nad_jax import attacks as attacks_lib
+from nad_jax.attacks import core as attack_core
 from nad_jax.attacks import refool, sig
 from nad_jax import checkpoint as ckpt_lib
 from nad_jax import models
@@ -473,12 +474,19 @@ def flatten(tree, prefix='') -> dict:
   return out
 
 
+def other_attacks_fields(attack_name: str) -> tuple[str, ...]:
+  """The `attack.` fields that only attacks other than `attack_name` read."""
+  return tuple(f'attack.{f}' for name, own in attack_core.OWN_FIELDS.items()
+               if name != attack_name for f in own)
+
+
 def stage_fields(config, stage: str, data_digest: str | None = None) -> dict:
   """{dotted field: JSON value} of the config fields that shape `stage`, plus
   'data.digest' (of the images and labels themselves) where `data_digest` is given."""
   as_dict = config.to_dict()
   fields = flatten({k: as_dict[k] for k in STAGE_SECTIONS[stage] if k in as_dict})
-  ignored = NOT_SHAPING + STAGE_IGNORES.get(stage, ())
+  ignored = (NOT_SHAPING + STAGE_IGNORES.get(stage, ())
+             + other_attacks_fields(as_dict.get('attack', {}).get('name')))
   fields = {k: v for k, v in fields.items()
             if not k.endswith('.eval_every')
             and not any(k == i or k.startswith(i + '.') for i in ignored)}
@@ -528,7 +536,10 @@ def check_workdir(config, workdir: str, stages, data_digest: str | None = None) 
       raise ConfigError(f'stage {stage!r}: {record} is unreadable; use another --workdir '
                         'or delete the folder') from None
     current = stage_fields(config, stage, data_digest)
-    recorded = {**{k: v for k, v in ADDED_FIELDS.items() if k in current}, **recorded}
+    # A record written before OWN_FIELDS was used lists the other attacks' fields too.
+    unread = set(other_attacks_fields(config.attack.name))
+    recorded = {**{k: v for k, v in ADDED_FIELDS.items() if k in current},
+                **{k: v for k, v in recorded.items() if k not in unread}}
     if data_digest is None:  # a check before the data is loaded
       recorded = {k: v for k, v in recorded.items() if k != 'data.digest'}
     changed = differences(recorded, current)

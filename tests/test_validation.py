@@ -1,5 +1,6 @@
 """Every config rule, in-process: a bad value of each field is one ConfigError naming it."""
 
+import json
 import os
 import re
 
@@ -162,3 +163,26 @@ def test_stage_fields_ignore_what_does_not_shape_the_stage():
   assert 'data.eval_batch_size' not in backdoored and 'model.conv' not in backdoored
   assert 'nad.betas' in validation.stage_fields(config, 'nad')
   assert 'nad.betas' not in validation.stage_fields(config, 'ft')
+
+
+def test_a_record_leaves_out_the_fields_only_other_attacks_read(tmp_path):
+  """A BadNets stage does not depend on Refool's fields: a folder recorded before they existed
+  (or with other values of them) resumes; a Refool stage recorded without them does not."""
+  config = tiny.get_config()
+  fields = validation.stage_fields(config, 'backdoored')
+  assert 'attack.reflection_source' not in fields and 'attack.warp_k' not in fields
+  old = {**fields, 'attack.warp_k': 9}  # a record that listed every attack's fields
+  os.makedirs(tmp_path / 'backdoored')
+  with open(tmp_path / 'backdoored' / validation.FINGERPRINT, 'w') as f:
+    json.dump({'stage': 'backdoored', 'fields': old}, f)
+  validation.check_workdir(config, str(tmp_path), ['backdoored'])
+
+  config.attack.name = 'refool'
+  refool_fields = validation.stage_fields(config, 'backdoored')
+  assert refool_fields['attack.reflection_source'] == 'natural'
+  without = {k: v for k, v in refool_fields.items() if k != 'attack.reflection_source'}
+  with open(tmp_path / 'backdoored' / validation.FINGERPRINT, 'w') as f:
+    json.dump({'stage': 'backdoored', 'fields': without}, f)
+  with pytest.raises(validation.ConfigError,
+                     match=r"attack.reflection_source '\(unset\)' -> 'natural'"):
+    validation.check_workdir(config, str(tmp_path), ['backdoored'])

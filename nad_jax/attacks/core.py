@@ -145,6 +145,15 @@ DEFAULTS = {
     'warp_k': 4, 'warp_strength': 0.5, 'cross_ratio': 2.0,  # wanet
 }
 
+# The fields of DEFAULTS that one attack alone reads: a model poisoned by another attack does
+# not depend on them (a workdir's record leaves them out, validation.stage_fields).
+OWN_FIELDS = {
+    'refool': ('reflection_source', 'reflections', 'reflection_candidates', 'selection_rounds',
+               'selection_holdout', 'ghost_rate', 'reflection_strength'),
+    'trojan': ('trojan_neurons', 'trojan_steps'),
+    'wanet': ('warp_k', 'warp_strength', 'cross_ratio'),
+}
+
 
 def field(cfg, name: str, defaults: dict = DEFAULTS) -> Any:
   """`cfg.name`, or its default where the config has no such field (or it is None).
