@@ -1,4 +1,4 @@
-"""The embedded default: the whole pipeline on synthetic data in 2-3 minutes on 2 CPU cores.
+"""The embedded default: the whole pipeline on synthetic data in about 3 minutes on 2 CPU cores.
 
 python main.py --config=configs/quickstart.py --workdir=runs/quickstart
 """
