@@ -486,7 +486,7 @@ def stage_fields(config, stage: str, data_digest: str | None = None) -> dict:
   as_dict = config.to_dict()
   fields = flatten({k: as_dict[k] for k in STAGE_SECTIONS[stage] if k in as_dict})
   ignored = (NOT_SHAPING + STAGE_IGNORES.get(stage, ())
-             + other_attacks_fields(as_dict.get('attack', {}).get('name')))
+             + other_attacks_fields(config.attack.name))
   fields = {k: v for k, v in fields.items()
             if not k.endswith('.eval_every')
             and not any(k == i or k.startswith(i + '.') for i in ignored)}

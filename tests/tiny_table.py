@@ -3,7 +3,7 @@ config, tests/test_configs.py passes it to main.py as flags. Being the same, the
 compile the same programs (the tests' compilation cache serves the second)."""
 
 # Tiny net, 512 synthetic images, 1 or 2 epochs a stage. FP follows NAD's schedule, so NAD's
-# fields shrink FP too; MCR has its own recipe (samples_per_epoch 0: one pass a epoch).
+# fields shrink FP too; MCR has its own recipe (samples_per_epoch 0: one pass an epoch).
 OVERRIDES = {
     'model.name': 'tiny',
     'data.train_size': 512, 'data.test_size': 256, 'data.clean_fraction': 0.25,
