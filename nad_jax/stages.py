@@ -293,9 +293,9 @@ def clean_data(ctx: Context):
 
 def init_variables(ctx: Context, stream: str) -> dict:
   """A fresh initialisation of the model from the random stream `stream` (per seed)."""
-  shape = ctx.dataset.train_images.shape[1:]
-  return per_seed(ctx.config, lambda seed: ctx.model.init(
-      streams.key(seed, stream), jnp.zeros((1, *shape)), train=False))
+  shape = tuple(ctx.dataset.train_images.shape[1:])
+  return per_seed(ctx.config, lambda seed: models.initialize(ctx.model, streams.key(seed, stream),
+                                                             shape))
 
 
 # ------------------------------------------------------------------------------ stages

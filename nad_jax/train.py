@@ -20,6 +20,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from nad_jax import data as data_lib
+from nad_jax import models
 from nad_jax.attacks import Attack
 from nad_jax.attention import distillation_losses
 
@@ -181,8 +182,7 @@ def init_state(model: nn.Module, tx: optax.GradientTransformation, key: jax.Arra
   Returns:
     The state at step 0.
   """
-  variables = model.init(key, jnp.zeros((1, *image_shape)), train=False)
-  return state_from_variables(variables, tx)
+  return state_from_variables(models.initialize(model, key, tuple(image_shape)), tx)
 
 
 def state_from_variables(variables: dict, tx: optax.GradientTransformation) -> TrainState:

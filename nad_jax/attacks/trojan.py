@@ -141,11 +141,6 @@ def generate(model: nn.Module, variables: dict, normalize: Callable[[jax.Array],
   return np.asarray(pattern * region, np.float32)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 2))
-def _init(model, key, image_shape):
-  return model.init(key, jnp.zeros((1, *image_shape)), train=False)
-
-
 def add_pattern(images: jax.Array, pattern: np.ndarray) -> jax.Array:
   """clip(images + pattern, 0, 255): the Trojan trigger.
 
@@ -190,7 +185,7 @@ def build(cfg, num_classes: int, image_shape: tuple[int, int, int], dataset=None
     name = field(field(cfg, 'surrogate'), 'model', DEFAULTS['surrogate'])
     model = models.build_model(name, num_classes)
     key_init, key_start = jax.random.split(streams.key(field(cfg, 'seed'), 'trojan_patch'))
-    variables = _init(model, key_init, tuple(image_shape))
+    variables = models.initialize(model, key_init, tuple(image_shape))
     pattern = generate(model, variables, unit_scale, image_shape, key_start, size, neurons, steps)
 
   def trigger(images, key):
