@@ -106,10 +106,10 @@ def jax_worker(args, num_devices):
       size=3, corner='bottom_right', seed=0))
   rows = []
 
-  def stage_cfg(batch, lr_boundaries=()):
+  def stage_cfg(batch, epochs=1, lr_boundaries=()):
     return ml_collections.ConfigDict(dict(
-        learning_rate=0.1, lr_boundaries=tuple(lr_boundaries), lr_decay=0.1, momentum=0.9,
-        nesterov=True, weight_decay=1e-4, batch_size=batch))
+        epochs=epochs, learning_rate=0.1, lr_boundaries=tuple(lr_boundaries), lr_decay=0.1,
+        momentum=0.9, nesterov=True, weight_decay=1e-4, batch_size=batch))
 
   ran = models.build_model('tiny', 10, args.dtype, args.conv)  # what 'auto' resolves to here
 
@@ -197,7 +197,7 @@ def jax_worker(args, num_devices):
       steps = 2500 // batch
       recipe = T.Recipe(batch, crop_flip=True, cutout=3, betas=(500.0, 1000.0, 1000.0),
                         layers=tuple(model.distill_layers))
-      tx = T.make_optimizer(stage_cfg(batch, (2,)), steps)
+      tx = T.make_optimizer(stage_cfg(batch, args.epochs, (2,)), steps)
       start_state = lambda v: T.state_from_variables(v, tx)
       state = T.replicate((jax.vmap(start_state) if stacked else start_state)(variables), mesh)
       teacher = T.replicate(variables, mesh)

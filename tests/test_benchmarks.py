@@ -55,3 +55,18 @@ def test_roofline_refuses_stage_times_from_another_machine(tmp_path):
       'machine': {'cpu': here['cpu'], 'cores': here['cores']},
       'backend': here['backend'], 'accelerator': here['accelerator']}, 'rows': rows}))
   assert roofline.stage_rows(str(same)) == rows
+
+
+def test_bench_measures_a_training_step(tmp_path):
+  """bench.py end to end on the tiny net: its worker builds a stage's optimiser as the engine
+  reads it, trains and writes the row."""
+  out = str(tmp_path / 'bench')
+  result = subprocess.run([sys.executable, 'benchmarks/bench.py', '--models', 'tiny',
+                           '--batches', '8', '--parts', 'train', '--steps', '1', '--repeats', '1',
+                           '--torch', 'off', '--out', out],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  with open(f'{out}.json') as f:
+    rows = json.load(f)['rows']
+  assert [(r['model'], r['part'], r['framework']) for r in rows] == [('tiny', 'train', 'nad-jax')]
+  assert rows[0]['img_per_s'] > 0
