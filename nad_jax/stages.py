@@ -437,6 +437,9 @@ def train_stage(ctx: Context, name: str, stage_cfg, recipe: train_lib.Recipe, in
     first = (start_metrics if start_metrics is not None
              else evaluate_first(ctx, readout(state.variables), name))
     done, history = 0, [{'epoch': 0, **first}]
+    if stage_cfg.epochs == 0 and checkpoints:
+      # A stage that trains nothing keeps its start, so an evaluation-only rerun finds it.
+      checkpoints.save(0, state, history)
   timing = {'compile_s': 0.0, 'img_per_s': []}
   if done < stage_cfg.epochs:
     on_device = train_lib.replicate((images, labels, poisoned), ctx.mesh)

@@ -95,6 +95,9 @@ def test_student_checkpoint_path_is_loaded_not_retrained(finished_run, tmp_path)
   loaded = nad_runner.run(config, str(tmp_path)).results
   assert loaded['stages']['backdoored'] == results['stages']['backdoored']
   assert not os.path.exists(tmp_path / 'backdoored')
+  # Stages of 0 epochs keep their start, so an evaluation-only rerun finds every model.
+  config.eval_only = True
+  assert nad_runner.evaluate_only(config, str(tmp_path))['stages'] == loaded['stages']
 
 
 def test_eval_every_evaluates_and_saves_less_and_trains_the_same(finished_run, tmp_path):

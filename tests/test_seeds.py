@@ -58,6 +58,8 @@ def test_a_replica_trains_as_the_single_run_of_its_seed(scan):
   for metric in stages.METRICS:
     assert ours.history[0][metric][1] == theirs.history[0][metric]  # the same initialisation
 
+  if scan:
+    return  # the teacher below trains alike whichever loop runs its epochs
   # The teacher trains on each replica's own clean subset (stacked data): two epochs of
   # one step, the learning rate dropping after the first as the schedule says.
   teacher = tiny_config().teacher.to_dict()
@@ -95,11 +97,12 @@ def test_seeds_run_reports_each_seed_and_resumes(tmp_path):
 
 def test_a_workdir_of_one_seed_is_not_resumed_as_several(tmp_path):
   workdir = str(tmp_path)
-  nad_runner.run(tiny_config(**{'backdoor_training.epochs': 1, 'teacher.epochs': 1,
-                                'nad.epochs': 1}), workdir)
+  one_epoch = {'backdoor_training.epochs': 1, 'teacher.epochs': 1, 'nad.epochs': 1}
+  single = tiny_config(**one_epoch)
+  stages.backdoored(stages.make_context(single, data.load_dataset(single.data), workdir,
+                                        ('backdoor_training',)))
   with pytest.raises(validation.ConfigError, match=r'seeds \[\] -> \[0, 1\]'):
-    nad_runner.run(tiny_config(seeds=(0, 1), **{'backdoor_training.epochs': 1,
-                                                'teacher.epochs': 1, 'nad.epochs': 1}), workdir)
+    nad_runner.run(tiny_config(seeds=(0, 1), **one_epoch), workdir)
 
 
 @pytest.mark.parametrize('fields, message', [
