@@ -1,22 +1,19 @@
 """What a run records is what it ran: one definition per attack variant, overrides that
 reach every stage they shape (or are refused), variants refused with one message.
 
-The whole-run checks (main.py on a tiny table, its table1.json and its eval-only mode)
-are marked slow; the rest build configs only.
+The whole-run check (main.py on a cut-down BackdoorBench variant) is marked slow; the rest
+build configs only. tests/test_defenses.py runs the tiny table through main.py and checks
+its table1.json and its eval-only mode.
 """
 
 import json
 import os
-import sys
 
 import pytest
-from absl import flags
-
-import main
 from configs import ablations, backdoorbench, nad_cifar, nad_official, quickstart, table1, tiny
 from nad_jax import defaults, validation
 from nad_jax.experiments import table1 as table
-from tests import tiny_table
+from tests.main_in_process import run_main
 
 # The sections that shape a stage (validation.STAGE_SECTIONS) and the defenses' own.
 SHAPING = ('seed', 'data', 'model', 'attack', 'backdoor_training', 'student', 'teacher', 'nad',
@@ -172,36 +169,6 @@ def test_ablation_default_fraction_is_the_quickstart():
 
 # ------------------------------------------------------------------- main.py's config path
 
-# figures off; no compilation cache folder of main.py's own (the tests' serves it). No
-# shell here: '' would be a folder named ''.
-TINY_TABLE = [*tiny_table.flags(), '--config.table.figures=False', '--config.compilation_cache=']
-
-
-def parsed(args) -> list[str]:
-  """absl's parsing of `main.py *args` through main.parse_flags; config_flags finds the
-  `--config.<field>` overrides in sys.argv, so it is set for the call, and defines one
-  flag per override, so those of an earlier parse are removed first."""
-  for name in [n for n in flags.FLAGS if n.startswith('config.')]:
-    delattr(flags.FLAGS, name)
-  argv, sys.argv = sys.argv, ['main.py', *args]
-  try:
-    return main.parse_flags(sys.argv)
-  finally:
-    sys.argv = argv
-
-
-def run_main(args) -> str | None:
-  """main.py in this process: its flag parsing and main(); the `error: ...` line of a
-  refused run, None for a run that ended normally."""
-  try:
-    main.main(parsed(args))
-  except SystemExit as exit_:
-    return str(exit_.code)
-  finally:
-    flags.FLAGS.unparse_flags()
-  return None
-
-
 def test_main_refuses_a_shadowed_override(tmp_path):
   workdir = tmp_path / 'table'
   error = run_main(['--config=configs/table1.py', f'--workdir={workdir}',
@@ -209,32 +176,6 @@ def test_main_refuses_a_shadowed_override(tmp_path):
   assert error.startswith('error: teacher.batch_size 8: set per attack by blend'), error
   assert '--config.table.attack_configs.blend.teacher.batch_size=8' in error
   assert not workdir.exists()
-
-
-@pytest.mark.slow
-def test_main_records_what_each_attack_ran_and_evaluates_it_again(tmp_path):
-  """table1.json's per-attack config is the one that ran (nad.epochs=1 reaches FT, FP and
-  NAD, mcr.* MCR), and --config.eval_only=True restores every stage to the same table."""
-  workdir = str(tmp_path / 'table')
-  args = ['--config=configs/table1.py:badnets', f'--workdir={workdir}', *TINY_TABLE]
-  assert run_main(args) is None
-  with open(os.path.join(workdir, 'table1.json')) as f:
-    saved = json.load(f)
-  recorded = saved['details']['badnets']['config']
-  parsed(args)  # the config main.py ran, rebuilt from the same flags
-  given = flags.FLAGS.config
-  flags.FLAGS.unparse_flags()
-  assert recorded == json.loads(json.dumps(table.attack_config(given, 'badnets').to_dict()))
-  assert (recorded['mcr']['batch_size'], recorded['mcr']['points']) == (32, 3)
-  for stage in ('ft', 'fp', 'mcr', 'nad'):
-    assert [h['epoch'] for h in saved['details']['badnets']['history'][stage]] == [0, 1]
-    assert recorded['nad' if stage == 'ft' else stage]['epochs'] == 1
-  assert run_main([*args, '--config.eval_only=True']) is None
-  with open(os.path.join(workdir, 'table1_eval.json')) as f:
-    evaluated = json.load(f)
-  assert evaluated['table'] == saved['table']
-  assert set(evaluated['stages']['badnets']) == {'backdoored', 'ft', 'fp', 'mcr', 'teacher',
-                                                 'nad'}
 
 
 @pytest.mark.slow

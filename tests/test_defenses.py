@@ -20,6 +20,7 @@ from nad_jax.defenses import fine_pruning, mcr
 from nad_jax.experiments import nad as nad_runner
 from nad_jax.experiments import table1 as table
 from tests import tiny_table
+from tests.main_in_process import run_main
 
 pytestmark = pytest.mark.slow  # whole-pipeline runs: `pytest -m "not slow"` skips them
 
@@ -33,19 +34,26 @@ def tiny_table_config(attacks=('badnets',)):
   return config
 
 
+def table_args(workdir: str) -> list[str]:
+  """main.py's flags for tiny_table_config() (no compilation cache folder of main.py's own:
+  the tests' serves it)."""
+  return ['--config=configs/table1.py:badnets', f'--workdir={workdir}', *tiny_table.flags(),
+          '--config.compilation_cache=']
+
+
 @pytest.fixture(scope='module')
 def table_run(tmp_path_factory):
+  """The tiny table as main.py runs it: (workdir, its table1.json)."""
   workdir = str(tmp_path_factory.mktemp('table'))
-  return workdir, table.run(tiny_table_config(), workdir)
+  assert run_main(table_args(workdir)) is None
+  with open(os.path.join(workdir, 'table1.json')) as f:
+    return workdir, json.load(f)
 
 
 def test_table_end_to_end(table_run):
-  workdir, results = table_run
+  workdir, saved = table_run
   for name in ('table1.md', 'table1.csv', 'table1.json'):
     assert os.path.getsize(os.path.join(workdir, name)) > 0
-  with open(os.path.join(workdir, 'table1.json')) as f:
-    saved = json.load(f)
-  assert saved['table'] == results['table']
   cells = saved['table']['badnets']
   assert set(cells) == {'none', 'ft', 'fp', 'mcr', 'nad'}
   for metrics in cells.values():
@@ -70,9 +78,24 @@ def test_table_end_to_end(table_run):
   for stage in ('ft', 'fp', 'mcr', 'nad'):
     assert [h['epoch'] for h in saved['details']['badnets']['history'][stage]] == [0, 1]
     assert saved['config'][stage if stage != 'ft' else 'nad']['epochs'] == 1
-  # Each attack's config as it ran: the table's with table.attack_configs.badnets laid over.
-  ran = table.attack_config(tiny_table_config(), 'badnets').to_dict()
-  assert saved['details']['badnets']['config'] == json.loads(json.dumps(ran))
+  # Each attack's config as it ran: the table's with table.attack_configs.badnets laid over,
+  # main.py's flags parsed as the overrides say.
+  recorded = saved['details']['badnets']['config']
+  config = tiny_table_config()
+  config.compilation_cache = ''  # as table_args sets it
+  assert recorded == json.loads(json.dumps(table.attack_config(config, 'badnets').to_dict()))
+  assert (recorded['mcr']['batch_size'], recorded['mcr']['points']) == (32, 3)
+
+
+def test_main_evaluates_the_table_again(table_run):
+  """--config.eval_only=True restores every stage of every attack to the same table."""
+  workdir, saved = table_run
+  assert run_main([*table_args(workdir), '--config.eval_only=True']) is None
+  with open(os.path.join(workdir, 'table1_eval.json')) as f:
+    evaluated = json.load(f)
+  assert evaluated['table'] == saved['table']
+  assert set(evaluated['stages']['badnets']) == {'backdoored', 'ft', 'fp', 'mcr', 'teacher',
+                                                 'nad'}
 
 
 def test_table_refuses_overrides_no_run_reads():
