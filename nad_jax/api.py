@@ -213,6 +213,8 @@ def erase(dataset: data_lib.Dataset, variables: dict, *, method: str = 'nad',
   config = make_config(config, nad={} if curve else recipe, teacher=teacher_recipe, **options)
   if 'mcr' not in config:
     defaults.defense_stages(config)
+  elif method == 'fp':  # a given config's FP no longer follows `nad` (make_config resolved it)
+    config.fp.update({k: v for k, v in recipe.items() if k != 'betas'})
   config.mcr.update(curve)
   trains = {'nad': ('teacher', 'nad') if teacher is None else ('nad',), 'ft': ('nad',),
             'fp': ('fp',), 'mcr': ('nad', 'mcr')}[method]
