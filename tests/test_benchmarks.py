@@ -57,6 +57,7 @@ def test_roofline_refuses_stage_times_from_another_machine(tmp_path):
   assert roofline.stage_rows(str(same)) == rows
 
 
+@pytest.mark.slow  # a whole bench.py run: `pytest -m "not slow"` skips it
 def test_bench_measures_a_training_step(tmp_path):
   """bench.py end to end on the tiny net: its worker builds a stage's optimiser as the engine
   reads it, trains and writes the row."""

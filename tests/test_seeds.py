@@ -46,6 +46,7 @@ def test_a_replica_draws_what_the_single_run_of_its_seed_draws():
                jax.device_get(stages.init_variables(single, 'victim_init')))
 
 
+@pytest.mark.slow  # trains: `pytest -m "not slow"` skips it
 @pytest.mark.parametrize('scan', [False, True])  # the CPU's loops, the accelerators' programs
 def test_a_replica_trains_as_the_single_run_of_its_seed(scan):
   # One epoch of one step: the same batch, augmentation, trigger and update.
@@ -72,6 +73,7 @@ def test_a_replica_trains_as_the_single_run_of_its_seed(scan):
   assert ours_t.timing['img_per_s'][0] > 0
 
 
+@pytest.mark.slow  # trains: `pytest -m "not slow"` skips it
 def test_seeds_run_reports_each_seed_and_resumes(tmp_path):
   workdir = str(tmp_path)
   results = nad_runner.run(tiny_config(seeds=(0, 1)), workdir).results
@@ -95,6 +97,7 @@ def test_seeds_run_reports_each_seed_and_resumes(tmp_path):
   assert evaluated['per_seed'] == results['per_seed']
 
 
+@pytest.mark.slow  # trains: `pytest -m "not slow"` skips it
 def test_a_workdir_of_one_seed_is_not_resumed_as_several(tmp_path):
   workdir = str(tmp_path)
   one_epoch = {'backdoor_training.epochs': 1, 'teacher.epochs': 1, 'nad.epochs': 1}
