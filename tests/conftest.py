@@ -23,11 +23,11 @@ for flag, value in {'JAX_COMPILATION_CACHE_DIR': str(ROOT / '.pytest_cache' / 'j
   os.environ.setdefault(flag, value)
 sys.path.insert(0, str(ROOT))
 
-# The longest modules first (each runs 3-5 minutes on 2 CPU cores). pytest-xdist (README:
+# The longest modules first (each runs 2-5 minutes on 2 CPU cores). pytest-xdist (README:
 # `--dist loadfile --no-loadscope-reorder`) hands whole modules to its workers in this order,
 # so the workers end together instead of one running the longest module alone at the end.
 LONGEST_FIRST = ('test_multihost.py', 'test_seeds.py', 'test_defenses.py', 'test_api.py',
-                 'test_cli.py', 'test_pipeline.py', 'test_configs.py')
+                 'test_cli.py', 'test_pipeline.py')
 
 
 def pytest_collection_modifyitems(items):

@@ -1,6 +1,5 @@
-"""configs/table1.py shrunk to seconds, in one place: tests/test_defenses.py applies it to a
-config, tests/test_configs.py passes it to main.py as flags. Being the same, the two runs
-compile the same programs (the tests' compilation cache serves the second)."""
+"""configs/table1.py shrunk to seconds, in one place: tests/test_defenses.py runs main.py with
+these overrides as flags and checks what it recorded against a config they were applied to."""
 
 # Tiny net, 512 synthetic images, 1 or 2 epochs a stage. FP follows NAD's schedule, so NAD's
 # fields shrink FP too; MCR has its own recipe (samples_per_epoch 0: one pass an epoch).
