@@ -15,6 +15,7 @@ keyword arguments given override it.
     print(nad_jax.evaluate(data, erased.variables))  # {'acc': .., 'acc_nontarget': .., 'asr': ..}
 """
 
+import copy
 import difflib
 from typing import Any, NamedTuple
 
@@ -55,7 +56,8 @@ def make_config(config: ml_collections.ConfigDict | None = None, *, model: str |
   """`config` (default: the paper's) with the given options set.
 
   Args:
-    config: a ConfigDict shaped like `defaults.paper_config()`; copied, not changed.
+    config: a ConfigDict shaped like `defaults.paper_config()`; copied with its
+      references (a later `nad.epochs` still reaches a following `fp`), not changed.
     model: `model.name`, e.g. 'wrn16_1', 'preact_resnet18', 'tiny'.
     seed: `seed`, from which every random choice is derived.
     attack: an attack variant (defaults.ATTACK_VARIANTS: 'badnets', 'all2all', 'blend',
@@ -70,7 +72,8 @@ def make_config(config: ml_collections.ConfigDict | None = None, *, model: str |
   Returns:
     A new ConfigDict; it is checked by `validation.validate` when used.
   """
-  config = (config or defaults.paper_config()).copy_and_resolve_references()
+  # A deep copy keeps the given config's references (FP follows `nad`'s schedule).
+  config = copy.deepcopy(config or defaults.paper_config())
   if attack in defaults.ATTACK_VARIANTS:  # the variant's definition, as configs/*.py:ATTACK
     defaults.set_attack(config, attack)
   elif attack is not None:
@@ -189,11 +192,12 @@ def erase(dataset: data_lib.Dataset, variables: dict, *, method: str = 'nad',
     teacher: NAD's teacher variables; None: `variables` fine-tuned on the clean subset
       (CE only, `teacher_epochs`, the paper's 10).
     config, **options: see `make_config`.
-    epochs, batch_size, learning_rate, lr_boundaries, betas: `nad.*` (the paper's 20
-      epochs, batch 64, lr 0.1 then 0.01 from epoch 2, betas 500/1000/1000); FP
-      follows NAD's schedule. For 'mcr' they set the curve's `mcr.*` (Zhao et al.'s
-      recipe: 100 epochs of 10,000 samples, batch 128, lr 0.01; nad_jax/defenses/mcr.py)
-      and the curve's FT end keeps `nad`'s; betas is refused there.
+    epochs, batch_size, learning_rate, lr_boundaries, betas: the fields of the stage
+      that `method` trains. 'nad', 'ft': `nad.*` (the paper's 20 epochs, batch 64, lr
+      0.1 then 0.01 from epoch 2, betas 500/1000/1000). 'fp': `fp.*` (unset, FP follows
+      NAD's schedule). 'mcr': the curve's `mcr.*` (Zhao et al.'s recipe: 100 epochs of
+      10,000 samples, batch 128, lr 0.01; nad_jax/defenses/mcr.py); its FT end keeps
+      `nad`'s. betas is refused for 'fp' and 'mcr'.
 
   Returns:
     Result of the erased model.
@@ -206,16 +210,14 @@ def erase(dataset: data_lib.Dataset, variables: dict, *, method: str = 'nad',
   recipe = {k: v for k, v in dict(epochs=epochs, batch_size=batch_size,
                                   learning_rate=learning_rate, lr_boundaries=lr_boundaries,
                                   betas=betas).items() if v is not None}
-  curve = recipe if method == 'mcr' else {}
-  if 'betas' in curve:
-    raise validation.ConfigError("betas: NAD's, not a field of method 'mcr'")
+  stage = {'nad': 'nad', 'ft': 'nad', 'fp': 'fp', 'mcr': 'mcr'}[method]  # what the recipe sets
+  if 'betas' in recipe and stage != 'nad':
+    raise validation.ConfigError(f"betas: NAD's, not a field of method {method!r}")
   teacher_recipe = {} if teacher_epochs is None else {'epochs': teacher_epochs}
-  config = make_config(config, nad={} if curve else recipe, teacher=teacher_recipe, **options)
+  config = make_config(config, teacher=teacher_recipe, **options)
   if 'mcr' not in config:
     defaults.defense_stages(config)
-  elif method == 'fp':  # a given config's FP no longer follows `nad` (make_config resolved it)
-    config.fp.update({k: v for k, v in recipe.items() if k != 'betas'})
-  config.mcr.update(curve)
+  config[stage].update(recipe)
   trains = {'nad': ('teacher', 'nad') if teacher is None else ('nad',), 'ft': ('nad',),
             'fp': ('fp',), 'mcr': ('nad', 'mcr')}[method]
   ctx = _context(dataset, config, trains)
