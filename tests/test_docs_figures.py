@@ -1,4 +1,4 @@
-"""The figures the README and docs/*.md quote come from result files under docs/results/
+"""The figures the READMEs and docs/*.md quote come from result files under docs/results/
 that a named command regenerates (docs/results/regenerate.py): every marked block must
 equal what its result files say, cell for cell."""
 
@@ -9,8 +9,9 @@ import re
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DOCS = ['README.md'] + [os.path.join('docs', f) for f in sorted(os.listdir(
-    os.path.join(ROOT, 'docs'))) if f.endswith('.md')]
+DOCS = ['README.md', os.path.join('benchmarks', 'README.md')] + [
+    os.path.join('docs', f) for f in sorted(os.listdir(os.path.join(ROOT, 'docs')))
+    if f.endswith('.md')]
 MARKER = re.compile(r'<!-- figures: (\w+)[^>]*-->\n((?:\|.*\n)+)')
 CELL = re.compile(r'\*{0,2}(\d+\.\d+)\*{0,2} / (\d+\.\d+)')
 
@@ -38,7 +39,8 @@ BLOCKS = marked_blocks()
 
 
 def test_every_block_is_marked_once():
-  """Every block of regenerate.py is marked once in README.md or docs/*.md."""
+  """Every block of regenerate.py is marked once in README.md, benchmarks/README.md or
+  docs/*.md."""
   assert sorted(name for _, name, _ in BLOCKS) == sorted(sources().BLOCKS)
 
 

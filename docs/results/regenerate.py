@@ -1,9 +1,9 @@
 """Where the figures of the docs come from, and the commands that regenerate them.
 
-Each block of figures in README.md or docs/*.md is preceded by a marker
-`<!-- figures: NAME -->`; BLOCKS[NAME] names the result files (under docs/results/)
-its figures are read from, the command that writes each, and how the block's cells
-("a / b" in reading order) are made from them. tests/test_docs_figures.py checks every
+Each block of figures in README.md, benchmarks/README.md or docs/*.md is preceded by a
+marker `<!-- figures: NAME -->`; BLOCKS[NAME] names the result files (under
+docs/results/) its figures are read from, the command that writes each, and how the
+block's cells ("a / b" in reading order) are made from them. tests/test_docs_figures.py checks every
 marked block against its result files.
 
   python docs/results/regenerate.py            # every block (hours on 2 CPU cores)
@@ -109,6 +109,33 @@ def official_epochs_cells(results: dict) -> list:
   return cells
 
 
+BF16 = ('--config.model.conv=xla', '--config.model.dtype=bfloat16')  # XLA: bf16 on any CPU
+SEEDS_SOURCES = {'seeds_quickstart.json': (main_command(
+    'configs/quickstart.py', 'runs/seeds_quickstart', '--config.seeds=0,1,2'),
+    'runs/seeds_quickstart/results.json')}
+BF16_SOURCES = {
+    **SEEDS_SOURCES,
+    'seeds_quickstart_bf16.json': (main_command(
+        'configs/quickstart.py', 'runs/seeds_quickstart_bf16', '--config.seeds=0,1,2', *BF16),
+        'runs/seeds_quickstart_bf16/results.json'),
+    'official.json': OFFICIAL_SOURCES['official.json'],
+    'official_bf16.json': (main_command('configs/nad_official.py', 'runs/nad_official_bf16',
+                                        *BF16), 'runs/nad_official_bf16/results.json')}
+
+
+def bf16_cells(results: dict) -> list:
+  """benchmarks/README.md's bf16 accuracy table: per run, float32 then bfloat16, the
+  backdoored, teacher and NAD acc / ASR and NAD's acc_nontarget / RA. The quickstart's runs
+  per seed, then their mean; then the authors' checkpoint."""
+  quickstart = [results['seeds_quickstart.json'], results['seeds_quickstart_bf16.json']]
+  runs = [run['per_seed'][str(seed)] for seed in quickstart[0]['seeds'] for run in quickstart]
+  runs += [run['stages'] for run in quickstart]
+  runs += [results[f]['stages'] for f in ('official.json', 'official_bf16.json')]
+  return [cell for stages in runs for cell in (
+      *(pair(stages[s], 'acc', 'asr', 2) for s in ('backdoored', 'teacher', 'nad')),
+      pair(stages['nad'], 'acc_nontarget', 'ra', 2))]
+
+
 # Small clean sets: 5,000 training images, so 250 clean ones at 5%. Each recipe sets the
 # teacher (10 epochs) and NAD (20 epochs) alike: {name: (batch size, lr, lr_boundaries)}.
 SMALL_RECIPES = {'paper': (64, 0.1, (2,)), 'lr0.01': (64, 0.01, ()), 'b16_lr0.01': (16, 0.01, ()),
@@ -184,9 +211,7 @@ BLOCKS = {
             *(['--config.teacher.checkpoint=runs/quickstart_badnets/teacher']
               if v.startswith('layers_') else [])),
             f'runs/ablation_{v}/results.json') for v in ABLATIONS}, ablation_cells),
-    'seeds': Block({'seeds_quickstart.json': (main_command(
-        'configs/quickstart.py', 'runs/seeds_quickstart', '--config.seeds=0,1,2'),
-        'runs/seeds_quickstart/results.json')}, seeds_cells),
+    'seeds': Block(SEEDS_SOURCES, seeds_cells),
     'clean': Block({'clean_wrn16_1.json': (  # the installed command on the authors' model
         'nad-jax-clean ../shared/data/nad-official/WRN-16-1-S-model_best.pth.tar --arch wrn16_1 '
         '--data ../shared/data/cifar10-jpeg --attack badnets --target-label 5 '
@@ -199,6 +224,7 @@ BLOCKS = {
                       stage_cells(OFFICIAL_RUNS, ('backdoored', 'teacher', 'nad'))),
     'official_summary': Block(OFFICIAL_SOURCES, stage_cells(OFFICIAL_RUNS, ('teacher', 'nad'))),
     'official_epochs': Block(OFFICIAL_SOURCES, official_epochs_cells),
+    'bf16': Block(BF16_SOURCES, bf16_cells),
 }
 
 
