@@ -95,7 +95,7 @@ def jax_worker(args, num_devices):
     jax.config.update('jax_compilation_cache_dir', args.compile_cache)
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
   import ml_collections
-  from nad_jax import attacks, data, models
+  from nad_jax import attacks, data, defaults, models
   from nad_jax import train as T
 
   mesh = T.make_mesh(num_devices)
@@ -107,9 +107,7 @@ def jax_worker(args, num_devices):
   rows = []
 
   def stage_cfg(batch, epochs=1, lr_boundaries=()):
-    return ml_collections.ConfigDict(dict(
-        epochs=epochs, learning_rate=0.1, lr_boundaries=tuple(lr_boundaries), lr_decay=0.1,
-        momentum=0.9, nesterov=True, weight_decay=1e-4, batch_size=batch))
+    return defaults.sgd_stage(epochs, batch, 0.1, lr_boundaries)
 
   ran = models.build_model('tiny', 10, args.dtype, args.conv)  # what 'auto' resolves to here
 

@@ -29,16 +29,14 @@ def main(argv=None):
 
   import jax
   import jax.numpy as jnp
-  import ml_collections
   import numpy as np
-  from nad_jax import models
+  from nad_jax import defaults, models
   from nad_jax import stages
   from nad_jax import train as train_lib
 
   model = models.build_model(args.model, 10, 'float32', args.conv)
   mesh = train_lib.make_mesh()
-  stage = ml_collections.ConfigDict(dict(learning_rate=0.01, lr_boundaries=(), lr_decay=0.1,
-                                         momentum=0.9, nesterov=True, weight_decay=1e-4))
+  stage = defaults.sgd_stage(1, args.batch, 0.01)
   recipe = train_lib.Recipe(args.batch, crop_flip=True, cutout=3, betas=(500., 1000., 1000.),
                             layers=tuple(model.distill_layers))
   tx = train_lib.make_optimizer(stage, args.images // args.batch)

@@ -26,12 +26,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
 import bench  # noqa: E402
 
-from nad_jax import models  # noqa: E402
+from nad_jax import defaults, models  # noqa: E402
 from nad_jax import train as T  # noqa: E402
 
 # Stage (d) as the official code runs it (benchmarks/README.md).
@@ -52,9 +51,7 @@ def forward_flops(model, variables, batch: int) -> float:
 
 
 def nad_step_flops(model, variables, batch: int) -> float:
-  tx = T.make_optimizer(ml_collections.ConfigDict(dict(
-      learning_rate=0.1, lr_boundaries=(), lr_decay=0.1, momentum=0.9, nesterov=True,
-      weight_decay=1e-4)), 1)
+  tx = T.make_optimizer(defaults.sgd_stage(1, batch, 0.1), 1)
   mesh = T.make_mesh(1)
   recipe = T.Recipe(batch, crop_flip=True, cutout=3, betas=(500.0, 1000.0, 1000.0),
                     layers=tuple(model.distill_layers))

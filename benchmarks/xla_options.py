@@ -21,7 +21,7 @@ import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
-from nad_jax import attacks, data, models  # noqa: E402
+from nad_jax import attacks, data, defaults, models  # noqa: E402
 from nad_jax import train as T  # noqa: E402
 
 
@@ -39,9 +39,7 @@ def main(part: str, options: str | None, batch: int = 128, steps: int = 4) -> No
   recipe = T.Recipe(batch, crop_flip=nad, cutout=3 if nad else 0,
                     betas=(500.0, 1000.0, 1000.0) if nad else (),
                     layers=tuple(model.distill_layers) if nad else ())
-  tx = T.make_optimizer(ml_collections.ConfigDict(dict(
-      learning_rate=0.1, lr_boundaries=(), lr_decay=0.1, momentum=0.9, nesterov=True,
-      weight_decay=1e-4)), steps)
+  tx = T.make_optimizer(defaults.sgd_stage(1, batch, 0.1), steps)
   state = T.replicate(T.state_from_variables(variables, tx), mesh)
   teacher = T.replicate(variables, mesh) if nad else {}
   on_device = T.replicate((ds.train_images, ds.train_labels, np.zeros(n, bool)), mesh)

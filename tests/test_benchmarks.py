@@ -71,3 +71,15 @@ def test_bench_measures_a_training_step(tmp_path):
     rows = json.load(f)['rows']
   assert [(r['model'], r['part'], r['framework']) for r in rows] == [('tiny', 'train', 'nad-jax')]
   assert rows[0]['img_per_s'] > 0
+
+
+@pytest.mark.slow  # compiles WRN-16-1's forward and NAD step: `pytest -m "not slow"` skips it
+def test_roofline_prints_the_bound(capsys):
+  """roofline.py without stage times: XLA's FLOP counts, the machine's GEMM rate and the
+  stage's shortest time at that rate."""
+  import roofline  # pylint: disable=g-import-not-at-top  (imports JAX)
+  roofline.main(['--stage-json', ''])
+  out = capsys.readouterr().out
+  assert 'XLA FLOPs per image: forward 49.4 M' in out
+  assert 'float32 GEMM 2048^3 on this machine' in out
+  assert 'stage (d) at the GEMM rate' in out
