@@ -91,7 +91,7 @@ def one_epoch(betas, teacher_key=1):
   mesh = train.make_mesh(1)
   tx = optax.sgd(0.1)
   state = train.init_state(model, tx, jax.random.key(0), (32, 32, 3))
-  teacher = model.init(jax.random.key(teacher_key), jnp.zeros((1, 32, 32, 3)), train=False)
+  teacher = models.initialize(model, jax.random.key(teacher_key), (32, 32, 3))
   recipe = train.Recipe(batch_size=16, betas=betas, layers=model.distill_layers)
   epoch = train.TrainEpoch(model, tx, mesh, recipe, train.normalizer(None, None), None)
   images = np.random.default_rng(0).integers(0, 256, (32, 32, 32, 3), dtype=np.uint8)

@@ -183,6 +183,7 @@ def read_test_split(root: Path):
   return images, np.asarray([label for _, label in files], np.int32)
 
 
+@pytest.mark.slow  # reads and evaluates the 10,000 test JPEGs
 def test_authors_backdoored_model_on_jpeg_cifar10():
   """The authors' S checkpoint: 75.75 % clean accuracy, 100.00 % ASR (shared/data/README.md)."""
   checkpoint = DATA / 'nad-official' / 'WRN-16-1-S-model_best.pth.tar'
