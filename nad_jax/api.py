@@ -71,30 +71,57 @@ def make_config(config: ml_collections.ConfigDict | None = None, *, model: str |
 
   Returns:
     A new ConfigDict; it is checked by `validation.validate` when used.
+
+  Raises:
+    ConfigError: `config` is not a ConfigDict, an option is unknown or takes no part in
+      this call, or a value is not of its field's type (the message names the field).
   """
+  if config is not None and not isinstance(config, ml_collections.ConfigDict):
+    raise validation.ConfigError(f'config: must be a ConfigDict shaped like '
+                                 f'defaults.paper_config(), not a {type(config).__name__}')
   # A deep copy keeps the given config's references (FP follows `nad`'s schedule).
   config = copy.deepcopy(config or defaults.paper_config())
   if attack in defaults.ATTACK_VARIANTS:  # the variant's definition, as configs/*.py:ATTACK
     defaults.set_attack(config, attack)
   elif attack is not None:
-    config.attack.name = attack
+    _assign(config.attack, 'attack.name', attack)
   for field, value in (('model.name', model), ('seed', seed),
                        ('attack.target_label', target_label),
                        ('attack.poison_rate', poison_rate),
                        ('data.clean_fraction', clean_fraction)):
     if value is not None:
       section, _, leaf = field.rpartition('.')
-      (config[section] if section else config)[leaf] = value
+      _assign(config[section] if section else config, field, value)
   for section, fields in stages.items():
     if section not in config or not isinstance(config[section], ml_collections.ConfigDict):
+      if section in KEYWORDS:  # a keyword of another function of this module
+        raise validation.ConfigError(f'option {section!r} does not apply to this call')
       raise validation.ConfigError(f'unknown option {section!r}'
                                    f'{_suggest(section, KEYWORDS + tuple(config))}')
+    if not isinstance(fields, dict):
+      raise validation.ConfigError(f"{section} {fields!r}: must be a dict of its fields, e.g. "
+                                   f"{section}={{'epochs': 5}}")
     for field, value in fields.items():
       if field not in config[section]:
         raise validation.ConfigError(f'unknown option {section}.{field}'
                                      f'{_suggest(field, config[section])}')
-      config[section][field] = value
+      _assign(config[section], f'{section}.{field}', value)
   return config
+
+
+def _assign(section: ml_collections.ConfigDict, name: str, value) -> None:
+  """Sets the field `name` (dotted, its last part a field of `section`) to `value`.
+
+  Raises:
+    ConfigError: `value` is not of the field's type (ml_collections refuses it).
+  """
+  field = name.rpartition('.')[2]
+  try:
+    section[field] = value
+  except TypeError:
+    expected = section.get_type(field).__name__
+    raise validation.ConfigError(f'{name} {value!r}: must be of type {expected}, not '
+                                 f'{type(value).__name__}') from None
 
 
 def _suggest(name: str, options) -> str:
@@ -115,15 +142,18 @@ def load_data(source: str = 'synthetic', *, seed: int = 0, **fields) -> data_lib
     A Dataset of uint8 (N, H, W, C) images and int32 (N,) labels.
 
   Raises:
-    ConfigError: the source cannot be read (the message names the field).
+    ConfigError: a field's value is not allowed or the source cannot be read (the
+      message names the field).
   """
-  cfg = defaults.paper_config().data
-  for field in fields:
-    if field not in cfg:
-      raise validation.ConfigError(f'unknown option {field!r} of load_data{_suggest(field, cfg)}')
-  cfg.update(dict(source=source, seed=seed, **fields))
+  config = defaults.paper_config()
+  for field, value in dict(source=source, seed=seed, **fields).items():
+    if field not in config.data:
+      raise validation.ConfigError(f'unknown option {field!r} of load_data'
+                                   f'{_suggest(field, config.data)}')
+    _assign(config.data, f'data.{field}', value)
+  validation.validate(config, 'data')
   try:
-    return data_lib.load_dataset(cfg)
+    return data_lib.load_dataset(config.data)
   except data_lib.DataError as e:
     raise validation.ConfigError(str(e)) from None
 
@@ -197,7 +227,7 @@ def erase(dataset: data_lib.Dataset, variables: dict, *, method: str = 'nad',
       0.1 then 0.01 from epoch 2, betas 500/1000/1000). 'fp': `fp.*` (unset, FP follows
       NAD's schedule). 'mcr': the curve's `mcr.*` (Zhao et al.'s recipe: 100 epochs of
       10,000 samples, batch 128, lr 0.01; nad_jax/defenses/mcr.py); its FT end keeps
-      `nad`'s. betas is refused for 'fp' and 'mcr'.
+      `nad`'s. betas is refused for 'ft', 'fp' and 'mcr'.
 
   Returns:
     Result of the erased model.
@@ -211,13 +241,14 @@ def erase(dataset: data_lib.Dataset, variables: dict, *, method: str = 'nad',
                                   learning_rate=learning_rate, lr_boundaries=lr_boundaries,
                                   betas=betas).items() if v is not None}
   stage = {'nad': 'nad', 'ft': 'nad', 'fp': 'fp', 'mcr': 'mcr'}[method]  # what the recipe sets
-  if 'betas' in recipe and stage != 'nad':
+  if 'betas' in recipe and method != 'nad':  # FT is NAD with every beta 0
     raise validation.ConfigError(f"betas: NAD's, not a field of method {method!r}")
   teacher_recipe = {} if teacher_epochs is None else {'epochs': teacher_epochs}
   config = make_config(config, teacher=teacher_recipe, **options)
   if 'mcr' not in config:
     defaults.defense_stages(config)
-  config[stage].update(recipe)
+  for field, value in recipe.items():
+    _assign(config[stage], f'{stage}.{field}', value)
   trains = {'nad': ('teacher', 'nad') if teacher is None else ('nad',), 'ft': ('nad',),
             'fp': ('fp',), 'mcr': ('nad', 'mcr')}[method]
   ctx = _context(dataset, config, trains)

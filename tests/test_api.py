@@ -49,17 +49,14 @@ def test_the_baseline_defenses(data, backdoored, method):
   assert 0 <= result.history[-1]['asr'] <= 100
 
 
-def test_make_config_keeps_the_given_configs_references():
-  # configs/table1.py's FP follows NAD's schedule by reference; a copy must keep that.
-  config = nad_jax.make_config(defaults.defense_stages(nad_jax.make_config()), nad={'epochs': 3})
-  assert (config.nad.epochs, config.fp.epochs, config.fp.eval_every) == (3, 3, 1)
-  config.fp.epochs = 5  # one way: FP's own field leaves NAD alone
-  assert (config.nad.epochs, config.fp.epochs) == (3, 5)
-
-
 def test_a_bad_option_names_it(data, backdoored):
-  with pytest.raises(nad_jax.ConfigError, match="betas: NAD's, not a field of method 'fp'"):
-    nad_jax.erase(data, backdoored.variables, method='fp', betas=(1.0, 1.0, 1.0), **TINY)
+  for method in ('ft', 'fp', 'mcr'):  # FT is NAD with every beta 0
+    with pytest.raises(nad_jax.ConfigError, match=f"betas: NAD's, not a field of method '{method}'"):
+      nad_jax.erase(data, backdoored.variables, method=method, betas=(1.0, 1.0, 1.0), **TINY)
+  with pytest.raises(nad_jax.ConfigError, match="nad.epochs '2': must be of type int, not str"):
+    nad_jax.erase(data, backdoored.variables, epochs='2', **TINY)
+  with pytest.raises(nad_jax.ConfigError, match="option 'betas' does not apply to this call"):
+    nad_jax.train_backdoored(data, betas=(1.0, 1.0, 1.0), **TINY)
   with pytest.raises(nad_jax.ConfigError, match="method 'prune'"):
     nad_jax.erase(data, backdoored.variables, method='prune', **TINY)
   with pytest.raises(nad_jax.ConfigError, match='nad.epochs -1'):
