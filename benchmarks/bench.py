@@ -42,7 +42,8 @@ def parse(argv=None):
   p.add_argument('--models', default='wrn16_1,preact_resnet18')
   p.add_argument('--batches', default='64,128,512')
   p.add_argument('--parts', default='train,nad,eval,stage')
-  p.add_argument('--devices', default='1', help='device counts, e.g. 1,2,4 (one subprocess each)')
+  p.add_argument('--devices', default='1',
+                 help="device counts, e.g. 1,2,4 (one subprocess each); '': PyTorch alone")
   p.add_argument('--steps', type=int, default=10, help='timed steps per part for wrn16_1')
   p.add_argument('--preact-steps', type=int, default=2, help='timed steps for preact_resnet18')
   p.add_argument('--repeats', type=int, default=2, help='timed repeats; the best is reported')
@@ -69,7 +70,49 @@ def parse(argv=None):
   p.add_argument('--out', default=os.path.join(ROOT, 'benchmarks', 'results', 'latest'))
   p.add_argument('--worker', default='', help=argparse.SUPPRESS)  # 'jax:N' or 'torch'
   p.add_argument('--result', default='', help=argparse.SUPPRESS)
-  return p.parse_args(argv)
+  args = p.parse_args(argv)
+  check(p, args)
+  return args
+
+
+def positive_int(text: str) -> int:
+  """argparse type: an integer >= 1."""
+  try:
+    value = int(text)
+  except ValueError:
+    value = 0
+  if value < 1:
+    raise argparse.ArgumentTypeError(f'{text!r}: must be an integer >= 1')
+  return value
+
+
+def check(parser: argparse.ArgumentParser, args) -> None:
+  """Ends the command in one line (argparse's usage error, status 2) at a value that
+  would fail in a worker or measure nothing."""
+  from nad_jax import models  # pylint: disable=g-import-not-at-top  (imports JAX)
+  for flag in ('batches', 'devices', 'replicas'):
+    text = getattr(args, flag)
+    try:
+      values = csv(text, int)
+    except ValueError:
+      values = []
+    if (not values and (text or flag != 'devices')) or min(values, default=1) < 1:
+      parser.error(f'--{flag} {text!r}: comma-separated integers >= 1')  # devices '': none
+  for flag, choices in (('models', models.MODELS), ('stage_models', models.MODELS),
+                        ('parts', PARTS)):
+    text = getattr(args, flag)
+    if not csv(text) or any(v not in choices for v in csv(text)):
+      parser.error(f"--{flag.replace('_', '-')} {text!r}: comma-separated names of "
+                   f"{', '.join(choices)}")
+  for flag in ('steps', 'preact_steps', 'repeats', 'epochs', 'eval_batch', 'torch_eval_batch',
+               'torch_threads'):
+    if getattr(args, flag) < 1:
+      parser.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be >= 1")
+  folder = os.path.dirname(os.path.abspath(args.out))
+  while not os.path.exists(folder):
+    folder = os.path.dirname(folder)
+  if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+    parser.error(f'--out {args.out}: {folder} is not a folder this user can write to')
 
 
 def csv(s, cast=str):

@@ -18,6 +18,8 @@ import re
 import sys
 import tempfile
 
+import bench  # pylint: disable=wrong-import-position
+
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '')
                            + ' --xla_cpu_enable_xprof_traceme=true').strip()
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -49,10 +51,10 @@ def gradient(model, part):
 
 def main():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-  p.add_argument('--model', default='wrn16_1')
+  p.add_argument('--model', default='wrn16_1', choices=tuple(models.MODELS))
   p.add_argument('--conv', default='auto', choices=models.CONVS)
   p.add_argument('--dtype', default='float32', choices=sorted(models.DTYPES))
-  p.add_argument('--batch', type=int, default=64)
+  p.add_argument('--batch', type=bench.positive_int, default=64)
   p.add_argument('--part', default='nad', choices=('nad', 'ce', 'eval'))
   args = p.parse_args()
 

@@ -13,6 +13,8 @@ import argparse
 import os
 import sys
 
+import bench
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
@@ -21,11 +23,15 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawTextHelpFormatter)
   parser.add_argument('--model', default='wrn16_1')
-  parser.add_argument('--batch', type=int, default=64)
-  parser.add_argument('--images', type=int, default=2500, help='the clean subset per replica')
-  parser.add_argument('--replicas', default='1,2,4,8')
+  parser.add_argument('--batch', type=bench.positive_int, default=64)
+  parser.add_argument('--images', type=bench.positive_int, default=2500,
+                      help='the clean subset per replica')
+  parser.add_argument('--replicas', type=lambda text: [bench.positive_int(v) for v in text.split(',')],
+                      default='1,2,4,8')
   parser.add_argument('--conv', default='auto', choices=('auto', 'xla', 'onednn'))
   args = parser.parse_args(argv)
+  if args.batch > args.images:
+    parser.error(f'--batch {args.batch}: more than the {args.images} --images')
 
   import jax
   import jax.numpy as jnp
@@ -34,6 +40,8 @@ def main(argv=None):
   from nad_jax import stages
   from nad_jax import train as train_lib
 
+  if args.model not in models.MODELS:
+    parser.error(f"--model {args.model!r}: one of {', '.join(models.MODELS)}")
   model = models.build_model(args.model, 10, 'float32', args.conv)
   mesh = train_lib.make_mesh()
   stage = defaults.sgd_stage(1, args.batch, 0.01)
@@ -47,7 +55,7 @@ def main(argv=None):
         f'{jax.default_backend()}; MiB')
   print('| K | arguments | temporaries | needed | needed per replica |')
   print('|---|---|---|---|---|')
-  for count in (int(k) for k in args.replicas.split(',')):
+  for count in args.replicas:
     stacked = count > 1
     init = lambda key: model.init(key, jnp.zeros((1, 32, 32, 3)), train=False)
     start = lambda variables: train_lib.state_from_variables(variables, tx)

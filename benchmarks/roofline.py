@@ -101,11 +101,12 @@ def this_machine() -> dict:
 
 
 def stage_rows(path: str) -> list:
-  """The 'stage' rows of a bench.py result file measured on this machine.
+  """The rows of a bench.py result file measured on this machine that time the stage whose
+  FLOPs this script counts (`is_stage`).
 
   Raises:
-    SystemExit: one line naming the file, where it is missing, unreadable or from
-      another machine.
+    SystemExit: one line naming the file, where it is missing, unreadable, from another
+      machine or without such a row.
   """
   try:
     with open(path) as f:
@@ -113,8 +114,9 @@ def stage_rows(path: str) -> list:
     meta = result['meta']
     recorded = {'cpu': meta['machine']['cpu'], 'cores': meta['machine']['cores'],
                 'backend': meta['backend'], 'accelerator': meta.get('accelerator', '')}
-  except (OSError, ValueError, KeyError, TypeError) as e:
-    sys.exit(f'error: --stage-json {path}: not a readable bench.py result ({e})')
+    rows = [row for row in result['rows'] if isinstance(row, dict) and is_stage(row)]
+  except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+    sys.exit(f'error: --stage-json {path}: not a readable bench.py result ({e!r})')
   here = this_machine()
   if recorded != here:
     describe = lambda m: (f"{m['cpu']}, {m['cores']} cores, {m['backend']}"
@@ -122,7 +124,19 @@ def stage_rows(path: str) -> list:
     sys.exit(f'error: --stage-json {path} was measured on {describe(recorded)}, not on this '
              f'machine ({describe(here)}); measure the stage here with benchmarks/bench.py '
              "(see this file's docstring) or pass --stage-json ''")
-  return [row for row in result['rows'] if row.get('part') == 'stage']
+  if not rows:
+    sys.exit(f'error: --stage-json {path}: no stage row of WRN-16-1 at batch {BATCH}, '
+             f'{EPOCHS} epochs and one replica with its wall time (bench.py --parts stage); '
+             "pass --stage-json '' for the bound alone")
+  return rows
+
+
+def is_stage(row: dict) -> bool:
+  """Whether a bench.py row times the stage whose FLOPs this script counts."""
+  return (row.get('part') == 'stage' and row.get('model', 'wrn16_1') == 'wrn16_1'
+          and row.get('batch', BATCH) == BATCH and row.get('epochs', EPOCHS) == EPOCHS
+          and row.get('replicas', 1) == 1 and isinstance(row.get('wall_s'), (int, float))
+          and row['wall_s'] > 0)
 
 
 def main(argv=None) -> None:

@@ -57,6 +57,38 @@ def test_roofline_refuses_stage_times_from_another_machine(tmp_path):
   assert roofline.stage_rows(str(same)) == rows
 
 
+
+@pytest.mark.parametrize('rows,message', [
+    (None, "not a readable bench.py result (KeyError('rows'))"),
+    ([{'part': 'train', 'wall_s': 1.0}], 'no stage row of WRN-16-1 at batch 64, 20 epochs'),
+    ([{'part': 'stage', 'framework': 'nad-jax'}], 'no stage row of WRN-16-1'),  # no wall_s
+    ([{'part': 'stage', 'model': 'tiny', 'wall_s': 1.0}], 'no stage row of WRN-16-1'),
+])
+def test_roofline_refuses_a_file_without_the_stage_it_counts(tmp_path, rows, message):
+  import roofline  # pylint: disable=g-import-not-at-top  (imports JAX)
+  here = roofline.this_machine()
+  result = {'meta': {'machine': {'cpu': here['cpu'], 'cores': here['cores']},
+                     'backend': here['backend'], 'accelerator': here['accelerator']}}
+  if rows is not None:
+    result['rows'] = rows
+  path = tmp_path / 'result.json'
+  path.write_text(json.dumps(result))
+  with pytest.raises(SystemExit) as exit_:
+    roofline.stage_rows(str(path))
+  assert message in str(exit_.value.code) and '\n' not in str(exit_.value.code)
+
+
+def test_bench_refuses_a_bad_argument_in_one_line(capsys):
+  for argv, message in ((['--models', 'nosuch'], "--models 'nosuch': comma-separated names of"),
+                        (['--batches', '0'], "--batches '0': comma-separated integers >= 1"),
+                        (['--parts', 'nosuch'], "--parts 'nosuch': comma-separated names of"),
+                        (['--repeats', '0'], '--repeats 0: must be >= 1'),
+                        (['--out', '/dev/null/x'], '--out /dev/null/x: /dev/null is not a folder')):
+    with pytest.raises(SystemExit) as exit_:
+      bench.parse(argv)
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
+
 @pytest.mark.slow  # a whole bench.py run: `pytest -m "not slow"` skips it
 def test_bench_measures_a_training_step(tmp_path):
   """bench.py end to end on the tiny net: its worker builds a stage's optimiser as the engine
