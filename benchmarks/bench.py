@@ -86,18 +86,22 @@ def positive_int(text: str) -> int:
   return value
 
 
+def positive_ints(text: str) -> list[int]:
+  """argparse type: comma-separated integers >= 1."""
+  return [positive_int(v) for v in text.split(',')]
+
+
 def check(parser: argparse.ArgumentParser, args) -> None:
   """Ends the command in one line (argparse's usage error, status 2) at a value that
   would fail in a worker or measure nothing."""
   from nad_jax import models  # pylint: disable=g-import-not-at-top  (imports JAX)
   for flag in ('batches', 'devices', 'replicas'):
     text = getattr(args, flag)
-    try:
-      values = csv(text, int)
-    except ValueError:
-      values = []
-    if (not values and (text or flag != 'devices')) or min(values, default=1) < 1:
-      parser.error(f'--{flag} {text!r}: comma-separated integers >= 1')  # devices '': none
+    if text or flag != 'devices':  # devices '': no nad-jax worker
+      try:
+        positive_ints(text)
+      except argparse.ArgumentTypeError:
+        parser.error(f'--{flag} {text!r}: comma-separated integers >= 1')
   for flag, choices in (('models', models.MODELS), ('stage_models', models.MODELS),
                         ('parts', PARTS)):
     text = getattr(args, flag)

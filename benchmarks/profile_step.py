@@ -18,7 +18,7 @@ import re
 import sys
 import tempfile
 
-import bench  # pylint: disable=wrong-import-position
+import bench
 
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '')
                            + ' --xla_cpu_enable_xprof_traceme=true').strip()

@@ -26,8 +26,7 @@ def main(argv=None):
   parser.add_argument('--batch', type=bench.positive_int, default=64)
   parser.add_argument('--images', type=bench.positive_int, default=2500,
                       help='the clean subset per replica')
-  parser.add_argument('--replicas', type=lambda text: [bench.positive_int(v) for v in text.split(',')],
-                      default='1,2,4,8')
+  parser.add_argument('--replicas', type=bench.positive_ints, default='1,2,4,8')
   parser.add_argument('--conv', default='auto', choices=('auto', 'xla', 'onednn'))
   args = parser.parse_args(argv)
   if args.batch > args.images:
