@@ -109,6 +109,8 @@ def official_epochs_cells(results: dict) -> list:
   return cells
 
 
+TABLE1_SOURCE = (main_command('configs/table1.py', 'runs/table1'), 'runs/table1/table1.json')
+
 BF16 = ('--config.model.conv=xla', '--config.model.dtype=bfloat16')  # XLA: bf16 on any CPU
 SEEDS_SOURCES = {'seeds_quickstart.json': (main_command(
     'configs/quickstart.py', 'runs/seeds_quickstart', '--config.seeds=0,1,2'),
@@ -134,6 +136,17 @@ def bf16_cells(results: dict) -> list:
   return [cell for stages in runs for cell in (
       *(pair(stages[s], 'acc', 'asr', 2) for s in ('backdoored', 'teacher', 'nad')),
       pair(stages['nad'], 'acc_nontarget', 'ra', 2))]
+
+
+MCR_FULL = main_command('configs/table1.py:badnets', 'runs/table1_mcr_full',
+                        '--config.mcr.samples_per_epoch=10000', '--config.mcr.batch_size=128')
+
+
+def mcr_recipe_cells(results: dict) -> list:
+  """docs/defenses.md's MCR curves on the quickstart's BadNets: acc / ASR at each evaluated
+  t, for the table's shortened recipe, then for Zhao et al.'s whole recipe."""
+  return [pair(point, 'acc', 'asr', 1) for f in ('table1.json', 'table1_mcr_full.json')
+          for point in results[f]['details']['badnets']['mcr']['curve']]
 
 
 # Small clean sets: 5,000 training images, so 250 clean ones at 5%. Each recipe sets the
@@ -202,8 +215,7 @@ BLOCKS = {
                                                f'runs/quickstart_{a}'),
                                   f'runs/quickstart_{a}/results.json')
          for a in QUICKSTART_ORDER}, quickstart_cells),
-    'table1': Block({'table1.json': (main_command('configs/table1.py', 'runs/table1'),
-                                     'runs/table1/table1.json')}, table1_cells),
+    'table1': Block({'table1.json': TABLE1_SOURCE}, table1_cells),
     'ablations': Block(
         {f'ablation_{v}.json': (main_command(
             f'configs/ablations.py:{v}', f'runs/ablation_{v}',
@@ -225,6 +237,9 @@ BLOCKS = {
     'official_summary': Block(OFFICIAL_SOURCES, stage_cells(OFFICIAL_RUNS, ('teacher', 'nad'))),
     'official_epochs': Block(OFFICIAL_SOURCES, official_epochs_cells),
     'bf16': Block(BF16_SOURCES, bf16_cells),
+    'mcr_recipe': Block({'table1.json': TABLE1_SOURCE,
+                         'table1_mcr_full.json': (MCR_FULL, 'runs/table1_mcr_full/table1.json')},
+                        mcr_recipe_cells),
 }
 
 
