@@ -51,7 +51,8 @@ def test_the_baseline_defenses(data, backdoored, method):
 
 def test_a_bad_option_names_it(data, backdoored):
   for method in ('ft', 'fp', 'mcr'):  # FT is NAD with every beta 0
-    with pytest.raises(nad_jax.ConfigError, match=f"betas: NAD's, not a field of method '{method}'"):
+    with pytest.raises(nad_jax.ConfigError, match=f"betas: NAD's, not a field of method "
+                       f"'{method}'"):
       nad_jax.erase(data, backdoored.variables, method=method, betas=(1.0, 1.0, 1.0), **TINY)
   with pytest.raises(nad_jax.ConfigError, match="nad.epochs '2': must be of type int, not str"):
     nad_jax.erase(data, backdoored.variables, epochs='2', **TINY)

@@ -3,8 +3,8 @@
 Each block of figures in README.md, benchmarks/README.md or docs/*.md is preceded by a
 marker `<!-- figures: NAME -->`; BLOCKS[NAME] names the result files (under
 docs/results/) its figures are read from, the command that writes each, and how the
-block's cells ("a / b" in reading order) are made from them. tests/test_docs_figures.py checks every
-marked block against its result files.
+block's cells ("a / b" in reading order) are made from them. tests/test_docs_figures.py
+checks every marked block against its result files.
 
   python docs/results/regenerate.py            # every block (hours on 2 CPU cores)
   python docs/results/regenerate.py table1     # one block
