@@ -450,7 +450,8 @@ def main(argv=None):
     rows += got
   have_torch = subprocess.run([sys.executable, '-c', 'import torch'],
                               capture_output=True).returncode == 0
-  if args.torch == 'on' or (args.torch == 'auto' and have_torch):
+  ran_torch = args.torch == 'on' or (args.torch == 'auto' and have_torch)
+  if ran_torch:
     got, _ = spawn(args, 'torch', '')
     rows += got
   import jax
@@ -472,7 +473,8 @@ def main(argv=None):
         f"load average before/after: {load_before[0]:.2f} / {meta['load_after'][0]:.2f}  \n"
         f"Versions: {', '.join(f'{k} {v}' for k, v in meta['versions'].items())}  \n"
         f"XLA_FLAGS: {'; '.join(f'{k} dev: `{v}`' for k, v in flags_used.items())}  \n"
-        f"PyTorch: {args.torch_device}, {args.torch_threads} threads; "
+        + (f"PyTorch: {args.torch_device}, {args.torch_threads} threads; " if ran_torch
+           else 'PyTorch: not run; ') +
         f"img/s after warm-up, best of {args.repeats}; "
         "eval img/s counts forwards (clean + triggered).\n\n" + table(rows) + '\n')
   with open(args.out + '.md', 'w') as f:

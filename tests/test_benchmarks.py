@@ -92,7 +92,7 @@ def test_bench_refuses_a_bad_argument_in_one_line(capsys):
 @pytest.mark.slow  # a whole bench.py run: `pytest -m "not slow"` skips it
 def test_bench_measures_a_training_step(tmp_path):
   """bench.py end to end on the tiny net: its worker builds a stage's optimiser as the engine
-  reads it, trains and writes the row."""
+  reads it, trains and writes the row; with --torch off its header says PyTorch did not run."""
   out = str(tmp_path / 'bench')
   result = subprocess.run([sys.executable, 'benchmarks/bench.py', '--models', 'tiny',
                            '--batches', '8', '--parts', 'train', '--steps', '1', '--repeats', '1',
@@ -103,6 +103,8 @@ def test_bench_measures_a_training_step(tmp_path):
     rows = json.load(f)['rows']
   assert [(r['model'], r['part'], r['framework']) for r in rows] == [('tiny', 'train', 'nad-jax')]
   assert rows[0]['img_per_s'] > 0
+  with open(f'{out}.md') as f:  # the header names no PyTorch run it did not make
+    assert 'PyTorch: not run;' in f.read()
 
 
 @pytest.mark.slow  # compiles WRN-16-1's forward and NAD step: `pytest -m "not slow"` skips it
