@@ -3,7 +3,7 @@
 python main.py --config=configs/nad_cifar.py --workdir=runs/cifar
 Attacks: configs/nad_cifar.py:ATTACK with ATTACK one of badnets (default), all2all,
 trojan, blend, sig, cl, refool, wanet (nad_jax/attacks/ documents each).
-The NAD authors' Trojan trigger:
+The NAD authors' Trojan trigger: configs/nad_cifar.py:trojan with
   --config.attack.pattern_path=../shared/data/nad-official/best_square_trigger_cifar10.npz
 The local JPEG copy: --config.data.source=folder --config.data.path=../shared/data/cifar10-jpeg
 """

@@ -113,9 +113,18 @@ def data_source(*sources):
   return lambda config: config.data.source in sources
 
 
-def attack_is(*names):
+class ReadBy(NamedTuple):
+  """A `when` for an attack's own field: `attack.name` is one of `names`, the attacks that
+  read the field."""
+  names: tuple[str, ...]
+
+  def __call__(self, config) -> bool:
+    return config.attack.name in self.names
+
+
+def attack_is(*names) -> ReadBy:
   """A `when`: `attack.name` is one of `names`."""
-  return lambda config: config.attack.name in names
+  return ReadBy(names)
 
 
 def distill_layers(config) -> tuple[str, ...]:
@@ -260,7 +269,8 @@ RULES: list[Rule] = [
     Rule('attack.seed', in_range(0, integer=True), 'an integer >= 0'),
     Rule('attack.clean_label', optional(is_bool),
          "None (the attack's default), True or False"),
-    Rule('attack.pattern_path', existing_path, "'' or an existing file or folder"),
+    Rule('attack.pattern_path', existing_path, "'' or an existing file or folder",
+         attack_is('trojan', 'blend', 'sig', 'refool')),
     Rule('attack.path', lambda v, _: isinstance(v, str) and os.path.exists(v),
          'an existing .npz file, image folder or BackdoorBench record', attack_is('files')),
     # attack: each attack's own fields (documented in its module)
@@ -387,6 +397,40 @@ def validate(config, section: str = '') -> None:
     if applies and not rule.ok(value, config):
       allowed = rule.allowed.format(devices=jax.device_count())
       raise ConfigError(f'{rule.field} {value!r}: must be {allowed}')
+  if section in ('', 'attack') and config.get('table') is None:  # a table: per attack
+    refuse_unread_attack_fields(config)
+
+
+def same(value, default) -> bool:
+  """Equal, reading a list as the tuple a command-line override or JSON gives back."""
+  as_tuple = lambda v: tuple(v) if isinstance(v, list) else v
+  return as_tuple(value) == as_tuple(default)
+
+
+def refuse_unread_attack_fields(config) -> None:
+  """Refuses an attack field set away from its default where `attack.name` does not read it
+  (`--config.attack.alpha=0.5` with BadNets), which the run would silently ignore.
+
+  Args:
+    config: a config with an `attack` section (nad_jax/attacks/core.py DEFAULTS).
+
+  Raises:
+    ConfigError: naming the field, the attack and the attacks that read the field.
+  """
+  name = config.attack.name
+  for rule in RULES:
+    if not (rule.field.startswith('attack.') and isinstance(rule.when, ReadBy)):
+      continue
+    try:
+      value = lookup(config, rule.field)
+    except KeyError:
+      continue
+    default = attack_core.DEFAULTS
+    for part in rule.field.split('.')[1:]:
+      default = default[part]
+    if name not in rule.when.names and value is not None and not same(value, default):
+      raise ConfigError(f'{rule.field} {value!r}: the {name} attack does not read it (only '
+                        f'{", ".join(rule.when.names)} do); leave it at {default!r}')
 
 
 # The config sections of the stages that train, and the data each trains on.

@@ -10,6 +10,7 @@ import pytest
 
 from configs import table1, tiny
 from nad_jax import validation
+from nad_jax.experiments import table1 as table1_runner
 
 NOT_A_FILE = '/nonexistent/model.pth'
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # an existing folder
@@ -41,7 +42,8 @@ CASES = [
     ('attack.name', 'nosuchattack', {}), ('attack.target_label', -1, {}),
     ('attack.poison_rate', 1.5, {}), ('attack.poison_rate', float('nan'), {}),
     ('attack.mode', 'one_to_one', {}), ('attack.seed', -3, {}),
-    ('attack.clean_label', 'no', {}), ('attack.pattern_path', NOT_A_FILE, {}),
+    ('attack.clean_label', 'no', {}),
+    ('attack.pattern_path', NOT_A_FILE, {'attack.name': 'blend'}),
     ('attack.pattern', 'circle', {}), ('attack.size', 0, {}), ('attack.corner', 'middle', {}),
     ('attack.alpha', 0.0, {'attack.name': 'blend'}), ('attack.alpha', 1.5, {'attack.name': 'sig'}),
     ('attack.delta', 0.0, {'attack.name': 'sig'}),
@@ -186,3 +188,43 @@ def test_a_record_leaves_out_the_fields_only_other_attacks_read(tmp_path):
   with pytest.raises(validation.ConfigError,
                      match=r"attack.reflection_source '\(unset\)' -> 'natural'"):
     validation.check_workdir(config, str(tmp_path), ['backdoored'])
+
+
+UNREAD = [  # (attack, a field it does not read, a value other than the default)
+    ('badnets', 'attack.alpha', 0.5), ('badnets', 'attack.pattern_path', ROOT),
+    ('blend', 'attack.size', 5), ('sig', 'attack.warp_k', 6),
+    ('trojan', 'attack.surrogate.epochs', 3),  # Trojan reads the surrogate's model alone
+    ('wanet', 'attack.reflection_strength', (0.3, 0.6)), ('cl', 'attack.delta', 30.0)]
+
+
+@pytest.mark.parametrize('attack,field,value', UNREAD, ids=[f'{a}:{f}' for a, f, _ in UNREAD])
+def test_a_field_the_attack_does_not_read_is_refused(attack, field, value):
+  """Set away from its default, a field the attack ignores would silently change nothing."""
+  config = base_config(field)
+  config.attack.name = attack
+  assign(config, field, value)
+  with pytest.raises(validation.ConfigError) as error:
+    validation.validate(config)
+  assert str(error.value).startswith(f'{field} {value!r}: the {attack} attack does not read it')
+  assign(config, field, [*value] if isinstance(value, tuple) else value)
+  config.attack.name = next(r.when.names[0] for r in validation.RULES if r.field == field)
+  validation.validate(config)  # the attack that reads it takes it
+
+
+def test_an_unread_field_at_its_default_is_accepted():
+  config = base_config('attack.reflection_strength')
+  assign(config, 'attack.reflection_strength', [0.05, 0.45])  # the default, as JSON gives it
+  validation.validate(config)
+
+
+def test_a_table_refuses_an_unread_field_per_attack(tmp_path):
+  """In a comparison table a top-level attack field reaches every attack: refused where one
+  of them does not read it, accepted where each does."""
+  config = table1.get_config('badnets,blend')
+  config.attack.alpha = 0.5
+  with pytest.raises(validation.ConfigError,
+                     match='attack.alpha 0.5: the badnets attack does not read it'):
+    table1_runner.attack_configs(config, str(tmp_path))
+  config = table1.get_config('blend')
+  config.attack.alpha = 0.5
+  assert table1_runner.attack_configs(config, str(tmp_path))['blend'].attack.alpha == 0.5

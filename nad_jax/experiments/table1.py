@@ -254,6 +254,7 @@ def attack_configs(config, workdir: str) -> dict:
   configs = {attack: attack_config(config, attack) for attack in config.table.attacks}
   for attack, cfg in configs.items():
     validation.validate(cfg)
+    validation.refuse_unread_attack_fields(cfg)
     validation.check_workdir(cfg, os.path.join(workdir, attack), FOLDERS)
   return configs
 
