@@ -149,6 +149,36 @@ def mcr_recipe_cells(results: dict) -> list:
           for point in results[f]['details']['badnets']['mcr']['curve']]
 
 
+# CIFAR-10 (the local JPEG copy) with the paper's teacher and NAD stages and a 20-epoch
+# backdoor (the CPU's recipe; the paper's 100 epochs are benchmarks/gpu_table.sh's). One
+# entry per attack measured: {attack: its extra flags}.
+CIFAR_FLAGS = ('--config.data.source=folder', '--config.data.path=../shared/data/cifar10-jpeg',
+               '--config.backdoor_training.epochs=20',
+               "'--config.backdoor_training.lr_boundaries=(10,15)'",
+               '--config.backdoor_training.eval_every=5', '--config.teacher.eval_every=5',
+               '--config.nad.eval_every=5')
+CIFAR_ATTACKS = {'badnets': ()}
+CIFAR_SOURCES = {f'cifar_{a}.json': (main_command(f'configs/nad_cifar.py:{a}', f'runs/cifar_{a}',
+                                                  *CIFAR_FLAGS, *extra),
+                                     f'runs/cifar_{a}/results.json')
+                 for a, extra in CIFAR_ATTACKS.items()}
+
+
+def cifar_cells(results: dict) -> list:
+  """README's CIFAR-10 table: a backdoored row and a NAD row, acc / ASR per attack."""
+  return [pair(results[f'cifar_{a}.json']['stages'][stage], 'acc', 'asr', 2)
+          for stage in ('backdoored', 'nad') for a in CIFAR_ATTACKS]
+
+
+def cifar_epochs_cells(results: dict) -> list:
+  """docs/attacks.md's CIFAR-10 table: per attack, acc / ASR after each evaluated epoch of the
+  backdoored, teacher and NAD stages."""
+  return [pair(row, 'acc', 'asr', 2) for a in CIFAR_ATTACKS
+          for stage in ('backdoored', 'teacher', 'nad')
+          for row in results[f'cifar_{a}.json']['history'][stage]
+          if row['epoch'] > 0 and 'acc' in row]  # epoch 0: the stage's starting model
+
+
 # Small clean sets: 5,000 training images, so 250 clean ones at 5%. Each recipe sets the
 # teacher (10 epochs) and NAD (20 epochs) alike: {name: (batch size, lr, lr_boundaries)}.
 SMALL_RECIPES = {'paper': (64, 0.1, (2,)), 'lr0.01': (64, 0.01, ()), 'b16_lr0.01': (16, 0.01, ()),
@@ -216,6 +246,8 @@ BLOCKS = {
                                   f'runs/quickstart_{a}/results.json')
          for a in QUICKSTART_ORDER}, quickstart_cells),
     'table1': Block({'table1.json': TABLE1_SOURCE}, table1_cells),
+    'cifar': Block(CIFAR_SOURCES, cifar_cells),
+    'cifar_epochs': Block(CIFAR_SOURCES, cifar_epochs_cells),
     'ablations': Block(
         {f'ablation_{v}.json': (main_command(
             f'configs/ablations.py:{v}', f'runs/ablation_{v}',
