@@ -57,3 +57,17 @@ def test_a_block_quotes_its_result_files(doc, name, cells):
     pytest.skip(f'{doc}: docs/results/ lacks the files of block {name!r}; regenerate them '
                 f'with python docs/results/regenerate.py {name}')
   assert cells == block.cells(results), f'{doc}: block {name!r} differs from docs/results/'
+
+
+def test_missing_only_runs_the_commands_of_absent_result_files(monkeypatch, tmp_path):
+  """`regenerate.py --missing NAME` runs only the commands whose result file is not in
+  docs/results/ yet, so a block can grow one run at a time."""
+  module = sources()
+  ran = []
+  monkeypatch.setattr(module.subprocess, 'run', lambda argv, **_: ran.append(argv))
+  monkeypatch.setattr(module.shutil, 'copyfile', lambda *_: None)
+  module.regenerate('cifar', set(), missing_only=True)
+  assert not ran  # every result file of the block is here
+  monkeypatch.setattr(module, 'HERE', str(tmp_path))  # an empty docs/results/
+  module.regenerate('cifar', set(), missing_only=True)
+  assert len(ran) == len(module.BLOCKS['cifar'].sources)

@@ -8,6 +8,7 @@ checks every marked block against its result files.
 
   python docs/results/regenerate.py            # every block (hours on 2 CPU cores)
   python docs/results/regenerate.py table1     # one block
+  python docs/results/regenerate.py --missing cifar   # only the result files not yet here
 Each command runs from the repository root; its result file is copied here.
 """
 
@@ -275,13 +276,13 @@ BLOCKS = {
 }
 
 
-def regenerate(name: str, done: set) -> None:
+def regenerate(name: str, done: set, missing_only: bool = False) -> None:
   """Runs the commands of block `name` not in `done` (and adds them) and copies their result
-  files here."""
+  files here; with `missing_only`, only those whose result file is not here yet."""
   if BLOCKS[name].prepare is not None:
     BLOCKS[name].prepare()
   for result, (command, written) in BLOCKS[name].sources.items():
-    if command in done:
+    if command in done or (missing_only and os.path.isfile(os.path.join(ROOT, HERE, result))):
       continue
     done.add(command)
     print(f'[{name}] {command}', flush=True)
@@ -302,7 +303,8 @@ def load(name: str) -> dict | None:
 
 
 if __name__ == '__main__':
-  names = sys.argv[1:] or list(BLOCKS)
+  missing = '--missing' in sys.argv[1:]
+  names = [n for n in sys.argv[1:] if n != '--missing'] or list(BLOCKS)
   unknown = [n for n in names if n not in BLOCKS]
   if unknown:
     sys.exit(f'error: no block {unknown}; choose from {list(BLOCKS)}')
@@ -310,4 +312,4 @@ if __name__ == '__main__':
   # its models.
   done = set()
   for block in sorted(names, key=lambda n: n != 'quickstart'):
-    regenerate(block, done)
+    regenerate(block, done, missing)
