@@ -403,8 +403,9 @@ def validate(config, section: str = '') -> None:
 
 def same(value, default) -> bool:
   """Equal, reading a list as the tuple a command-line override or JSON gives back."""
-  as_tuple = lambda v: tuple(v) if isinstance(v, list) else v
-  return as_tuple(value) == as_tuple(default)
+  value = tuple(value) if isinstance(value, list) else value
+  default = tuple(default) if isinstance(default, list) else default
+  return value == default
 
 
 def refuse_unread_attack_fields(config) -> None:
