@@ -426,9 +426,7 @@ def refuse_unread_attack_fields(config) -> None:
       value = lookup(config, rule.field)
     except KeyError:
       continue
-    default = attack_core.DEFAULTS
-    for part in rule.field.split('.')[1:]:
-      default = default[part]
+    default = lookup(attack_core.DEFAULTS, rule.field.removeprefix('attack.'))
     if name not in rule.when.names and value is not None and not same(value, default):
       raise ConfigError(f'{rule.field} {value!r}: the {name} attack does not read it (only '
                         f'{", ".join(rule.when.names)} do); leave it at {default!r}')

@@ -45,10 +45,11 @@ def pair(metrics: dict, first: str, second: str, digits: int) -> str:
   return f'{metrics[first]:.{digits}f} / {metrics[second]:.{digits}f}'
 
 
-def quickstart_cells(results: dict) -> list:
-  """README's quickstart table: a backdoored row and a NAD row, acc / ASR per attack."""
-  return [pair(results[f'quickstart_{a}.json']['stages'][stage], 'acc', 'asr', 1)
-          for stage in ('backdoored', 'nad') for a in QUICKSTART_ORDER]
+def attack_cells(prefix: str, attacks, digits: int) -> Callable[[dict], list]:
+  """Cells of a README table of attacks: a backdoored row and a NAD row, acc / ASR per
+  attack, read from `<prefix>_<attack>.json`."""
+  return lambda results: [pair(results[f'{prefix}_{a}.json']['stages'][stage], 'acc', 'asr',
+                               digits) for stage in ('backdoored', 'nad') for a in attacks]
 
 
 def table1_cells(results: dict) -> list:
@@ -166,12 +167,6 @@ CIFAR_SOURCES = {f'cifar_{a}.json': (main_command(f'configs/nad_cifar.py:{a}', f
                  for a, extra in CIFAR_ATTACKS.items()}
 
 
-def cifar_cells(results: dict) -> list:
-  """README's CIFAR-10 table: a backdoored row and a NAD row, acc / ASR per attack."""
-  return [pair(results[f'cifar_{a}.json']['stages'][stage], 'acc', 'asr', 2)
-          for stage in ('backdoored', 'nad') for a in CIFAR_ATTACKS]
-
-
 def cifar_epochs_cells(results: dict) -> list:
   """docs/attacks.md's CIFAR-10 table: per attack, acc / ASR after each evaluated epoch of the
   backdoored, teacher and NAD stages."""
@@ -246,9 +241,9 @@ BLOCKS = {
         {f'quickstart_{a}.json': (main_command(f'configs/quickstart.py:{a}',
                                                f'runs/quickstart_{a}'),
                                   f'runs/quickstart_{a}/results.json')
-         for a in QUICKSTART_ORDER}, quickstart_cells),
+         for a in QUICKSTART_ORDER}, attack_cells('quickstart', QUICKSTART_ORDER, 1)),
     'table1': Block({'table1.json': TABLE1_SOURCE}, table1_cells),
-    'cifar': Block(CIFAR_SOURCES, cifar_cells),
+    'cifar': Block(CIFAR_SOURCES, attack_cells('cifar', CIFAR_ATTACKS, 2)),
     'cifar_epochs': Block(CIFAR_SOURCES, cifar_epochs_cells),
     'ablations': Block(
         {f'ablation_{v}.json': (main_command(
