@@ -220,36 +220,49 @@ def erase(dataset: data_lib.Dataset, variables: dict, *, method: str = 'nad',
       'ft' (fine-tuning: NAD with every beta 0), 'fp' (fine-pruning, Liu et al. 2018) or
       'mcr' (mode connectivity repair, Zhao et al. 2020; its curve ends at the FT model).
     teacher: NAD's teacher variables; None: `variables` fine-tuned on the clean subset
-      (CE only, `teacher_epochs`, the paper's 10).
+      (CE only; `teacher.*`, the paper's 10 epochs, batch 64, lr 0.1 then 0.01 from epoch 2).
     config, **options: see `make_config`.
     epochs, batch_size, learning_rate, lr_boundaries, betas: the fields of the stage
       that `method` trains. 'nad', 'ft': `nad.*` (the paper's 20 epochs, batch 64, lr
       0.1 then 0.01 from epoch 2, betas 500/1000/1000). 'fp': `fp.*` (unset, FP follows
       NAD's schedule). 'mcr': the curve's `mcr.*` (Zhao et al.'s recipe: 100 epochs of
       10,000 samples, batch 128, lr 0.01; nad_jax/defenses/mcr.py); its FT end keeps
-      `nad`'s. betas is refused for 'ft', 'fp' and 'mcr'.
+      `nad`'s. betas is refused for 'ft', 'fp' and 'mcr'. Where 'nad' trains its teacher,
+      batch_size and learning_rate set `teacher.*` too, as nad-jax-clean's
+      --batch-size and --lr do.
+    teacher_epochs: `teacher.epochs`, for 'nad' with neither teacher nor
+      `teacher.checkpoint` (the one case that trains a teacher); refused otherwise.
 
   Returns:
     Result of the erased model.
 
   Raises:
-    ConfigError: a bad option or method (named).
+    ConfigError: a bad option or method, or an option of a stage that this call does not
+      train (named).
   """
   if method not in METHODS:
     raise validation.ConfigError(f'method {method!r}: must be one of {METHODS}')
-  recipe = {k: v for k, v in dict(epochs=epochs, batch_size=batch_size,
-                                  learning_rate=learning_rate, lr_boundaries=lr_boundaries,
-                                  betas=betas).items() if v is not None}
-  stage = {'nad': 'nad', 'ft': 'nad', 'fp': 'fp', 'mcr': 'mcr'}[method]  # what the recipe sets
-  if 'betas' in recipe and method != 'nad':  # FT is NAD with every beta 0
+  if betas is not None and method != 'nad':  # FT is NAD with every beta 0
     raise validation.ConfigError(f"betas: NAD's, not a field of method {method!r}")
-  teacher_recipe = {} if teacher_epochs is None else {'epochs': teacher_epochs}
-  config = make_config(config, teacher=teacher_recipe, **options)
+  config = make_config(config, **options)
   if 'mcr' not in config:
     defaults.defense_stages(config)
-  for field, value in recipe.items():
-    _assign(config[stage], f'{stage}.{field}', value)
-  trains = {'nad': ('teacher', 'nad') if teacher is None else ('nad',), 'ft': ('nad',),
+  trains_teacher = method == 'nad' and teacher is None and not config.teacher.checkpoint
+  if teacher_epochs is not None and not trains_teacher:
+    why = (f"NAD's teacher's, not a field of method {method!r}" if method != 'nad' else
+           'the teacher is given (teacher= or teacher.checkpoint), so none is trained')
+    raise validation.ConfigError(f'teacher_epochs {teacher_epochs}: {why}')
+  stage = {'nad': 'nad', 'ft': 'nad', 'fp': 'fp', 'mcr': 'mcr'}[method]  # what the recipe sets
+  recipes = {stage: dict(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
+                         lr_boundaries=lr_boundaries, betas=betas)}
+  if trains_teacher:  # one meaning everywhere: nad-jax-clean's --batch-size and --lr
+    recipes['teacher'] = dict(epochs=teacher_epochs, batch_size=batch_size,
+                              learning_rate=learning_rate)
+  for section, recipe in recipes.items():
+    for field, value in recipe.items():
+      if value is not None:
+        _assign(config[section], f'{section}.{field}', value)
+  trains = {'nad': ('teacher', 'nad') if trains_teacher else ('nad',), 'ft': ('nad',),
             'fp': ('fp',), 'mcr': ('nad', 'mcr')}[method]
   ctx = _context(dataset, config, trains)
   student = _on_devices(ctx, variables)

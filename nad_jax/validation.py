@@ -21,6 +21,7 @@ from nad_jax import attacks as attacks_lib
 from nad_jax.attacks import core as attack_core
 from nad_jax.attacks import refool, sig
 from nad_jax import checkpoint as ckpt_lib
+from nad_jax import defaults
 from nad_jax import models
 from nad_jax import train
 
@@ -108,23 +109,28 @@ def has(section):
   return lambda config: config.get(section) is not None
 
 
-def data_source(*sources):
-  """A `when`: `data.source` is one of `sources`."""
-  return lambda config: config.data.source in sources
-
-
 class ReadBy(NamedTuple):
-  """A `when` for an attack's own field: `attack.name` is one of `names`, the attacks that
-  read the field."""
+  """A `when` for a field that only some choices read: the field `selector` (dotted, e.g.
+  'attack.name') is one of `names`, the choices that read it. `kind` names a choice in
+  messages ('attack', 'source'); `refuse_unread_fields` refuses the field elsewhere."""
+  selector: str
+  kind: str
   names: tuple[str, ...]
 
   def __call__(self, config) -> bool:
-    return config.attack.name in self.names
+    return lookup(config, self.selector) in self.names
+
+
+def data_source(*sources) -> ReadBy:
+  """A `when` for a data field: `data.source` is one of `sources`, the sources that read it
+  (nad_jax/data.py load_dataset)."""
+  return ReadBy('data.source', 'source', sources)
 
 
 def attack_is(*names) -> ReadBy:
-  """A `when`: `attack.name` is one of `names`."""
-  return ReadBy(names)
+  """A `when` for an attack's own field: `attack.name` is one of `names`, the attacks that
+  read it."""
+  return ReadBy('attack.name', 'attack', names)
 
 
 def distill_layers(config) -> tuple[str, ...]:
@@ -397,8 +403,10 @@ def validate(config, section: str = '') -> None:
     if applies and not rule.ok(value, config):
       allowed = rule.allowed.format(devices=jax.device_count())
       raise ConfigError(f'{rule.field} {value!r}: must be {allowed}')
+  if section in ('', 'data'):
+    refuse_unread_fields(config, 'data')
   if section in ('', 'attack') and config.get('table') is None:  # a table: per attack
-    refuse_unread_attack_fields(config)
+    refuse_unread_fields(config, 'attack')
 
 
 def same(value, default) -> bool:
@@ -408,28 +416,45 @@ def same(value, default) -> bool:
   return value == default
 
 
-def refuse_unread_attack_fields(config) -> None:
-  """Refuses an attack field set away from its default where `attack.name` does not read it
-  (`--config.attack.alpha=0.5` with BadNets), which the run would silently ignore.
+def refuse_unread_fields(config, section: str) -> None:
+  """Refuses a field of `section` set away from its default where the choice that picks
+  what is read does not read it (the rows whose `when` is a ReadBy): an attack field the
+  attack ignores (`--config.attack.alpha=0.5` with BadNets), a data field the data source
+  ignores (`--config.data.train_size=100` with an image folder). The run would silently
+  ignore it and still record it.
 
   Args:
-    config: a config with an `attack` section (nad_jax/attacks/core.py DEFAULTS).
+    config: a config shaped like nad_jax/defaults.py paper_config(), whose values are
+      the defaults.
+    section: 'attack' or 'data'.
 
   Raises:
-    ConfigError: naming the field, the attack and the attacks that read the field.
+    ConfigError: naming the field, its value, the choice that does not read it, the
+      choices that do, and the default to leave it at.
   """
-  name = config.attack.name
+  paper = defaults.paper_config()
   for rule in RULES:
-    if not (rule.field.startswith('attack.') and isinstance(rule.when, ReadBy)):
+    if not (rule.field.startswith(section + '.') and isinstance(rule.when, ReadBy)):
       continue
     try:
       value = lookup(config, rule.field)
     except KeyError:
       continue
-    default = lookup(attack_core.DEFAULTS, rule.field.removeprefix('attack.'))
-    if name not in rule.when.names and value is not None and not same(value, default):
-      raise ConfigError(f'{rule.field} {value!r}: the {name} attack does not read it (only '
-                        f'{", ".join(rule.when.names)} do); leave it at {default!r}')
+    default, chosen = lookup(paper, rule.field), lookup(config, rule.when.selector)
+    if chosen not in rule.when.names and value is not None and not same(value, default):
+      raise ConfigError(f'{rule.field} {value!r}: the {chosen} {rule.when.kind} does not read '
+                        f'it (only {", ".join(rule.when.names)} '
+                        f'{"does" if len(rule.when.names) == 1 else "do"}); '
+                        f'leave it at {default!r}')
+
+
+def refuse_unread_attack_fields(config) -> None:
+  """`refuse_unread_fields(config, 'attack')`, which a comparison table runs per attack.
+
+  Raises:
+    ConfigError: as `refuse_unread_fields`.
+  """
+  refuse_unread_fields(config, 'attack')
 
 
 # The config sections of the stages that train, and the data each trains on.

@@ -1,11 +1,12 @@
 """The Python API's options, without training: what make_config and load_data accept, and
 the one ConfigError, naming the field, that each wrong option gets."""
 
+import jax
 import ml_collections
 import pytest
 
 import nad_jax
-from nad_jax import defaults
+from nad_jax import defaults, models, stages
 
 
 def test_make_config_keeps_the_given_configs_references():
@@ -57,7 +58,64 @@ def test_load_data_checks_the_data_fields(fields, message):
     nad_jax.load_data('synthetic', **fields)
 
 
+@pytest.mark.parametrize('source,field,value', [
+    ('folder', 'train_size', 100), ('folder', 'seed', 1), ('synthetic', 'path', '.'),
+    ('synthetic', 'name', 'mnist')])
+def test_load_data_refuses_a_field_its_source_does_not_read(tmp_path, source, field, value):
+  where = dict(path=str(tmp_path)) if source == 'folder' else {}
+  with pytest.raises(nad_jax.ConfigError, match=f'data.{field} {value!r}: the {source} source '
+                     'does not read it'):
+    nad_jax.load_data(source, **{**where, field: value})
+
+
 def test_load_data_names_a_missing_folder(tmp_path):
   with pytest.raises(nad_jax.ConfigError, match=f"data.path '{tmp_path / 'none'}': must be an "
                      'existing folder'):
     nad_jax.load_data('folder', path=str(tmp_path / 'none'))
+
+
+@pytest.fixture(scope='module')
+def small():
+  """204 synthetic training images (51 clean at clean_fraction 0.25) and a tiny net's
+  random variables."""
+  data = nad_jax.load_data('synthetic', train_size=204, test_size=64)
+  variables = jax.device_get(models.initialize(models.build_model('tiny', data.num_classes),
+                                               jax.random.key(0), data.test_images.shape[1:]))
+  return data, variables
+
+
+SMALL = dict(model='tiny', clean_fraction=0.25, epochs=1, batch_size=16)
+
+
+@pytest.mark.parametrize('method,given,message', [
+    ('ft', False, "teacher_epochs 3: NAD's teacher's, not a field of method 'ft'"),
+    ('nad', True, r'teacher_epochs 3: the teacher is given \(teacher= or teacher.checkpoint\)'),
+])
+def test_erase_refuses_teacher_epochs_where_it_trains_no_teacher(small, method, given, message):
+  data, variables = small
+  with pytest.raises(nad_jax.ConfigError, match=message):
+    nad_jax.erase(data, variables, method=method, teacher=variables if given else None,
+                  teacher_epochs=3, **SMALL)
+
+
+class Stopped(Exception):
+  """Raised by the spy below once the stages' context is made, before anything trains."""
+
+
+def test_erase_batch_size_and_learning_rate_reach_the_teacher_it_trains(small, monkeypatch):
+  """As nad-jax-clean's --batch-size and --lr: the teacher trained on the 51 clean images
+  takes batch 16 too (its default 64 does not fit them) and the same learning rate."""
+  data, variables = small
+  made = []
+
+  def make_context(config, *args, **kwargs):
+    made.append(real(config, *args, **kwargs))  # checks each trained stage's batch size
+    raise Stopped
+
+  real = stages.make_context
+  monkeypatch.setattr(stages, 'make_context', make_context)
+  with pytest.raises(Stopped):
+    nad_jax.erase(data, variables, method='nad', learning_rate=0.02, **SMALL)
+  config = made[0].config
+  assert (config.teacher.batch_size, config.teacher.learning_rate) == (16, 0.02)
+  assert (config.nad.batch_size, config.nad.learning_rate) == (16, 0.02)

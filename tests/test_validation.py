@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from configs import table1, tiny
-from nad_jax import validation
+from nad_jax import defaults, validation
 from nad_jax.experiments import table1 as table1_runner
 
 NOT_A_FILE = '/nonexistent/model.pth'
@@ -227,3 +227,43 @@ def test_a_table_refuses_an_unread_field_per_attack(tmp_path):
   config = table1.get_config('blend')
   config.attack.alpha = 0.5
   assert table1_runner.attack_configs(config, str(tmp_path))['blend'].attack.alpha == 0.5
+
+
+UNREAD_DATA = [  # (source, a field it does not read, a value other than the default)
+    ('folder', 'data.train_size', 100), ('folder', 'data.test_size', 50),
+    ('folder', 'data.seed', 1), ('tfds', 'data.num_classes', 5),
+    ('tfds', 'data.textures_per_class', 2), ('synthetic', 'data.path', ROOT),
+    ('synthetic', 'data.name', 'mnist'), ('folder', 'data.data_dir', ROOT)]
+
+
+def data_config(source: str, field: str, value):
+  """The paper's config reading `source` (an existing folder for 'folder'), `field` set."""
+  config = defaults.paper_config()
+  config.data.source = source
+  if source == 'folder':
+    config.data.path = ROOT
+  assign(config, field, value)
+  return config
+
+
+@pytest.mark.parametrize('source,field,value', UNREAD_DATA,
+                         ids=[f'{s}:{f}' for s, f, _ in UNREAD_DATA])
+def test_a_field_the_data_source_does_not_read_is_refused(source, field, value):
+  """main.py would load every image of the folder (or tfds builder) and still record the
+  synthetic set's train_size; a path beside the synthetic source would change nothing."""
+  with pytest.raises(validation.ConfigError) as error:
+    validation.validate(data_config(source, field, value))
+  default = validation.lookup(defaults.paper_config(), field)
+  assert str(error.value).startswith(f'{field} {value!r}: the {source} source does not read it')
+  assert str(error.value).endswith(f'leave it at {default!r}')
+  reader = next(r.when.names[0] for r in validation.RULES if r.field == field)
+  validation.validate(data_config(reader, field, value))  # the source that reads it takes it
+
+
+def test_a_table_refuses_a_data_field_its_source_does_not_read():
+  """The data is the same for every attack of a table: checked once, for the whole table."""
+  config = table1.get_config()  # the quickstart's synthetic data, 5,000 training images
+  config.data.source, config.data.path = 'folder', ROOT
+  with pytest.raises(validation.ConfigError,
+                     match='data.train_size 5000: the folder source does not read it'):
+    validation.validate(config)
