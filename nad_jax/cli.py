@@ -127,30 +127,36 @@ def parser() -> argparse.ArgumentParser:
                        help="the defense's epochs (default 20; mcr: the curve's, default "
                             '100) [nad.epochs, FP follows; mcr: mcr.epochs]')
   defense.add_argument('--teacher-epochs', type=int, metavar='N',
-                       help="NAD's teacher's fine-tuning epochs (default 10) [teacher.epochs]")
+                       help="NAD's teacher's fine-tuning epochs (default 10; not with "
+                            '--teacher) [teacher.epochs]')
   defense.add_argument('--batch-size', type=int, metavar='N',
                        help='training batch size, a multiple of the device count (default '
-                            '64; mcr: 128) [nad.batch_size, teacher.batch_size; mcr: '
-                            'mcr.batch_size]')
+                            '64; mcr: 128) [nad.batch_size, teacher.batch_size (a teacher trained '
+                            'here); mcr: mcr.batch_size]')
   defense.add_argument('--lr', type=float, metavar='X',
                        help='initial learning rate, x0.1 from epoch 2 (default 0.1; mcr: '
                             '0.01, held for half the epochs, then down to 1%%) '
-                            '[nad.learning_rate, teacher.learning_rate; mcr: '
-                            'mcr.learning_rate]')
+                            '[nad.learning_rate, teacher.learning_rate (a teacher trained here); '
+                            'mcr: mcr.learning_rate]')
   defense.add_argument('--seed', type=int, metavar='N',
                        help='every random choice: the clean subset, batches, augmentation '
                             '(default 0) [seed]')
   defense.add_argument('--set', action='append', default=[], metavar='FIELD=VALUE',
-                       help='any other config field (nad_jax/defaults.py, docs/configuration.md),'
-                            ' a Python literal or a string; repeatable, applied last, e.g. '
-                            '--set nad.betas=(500,1000,1000) --set data.eval_batch_size=500')
+                       help='any other config field the run reads (nad_jax/defaults.py, '
+                            'docs/configuration.md): seed, model.*, data.*, attack.*, nad.* '
+                            '(FT, FP and MCR\'s FT end train with it), teacher.* (nad without '
+                            '--teacher), fp.* (fp), mcr.* (mcr); a Python literal or a string; '
+                            'repeatable, applied last, e.g. --set nad.betas=(500,1000,1000) '
+                            '--set data.eval_batch_size=500. Others are refused: seeds, '
+                            'eval_only, runner, distributed.*, backdoor_training.*, the '
+                            'sections of another method')
   output = p.add_argument_group('output')
   output.add_argument('--out', default='cleaned', metavar='DIR',
                       help='the output folder (default ./cleaned)')
   output.add_argument('--eval-every', type=int, metavar='N',
                       help='evaluate (and checkpoint) every N epochs and after the last '
-                           '(default 1; mcr: 10) [nad.eval_every, teacher.eval_every; mcr: '
-                           'mcr.eval_every]')
+                           '(default 1; mcr: 10) [nad.eval_every, teacher.eval_every (a teacher '
+                           'trained here); mcr: mcr.eval_every]')
   output.add_argument('--attention-images', type=int, default=clean.ATTENTION_IMAGES,
                       metavar='N', help='triggered test images in attention.png (default '
                                         f'{clean.ATTENTION_IMAGES}; 0: no figure)')
@@ -322,11 +328,11 @@ def build_config(args):
     if not os.path.exists(args.teacher):
       raise UsageError(f'--teacher {args.teacher} does not exist')
     config.teacher.checkpoint = os.path.abspath(args.teacher)
-  if args.method == 'mcr':  # the curve trains with its own recipe: the options set it
-    defaults.defense_stages(config)
-    trained = ('mcr',)
-  else:
-    trained = ('nad', 'teacher')
+  defaults.defense_stages(config)  # fp and mcr, for --set; the run refuses another method's
+  # The sections the options set: those the method trains (FP follows nad's schedule; MCR's
+  # curve has its own recipe, its FT end keeps nad's; a given teacher is not trained).
+  trained = {'nad': ('nad',) if args.teacher else ('nad', 'teacher'),
+             'mcr': ('mcr',)}.get(args.method, ('nad',))
   for value, fields in ((args.clean_fraction, ('data.clean_fraction',)),
                         (args.epochs, (f'{trained[0]}.epochs',)),
                         (args.teacher_epochs, ('teacher.epochs',)),

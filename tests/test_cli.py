@@ -25,9 +25,11 @@ ROOT = Path(__file__).resolve().parents[1]
 SHAPE = (32, 32, 3)
 CLASSES = 3
 TARGET = 0
-# Tiny schedules: one epoch, batches of 8 (a multiple of the 4 forced CPU devices).
-QUICK = ['--epochs', '1', '--teacher-epochs', '1', '--batch-size', '8', '--clean-fraction', '1',
+# Tiny schedules: one epoch, batches of 8 (a multiple of the 4 forced CPU devices); a teacher
+# trained here takes TEACHER too.
+QUICK = ['--epochs', '1', '--batch-size', '8', '--clean-fraction', '1',
          '--set', 'data.eval_batch_size=8', '--attention-images', '2']
+TEACHER = ['--teacher-epochs', '1']
 
 
 def write_folder(root: Path, train: int = 8, test: int = 4) -> Path:
@@ -116,11 +118,48 @@ def test_method_mcr_options_set_the_curve_recipe(tmp_path):
   assert config.teacher.to_dict() == fresh.teacher.to_dict()
 
 
+def test_method_fp_fields_are_settable(tmp_path):
+  """With --method fp, --set reaches FP's own fields and the run reads them (NAD's schedule,
+  which FP otherwise follows, is left as it was)."""
+  model = tmp_path / 'model.pth'
+  model.touch()
+  data = write_folder(tmp_path / 'data', train=1, test=1)
+  argv = [str(model), '--arch', 'tiny', '--data', str(data), '--attack', 'badnets',
+          '--target-label', '0', '--method', 'fp', '--set', 'fp.epochs=2',
+          '--set', 'fp.acc_drop=3.0']
+  config, _ = cli.build_config(cli.parser().parse_args(argv))
+  assert (config.fp.epochs, config.fp.acc_drop, config.nad.epochs) == (2, 3.0, 20)
+  clean.refuse_unread_fields(config, 'fp', ('fp',))  # FP reads them: nothing refused
+
+
+@pytest.mark.slow
+def test_method_mcr_records_the_ft_stage_it_trains(inputs, tmp_path):
+  """MCR's curve ends at the FT model it fine-tunes first: results.json (stages, history,
+  timing) and report.md record that FT stage with its epochs, beside the curve's."""
+  data, model = inputs
+  result = run_command([model, '--arch', 'tiny', '--data', data, '--attack', 'badnets',
+                        '--target-label', TARGET, '--out', 'out', '--method', 'mcr', *QUICK,
+                        '--set', 'nad.epochs=1', '--set', 'nad.batch_size=8',
+                        '--set', 'mcr.samples_per_epoch=24', '--set', 'mcr.points=3'],
+                       tmp_path)
+  assert result.returncode == 0, result.stdout + result.stderr
+  assert '[ft] epoch 1/1' in result.stdout
+  out = tmp_path / 'out'
+  results = json.loads((out / 'results.json').read_text())
+  assert list(results['stages']) == ['backdoored', 'ft', 'mcr']
+  assert [h['epoch'] for h in results['history']['ft']] == [0, 1]
+  assert results['history']['mcr'][-1]['epoch'] == 1
+  assert {'ft', 'mcr'} <= set(results['timing'])
+  report = (out / 'report.md').read_text()
+  assert '- ft: epochs 1; mcr: epochs 1' in report, report
+  assert "| ft (the curve's end) |" in report and '## ft per epoch' in report
+
+
 @pytest.mark.slow
 def test_cleans_a_pytorch_model_from_another_folder(inputs, tmp_path):
   data, model = inputs
   result = run_command([model, '--arch', 'tiny', '--data', data, '--attack', 'badnets',
-                        '--target-label', TARGET, '--out', 'out', *QUICK], tmp_path)
+                        '--target-label', TARGET, '--out', 'out', *QUICK, *TEACHER], tmp_path)
   assert result.returncode == 0, result.stdout + result.stderr
   out = tmp_path / 'out'
   results = json.loads((out / 'results.json').read_text())
@@ -139,7 +178,7 @@ def test_cleans_a_pytorch_model_from_another_folder(inputs, tmp_path):
   assert cleaned['params'].keys() == abstract['params'].keys()
   # Rerunning the same command resumes: nothing trains again.
   again = run_command([model, '--arch', 'tiny', '--data', data, '--attack', 'badnets',
-                       '--target-label', TARGET, '--out', 'out', *QUICK], tmp_path)
+                       '--target-label', TARGET, '--out', 'out', *QUICK, *TEACHER], tmp_path)
   assert again.returncode == 0, again.stderr
   assert '[nad] resumed from epoch 1' in again.stdout
   assert json.loads((out / 'results.json').read_text())['stages'] == results['stages']
@@ -242,6 +281,26 @@ def bad_inputs(tmp_path, data, model):
       'batch larger than the clean subset': ([model, '--arch', 'tiny', '--data', data, *ok,
                                               '--clean-fraction', '0.05'],
                                              'teacher.batch_size 8'),
+      # Fields the cleaning does not read: refused, not recorded in results.json as if used.
+      'several seeds': ([model, '--arch', 'tiny', '--data', data, *ok, '--set', 'seeds=(0,1)'],
+                        'seeds (0, 1): nad-jax-clean cleans with one seed'),
+      'evaluation only': ([model, '--arch', 'tiny', '--data', data, *ok, '--set',
+                           'eval_only=True'], 'eval_only True: nad-jax-clean has no evaluation'),
+      'another runner': ([model, '--arch', 'tiny', '--data', data, *ok, '--set',
+                          'runner=table1'], "runner 'table1': nad-jax-clean picks its runner"),
+      'several processes': ([model, '--arch', 'tiny', '--data', data, *ok, '--set',
+                             'distributed.enabled=True', '--set', 'distributed.num_processes=2'],
+                            'distributed.enabled True: nad-jax-clean runs one process'),
+      'backdoor training': ([model, '--arch', 'tiny', '--data', data, *ok, '--set',
+                             'backdoor_training.epochs=5'],
+                            'backdoor_training.epochs 5: the backdoored model is given'),
+      "another method's field": ([model, '--arch', 'tiny', '--data', data, *ok, '--set',
+                                  'fp.epochs=2'], 'fp.epochs 2: --method nad does not use it'),
+      'teacher epochs of a given teacher': ([model, '--arch', 'tiny', '--data', data, *ok,
+                                             '--teacher', model, '--teacher-epochs', '2'],
+                                            'teacher.epochs 2: the teacher is given'),
+      'a teacher for ft': ([model, '--arch', 'tiny', '--data', data, *ok, '--method', 'ft',
+                            '--teacher', model], 'teacher.checkpoint'),
   }
 
 
@@ -249,7 +308,9 @@ CASES = ('missing model', 'junk model', 'wrong architecture', 'missing data',
          'data without splits', 'missing poisoned', 'bad poisoned npz', 'no way to measure asr',
          'unknown attack', 'no target label', 'unknown method', 'unknown architecture',
          'bad number', 'bad value', 'bad mean', 'unknown field', 'mistyped field',
-         'out is a file', 'batch larger than the clean subset')
+         'out is a file', 'batch larger than the clean subset', 'several seeds',
+         'evaluation only', 'another runner', 'several processes', 'backdoor training',
+         "another method's field", 'teacher epochs of a given teacher', 'a teacher for ft')
 
 
 @pytest.mark.parametrize('case', CASES)
@@ -286,7 +347,8 @@ def test_the_documented_command_is_configs_nad_official(tmp_path, teacher):
   argv = [str(student), '--arch', 'wrn16_1', '--data', str(data), '--attack', 'badnets',
           '--target-label', '5'] + (['--teacher', str(their_teacher)] if teacher else [])
   built, _ = cli.build_config(cli.parser().parse_args(argv))
-  expected = nad_official.get_config(None if teacher else 'finetuned_teacher')
+  expected = defaults.defense_stages(nad_official.get_config(None if teacher
+                                                             else 'finetuned_teacher'))
   expected.student.checkpoint, expected.data.path = str(student), str(data)
   if teacher:
     expected.teacher.checkpoint = str(their_teacher)

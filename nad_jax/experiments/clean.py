@@ -10,12 +10,14 @@ rerunning the same command resumes. At the end `out` receives:
   cleaned.pth        the cleaned model as a PyTorch state_dict (strict=True loads it)
   defense/<method>/  defense_result.pt and <method>_df.csv, where the model was a
                      BackdoorBench record (backdoorbench.write_defense_result)
-  results.json       metrics before (the backdoored model), of NAD's teacher and
-                     after, each stage's per-epoch history, timing, the input, the config
+  results.json       metrics before (the backdoored model), of NAD's teacher (MCR: the FT
+                     model its curve ends at) and after, each trained stage's per-epoch
+                     history, timing, the input, the config
   report.md          the same as tables, with the figures
   curves.png, attention.png   where matplotlib is installed
 """
 
+import copy
 import importlib.util
 import os
 from typing import NamedTuple
@@ -23,17 +25,25 @@ from typing import NamedTuple
 import jax
 
 from nad_jax import backdoorbench
+from nad_jax import defaults
 from nad_jax import defenses
 from nad_jax import figures
 from nad_jax import stages
 from nad_jax import torch_io
 from nad_jax import validation
-from nad_jax.defaults import defense_stages
+from nad_jax.defenses import finetune
 
 METHODS = ('nad', 'ft', 'fp', 'mcr')
 # The stage folders a cleaning may write under out/checkpoints (FT's is 'ft'; MCR trains FT).
 FOLDERS = ('teacher', 'nad', 'ft', 'fp', 'mcr')
 MODEL_FILE = 'cleaned.pth'
+# Fields and sections no cleaning reads, and why (`refuse_unread_fields`).
+UNREAD = {
+    'eval_only': 'nad-jax-clean has no evaluation-only mode',
+    'runner': 'nad-jax-clean picks its runner itself',
+    'distributed': 'nad-jax-clean runs one process',
+    'backdoor_training': 'the backdoored model is given (student.checkpoint), not trained',
+}
 ATTENTION_IMAGES = 6
 
 
@@ -68,13 +78,46 @@ def check_writable(out: str) -> None:
                                  "torch: pip install 'nad-jax[torch]'")
 
 
+def refuse_unread_fields(config, method: str, trains: tuple[str, ...]) -> None:
+  """Refuses what a cleaning would not read, which results.json would record as if used:
+  several seeds, or a field set away from its default in UNREAD or in a stage section
+  (teacher, fp, mcr) the cleaning does not train (FP's follows `nad`'s schedule).
+
+  Args:
+    config: the run's config, with the `fp` and `mcr` sections (defaults.defense_stages).
+    method: one of METHODS.
+    trains: the sections of the stages it trains (`nad` stays read: FT, FP and MCR's
+      curve end train with it).
+
+  Raises:
+    ConfigError: naming the field, its value, why the run does not read it and its default.
+  """
+  if stages.replicas(config):  # the Python API's rule (api._context)
+    raise validation.ConfigError(f'seeds {tuple(config.seeds)}: nad-jax-clean cleans with one '
+                                 'seed; set seed (--seed) instead')
+  unread = dict(UNREAD)
+  unread.update({section: f'--method {method} does not use it'
+                 for section in ('teacher', 'fp', 'mcr') if section not in trains})
+  default = defaults.paper_config()
+  default.nad = copy.deepcopy(config.nad)  # FP's schedule follows this run's NAD's
+  defaults.defense_stages(default)
+  if method == 'nad' and config.teacher.checkpoint:
+    unread['teacher'] = 'the teacher is given (teacher.checkpoint), not trained'
+    default.teacher.checkpoint = config.teacher.checkpoint
+  expected = validation.flatten(default.to_dict())
+  for field, value in validation.flatten(config.to_dict()).items():
+    why = unread.get(field.partition('.')[0])
+    if why and not validation.same(value, expected[field]):
+      raise validation.ConfigError(f'{field} {value!r}: {why}; leave it at {expected[field]!r}')
+
+
 def run(config, out: str, method: str = 'nad', source: dict | None = None,
         attention_images: int = ATTENTION_IMAGES) -> Outcome:
   """Cleans `config.student.checkpoint` with `method` and writes the outputs into `out`.
 
-  Everything a user can get wrong (config, data, checkpoints, attack, the output
-  folder, a checkpoint folder of another run) is checked before anything is
-  written.
+  Everything a user can get wrong (config, a field the cleaning does not read, data,
+  checkpoints, attack, the output folder, a checkpoint folder of another run) is checked
+  before anything is written.
 
   Args:
     config: a config shaped like `defaults.paper_config()` with `student.checkpoint`
@@ -90,7 +133,8 @@ def run(config, out: str, method: str = 'nad', source: dict | None = None,
     Outcome.
 
   Raises:
-    ConfigError: a bad config, data, checkpoint, method or output folder.
+    ConfigError: a bad config (or one `refuse_unread_fields` refuses), data, checkpoint,
+      method or output folder.
     FloatingPointError: a stage's loss became non-finite.
   """
   if method not in METHODS:
@@ -98,12 +142,13 @@ def run(config, out: str, method: str = 'nad', source: dict | None = None,
   if not config.student.checkpoint:
     raise validation.ConfigError('student.checkpoint: the backdoored model to clean is not set')
   config = config.copy_and_resolve_references()
-  if 'mcr' not in config:  # the command line adds them for --method mcr, to set them
-    defense_stages(config)
-  check_writable(out)
-  workdir = os.path.join(out, 'checkpoints')
+  if 'mcr' not in config:  # the command line adds them, to set them
+    defaults.defense_stages(config)
   trains = {'nad': ('nad',) if config.teacher.checkpoint else ('teacher', 'nad'),
             'ft': ('nad',), 'fp': ('fp',), 'mcr': ('nad', 'mcr')}[method]
+  refuse_unread_fields(config, method, trains)
+  check_writable(out)
+  workdir = os.path.join(out, 'checkpoints')
   ctx = stages.setup(config, workdir, trains)
   validation.check_workdir(config, workdir, FOLDERS, ctx.data_digest)
   record = stages.is_record(config.student.checkpoint)
@@ -114,8 +159,12 @@ def run(config, out: str, method: str = 'nad', source: dict | None = None,
   # The backdoored model's evaluation doubles as epoch 0 of the stages that start from it
   # (FP's starts from the pruned model).
   known = {} if method == 'fp' else {'student_metrics': backdoored.metrics}
-  result = defenses.ERASE[method](ctx, backdoored.variables, stages.clean_data(ctx), **known)
+  clean_subset = stages.clean_data(ctx)
   results = {'backdoored': backdoored}
+  if method == 'mcr':  # the curve's end: trained here to be recorded as a stage of its own
+    results['ft'] = finetune.finetune(ctx, backdoored.variables, clean_subset, **known)
+    known = {'fine_tuned': results['ft']}
+  result = defenses.ERASE[method](ctx, backdoored.variables, clean_subset, **known)
   if method == 'nad':
     results['teacher'] = result.info['teacher']
   results[method] = result
@@ -213,10 +262,10 @@ def report(results: dict, ctx: stages.Context) -> str:
       f'({config.data.clean_fraction:g}) for the defense; {len(ds.test_images)} test images',
       f'- attack success rate measured on {poisoned}; backdoor label map '
       f'{config.attack.mode} (target {config.attack.target_label})',
-      f'- {method}: epochs {config[stages.SECTIONS.get(method, method)].epochs}'
-      + (f'; teacher: epochs {config.teacher.epochs}' if method == 'nad'
-         and not config.teacher.checkpoint else
-         f'; teacher: `{config.teacher.checkpoint}`' if method == 'nad' else ''), '',
+      '- ' + '; '.join(f'teacher: `{config.teacher.checkpoint}`'
+                       if name == 'teacher' and config.teacher.checkpoint else
+                       f'{name}: epochs {config[stages.SECTIONS.get(name, name)].epochs}'
+                       for name in results['stages'] if name != 'backdoored'), '',
       '## Before and after', '',
       'Percentages. acc: clean test accuracy; acc_nontarget: on the test images the backdoor '
       'relabels; asr: share of poisoned test images classified as the backdoor label; ra: '
@@ -224,7 +273,7 @@ def report(results: dict, ctx: stages.Context) -> str:
       '| model | ' + ' | '.join(stages.METRICS) + ' |',
       '|---|' + '---:|' * len(stages.METRICS)]
   names = {'backdoored': 'backdoored (before)', 'teacher': 'teacher',
-           method: f'{method} (after)'}
+           'ft': "ft (the curve's end)", method: f'{method} (after)'}
   for name, metrics in results['stages'].items():
     lines.append(f'| {names[name]} | ' + ' | '.join(_cell(metrics, k) for k in stages.METRICS)
                  + ' |')
