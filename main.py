@@ -71,8 +71,12 @@ def main(argv):
     validation.validate(config, 'distributed')  # before JAX starts a backend
     distributed.initialize(config.distributed)
     validation.validate(config)
+    overrides = tuple(config_flags.get_override_values(flags.FLAGS['config']))
+    validation.refuse_unread_fields(config, 'data', overrides)
+    if os.path.exists(FLAGS.value) and not os.path.isdir(FLAGS.value):
+      raise validation.ConfigError(f'--workdir {FLAGS.value}: a file, not a folder')
     runner = RUNNERS[config.runner]
-    runner.check_overrides(config, tuple(config_flags.get_override_values(flags.FLAGS['config'])))
+    runner.check_overrides(config, overrides)
     (runner.evaluate_only if config.eval_only else runner.run)(config, FLAGS.value)
   except (validation.ConfigError, distributed.DistributedError, FloatingPointError) as e:
     sys.exit(f'error: {e}')

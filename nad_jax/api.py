@@ -152,6 +152,7 @@ def load_data(source: str = 'synthetic', *, seed: int = 0, **fields) -> data_lib
                                    f'{_suggest(field, config.data)}')
     _assign(config.data, f'data.{field}', value)
   validation.validate(config, 'data')
+  validation.refuse_unread_fields(config, 'data')  # the paper's defaults, where not given
   try:
     return data_lib.load_dataset(config.data)
   except data_lib.DataError as e:

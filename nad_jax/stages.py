@@ -649,6 +649,44 @@ def finished(directory: str, epochs: int) -> bool:
   return max(ckpt_lib.finished_epochs(directory), default=-1) >= epochs
 
 
+def evaluation_sources(config, workdir: str, names, what: str = '') -> dict:
+  """The checkpoint an evaluation-only run restores for each stage, checked before any
+  data is loaded or anything is written.
+
+  A stage is restored from the file or record that `student.checkpoint` /
+  `teacher.checkpoint` names (LOADABLE), else from its folder in `workdir`, which must
+  hold the stage's last epoch: an interrupted stage's latest epoch is not its result.
+
+  Args:
+    config: the run's config; a stage's epoch count is `<section>.epochs` (SECTIONS).
+    workdir: the folder holding the stage folders.
+    names: the stages to restore.
+    what: appended to the stage's name in messages (e.g. " of attack 'blend'").
+
+  Returns:
+    {stage: path}, in the order of `names`.
+
+  Raises:
+    ConfigError: a stage without a checkpoint, or whose folder stops before its last epoch.
+  """
+  sources = {}
+  for name in names:
+    path = (validation.lookup(config, LOADABLE[name]) if name in LOADABLE else '') or \
+        os.path.join(workdir, name)
+    if not os.path.exists(path):  # a stage folder, or a file or record
+      raise ConfigError(f'eval_only: no checkpoint for stage {name!r}{what} at {path}; run '
+                        'without --config.eval_only first')
+    epochs = validation.lookup(config, f'{SECTIONS.get(name, name)}.epochs')
+    if path == os.path.join(workdir, name) and not finished(path, epochs):
+      last = max(ckpt_lib.finished_epochs(path), default=None)
+      raise ConfigError(
+          f'eval_only: stage {name!r}{what} in {path} is unfinished ('
+          + ('no epoch saved' if last is None else f'epoch {last} of {epochs} saved')
+          + '); rerun without --config.eval_only to finish it')
+    sources[name] = path
+  return sources
+
+
 def victim_set(ctx: Context, directory: str | None):
   """The training set the victim trains on, after `Attack.prepare` (e.g. CL's surrogate
   training and PGD). It is kept in the stage folder until the stage finishes, so a
@@ -711,14 +749,21 @@ def backdoored(ctx: Context) -> StageResult:
 
 # ------------------------------------------------------------------------------ outputs
 
+def earlier_results(path: str) -> dict:
+  """The results file at `path` as a dict; {} where there is none (a first run) or it
+  cannot be read."""
+  try:
+    with open(path) as f:
+      content = json.load(f)
+  except (OSError, ValueError):
+    return {}
+  return content if isinstance(content, dict) else {}
+
+
 def kept_timing(path: str, timing: dict) -> dict:
   """`timing`, where a stage trained nothing in this run, replaced by the timing that the
   results file at `path` recorded for it, marked `from_earlier_run`."""
-  try:
-    with open(path) as f:
-      earlier = json.load(f)['timing']
-  except (OSError, ValueError, KeyError, TypeError):
-    return timing
+  earlier = earlier_results(path).get('timing') or {}
   return {name: ({**earlier[name], 'from_earlier_run': True}
                  if not t.get('img_per_s') and earlier.get(name, {}).get('img_per_s') else t)
           for name, t in timing.items()}

@@ -403,8 +403,6 @@ def validate(config, section: str = '') -> None:
     if applies and not rule.ok(value, config):
       allowed = rule.allowed.format(devices=jax.device_count())
       raise ConfigError(f'{rule.field} {value!r}: must be {allowed}')
-  if section in ('', 'data'):
-    refuse_unread_fields(config, 'data')
   if section in ('', 'attack') and config.get('table') is None:  # a table: per attack
     refuse_unread_fields(config, 'attack')
 
@@ -416,45 +414,43 @@ def same(value, default) -> bool:
   return value == default
 
 
-def refuse_unread_fields(config, section: str) -> None:
-  """Refuses a field of `section` set away from its default where the choice that picks
-  what is read does not read it (the rows whose `when` is a ReadBy): an attack field the
-  attack ignores (`--config.attack.alpha=0.5` with BadNets), a data field the data source
-  ignores (`--config.data.train_size=100` with an image folder). The run would silently
-  ignore it and still record it.
+def refuse_unread_fields(config, section: str, fields=None) -> None:
+  """Refuses a field of `section` that the choice picking what is read does not read (the
+  rows whose `when` is a ReadBy): an attack field the attack ignores
+  (`--config.attack.alpha=0.5` with BadNets), a data field the data source ignores
+  (`--config.data.train_size=100` with an image folder). The run would silently ignore it
+  and still record it.
 
   Args:
-    config: a config shaped like nad_jax/defaults.py paper_config(), whose values are
-      the defaults.
+    config: a config shaped like nad_jax/defaults.py paper_config().
     section: 'attack' or 'data'.
+    fields: the dotted fields the user set (command-line overrides, keywords), each
+      refused where unread; None: every field of `section` set away from the paper's
+      default. A config file's data section sets the synthetic set's sizes, which an
+      image folder given on the command line leaves unread: only what the user set
+      counts there.
 
   Raises:
-    ConfigError: naming the field, its value, the choice that does not read it, the
-      choices that do, and the default to leave it at.
+    ConfigError: naming the field, its value, the choice that does not read it and the
+      choices that do.
   """
   paper = defaults.paper_config()
   for rule in RULES:
     if not (rule.field.startswith(section + '.') and isinstance(rule.when, ReadBy)):
+      continue
+    if fields is not None and rule.field not in fields:
       continue
     try:
       value = lookup(config, rule.field)
     except KeyError:
       continue
     default, chosen = lookup(paper, rule.field), lookup(config, rule.when.selector)
-    if chosen not in rule.when.names and value is not None and not same(value, default):
-      raise ConfigError(f'{rule.field} {value!r}: the {chosen} {rule.when.kind} does not read '
-                        f'it (only {", ".join(rule.when.names)} '
-                        f'{"does" if len(rule.when.names) == 1 else "do"}); '
-                        f'leave it at {default!r}')
-
-
-def refuse_unread_attack_fields(config) -> None:
-  """`refuse_unread_fields(config, 'attack')`, which a comparison table runs per attack.
-
-  Raises:
-    ConfigError: as `refuse_unread_fields`.
-  """
-  refuse_unread_fields(config, 'attack')
+    if chosen in rule.when.names or (fields is None and (value is None or same(value, default))):
+      continue
+    readers = f'only {", ".join(rule.when.names)} {"does" if len(rule.when.names) == 1 else "do"}'
+    raise ConfigError(f'{rule.field} {value!r}: the {chosen} {rule.when.kind} does not read it '
+                      f'({readers}); ' + (f'leave it at {default!r}' if fields is None
+                                          else 'leave it out'))
 
 
 # The config sections of the stages that train, and the data each trains on.

@@ -301,6 +301,9 @@ def bad_inputs(tmp_path, data, model):
                                             'teacher.epochs 2: the teacher is given'),
       'a teacher for ft': ([model, '--arch', 'tiny', '--data', data, *ok, '--method', 'ft',
                             '--teacher', model], 'teacher.checkpoint'),
+      'a size the folder does not read': ([model, '--arch', 'tiny', '--data', data, *ok,
+                                           '--set', 'data.train_size=100'],
+                                          'data.train_size 100: the folder source does not'),
   }
 
 
@@ -310,7 +313,8 @@ CASES = ('missing model', 'junk model', 'wrong architecture', 'missing data',
          'bad number', 'bad value', 'bad mean', 'unknown field', 'mistyped field',
          'out is a file', 'batch larger than the clean subset', 'several seeds',
          'evaluation only', 'another runner', 'several processes', 'backdoor training',
-         "another method's field", 'teacher epochs of a given teacher', 'a teacher for ft')
+         "another method's field", 'teacher epochs of a given teacher', 'a teacher for ft',
+         'a size the folder does not read')
 
 
 @pytest.mark.parametrize('case', CASES)

@@ -94,6 +94,11 @@ CASES = [
     ('empty class folder', lambda d: FOLDER + [
         f'--config.data.path={image_tree(d / "data", {"train": {**TEN, "9": 0}, "test": TEN})}'],
      'holds no image'),
+    ('a size the folder does not read', lambda d: FOLDER + [
+        f'--config.data.path={image_tree(d / "data", {"train": TEN, "test": TEN})}',
+        '--config.data.train_size=100'], 'data.train_size 100: the folder source does not'),
+    ('a path the synthetic data does not read', lambda d: [f'--config.data.path={d}'],
+     'data.path'),
     ('test classes differ', lambda d: FOLDER + [
         f'--config.data.path={image_tree(d / "data", {"train": TEN, "test": {"0": 3}})}'],
      'test classes differ'),
@@ -117,3 +122,15 @@ def test_bad_input_exits_with_one_clear_message(tmp_path, name, flags, field):
   assert len(lines) == 1 and field in lines[0], result.stderr[-2000:]
   assert 'Traceback' not in result.stderr
   assert not workdir.exists()  # nothing written
+
+
+@pytest.mark.parametrize('config', ['configs/tiny.py', 'configs/table1.py:badnets'])
+def test_a_workdir_that_is_a_file_is_refused(tmp_path, config):
+  workdir = tmp_path / 'results.json'
+  workdir.write_text('{}')
+  result = subprocess.run([sys.executable, 'main.py', f'--config={config}',
+                           f'--workdir={workdir}'],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 1, result.stderr[-2000:]
+  assert result.stderr.strip().splitlines()[-1] == f'error: --workdir {workdir}: a file, not a folder'
+  assert 'Traceback' not in result.stderr and workdir.read_text() == '{}'

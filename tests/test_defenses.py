@@ -115,8 +115,26 @@ def test_table_rerun_trains_nothing(table_run):
   config.table.figures = False
   again = table.run(config, workdir)
   assert again['table'] == results['table']
-  for stages in again['details']['badnets']['stage_timing'].values():
-    assert not stages.get('img_per_s')
+  # Nothing trained: the first run's timing is kept, and said to be.
+  assert again['timing'] == {**results['timing'], 'from_earlier_run': True}
+  first = results['details']['badnets']
+  assert again['details']['badnets']['timing'] == {**first['timing'], 'from_earlier_run': True}
+  assert again['details']['badnets']['stage_timing'] == first['stage_timing']
+
+
+def test_table_eval_only_refuses_an_unfinished_stage(table_run, tmp_path):
+  """An interrupted stage's latest epoch is not its result: eval_only refuses it, and
+  writes nothing."""
+  workdir, _ = table_run
+  copy = tmp_path / 'table'
+  shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns('table1_eval.json'))
+  shutil.rmtree(copy / 'badnets' / 'backdoored' / '2')
+  config = tiny_table_config()
+  config.eval_only = True
+  with pytest.raises(stages.ConfigError, match=r"stage 'backdoored' of attack 'badnets' in "
+                     r".* is unfinished \(no epoch saved\)"):
+    table.evaluate_only(config, str(copy))
+  assert not os.path.exists(copy / 'table1_eval.json')
 
 
 def test_finetuning_is_nad_with_zero_betas(table_run, tmp_path):
@@ -147,7 +165,11 @@ def test_table_over_seeds_gathers_runs_of_single_seeds(table_run, tmp_path):
       per_seed[seed] = json.load(f)
   trained = lambda seed: [name for name, t in per_seed[seed]['details']['badnets'][
       'stage_timing'].items() if t.get('img_per_s')]
-  assert trained(0) == [] and trained(1) == ['none', 'ft']
+  assert trained(1) == ['none', 'ft']
+  # Seed 0 trained nothing: its table keeps the timing its own run measured.
+  assert per_seed[0]['details']['badnets']['timing']['from_earlier_run']
+  assert per_seed[0]['details']['badnets']['stage_timing'] == {
+      d: single['details']['badnets']['stage_timing'][d] for d in ('none', 'ft')}
   assert per_seed[0]['table']['badnets'] == {d: single['table']['badnets'][d]
                                              for d in ('none', 'ft')}
   with open(tmp_path / 'table1.json') as f:
@@ -161,6 +183,22 @@ def test_table_over_seeds_gathers_runs_of_single_seeds(table_run, tmp_path):
     assert f'{saved["table"]["badnets"]["ft"]["asr"]:.2f} ± ' in f.read()
   evaluated = table.evaluate_only(config, str(tmp_path))  # restores each seed's stages
   assert evaluated['table'] == saved['table'] and evaluated['std'] == saved['std']
+  # A seed without stages is found before any seed's evaluation is written.
+  written = os.stat(tmp_path / 'seed_0' / 'table1_eval.json').st_mtime_ns
+  config.seeds = (0, 2)
+  with pytest.raises(stages.ConfigError, match="no checkpoint for stage 'backdoored'"):
+    table.evaluate_only(config, str(tmp_path))
+  assert os.stat(tmp_path / 'seed_0' / 'table1_eval.json').st_mtime_ns == written
+
+
+def test_the_average_over_seeds_is_the_average_of_the_table():
+  """With one attack the Average row is that attack's row, digit for digit."""
+  cells = lambda asr: {'badnets': {'ft': {'acc': 80.0, 'acc_nontarget': 79.0, 'asr': asr,
+                                          'ra': 10.0}}}
+  tables = {seed: {'table': cells(asr), 'average': table.average(cells(asr), ['ft'])}
+            for seed, asr in ((0, 72.805), (1, 72.801), (2, 72.8))}
+  gathered = table.over_seeds(tables)
+  assert gathered['average'] == gathered['table']['badnets']
 
 
 # ------------------------------------------------------------------------------ fine-pruning

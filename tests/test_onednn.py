@@ -146,21 +146,25 @@ def test_wrn_logits_and_training_gradients_match_xla():
 @pytest.mark.usefixtures('bf16')
 def test_bf16_wrn_matches_xla_bf16():
   """WRN-16-1 in bf16 with oneDNN's convolutions: float32 logits and parameter gradients,
-  within bf16 rounding of XLA's bf16 model, and the same twice."""
+  as close to the float32 model's as XLA's bf16 model is, and the same twice."""
   x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (8, 32, 32, 3)), jnp.float32)
   xla = models.build_model('wrn16_1', 10, 'bfloat16', conv='xla')
   variables = xla.init(jax.random.key(0), x, train=False)
   logits, first = wrn_logits_and_grads(onednn_model('wrn16_1', jnp.bfloat16), variables, x)
   _, again = wrn_logits_and_grads(onednn_model('wrn16_1', jnp.bfloat16), variables, x)
-  reference_logits, reference = wrn_logits_and_grads(xla, variables, x)
+  xla_logits, xla_grads = wrn_logits_and_grads(xla, variables, x)
+  _, exact = wrn_logits_and_grads(models.build_model('wrn16_1', 10, 'float32', conv='xla'),
+                                  variables, x)
   assert logits.dtype == jnp.float32
-  np.testing.assert_allclose(logits, reference_logits, rtol=5e-2,
-                             atol=5e-2 * float(jnp.max(jnp.abs(reference_logits))))
-  for a, b, r in zip(jax.tree.leaves(first), jax.tree.leaves(again), jax.tree.leaves(reference)):
+  np.testing.assert_allclose(logits, xla_logits, rtol=5e-2,
+                             atol=5e-2 * float(jnp.max(jnp.abs(xla_logits))))
+  error = lambda a, r: float(jnp.linalg.norm(a - r)) / (float(jnp.linalg.norm(r)) + 1e-12)
+  for a, b, x_bf16, r in zip(*map(jax.tree.leaves, (first, again, xla_grads, exact))):
     assert a.dtype == jnp.float32
     np.testing.assert_array_equal(a, b)  # deterministic
-    # Whole-tensor relative error: bf16 rounds each of ~30 layers to 3 significant digits.
-    assert float(jnp.linalg.norm(a - r)) <= 0.1 * float(jnp.linalg.norm(r)) + 1e-6
+    # A random net's gradient in bf16 is far from float32's (XLA's: 20-50% per tensor on a
+    # CPU with AMX), so the bound is XLA's own bf16 error; a wrong kernel gives ~100%.
+    assert error(a, r) <= 1.5 * error(x_bf16, r) + 1e-6
 
 
 def test_resolve_on_four_devices(capsys):

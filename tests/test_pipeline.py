@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -85,6 +86,38 @@ def test_eval_only_reproduces_saved_figures(finished_run):
   config.eval_only = True
   evaluated = nad_runner.evaluate_only(config, workdir)
   assert evaluated['stages'] == results['stages']
+
+
+@pytest.mark.parametrize('field, value', [('attack.target_label', 3), ('nad.epochs', 7),
+                                          ('seeds', (1, 0))])
+def test_eval_only_refuses_a_config_the_workdir_was_not_trained_with(finished_run, field,
+                                                                     value):
+  """Evaluating the saved models under another attack, schedule or seed order would
+  report figures of models that config did not train; nothing is written then."""
+  workdir, _ = finished_run
+  eval_file = os.path.join(workdir, 'eval.json')
+  written = os.stat(eval_file).st_mtime_ns if os.path.exists(eval_file) else None
+  config = tiny_config()
+  config.eval_only = True
+  section, name = field.split('.') if '.' in field else (None, field)
+  (config[section] if section else config)[name] = value
+  with pytest.raises(stages.ConfigError, match='was trained with other values'):
+    nad_runner.evaluate_only(config, workdir)
+  assert (os.stat(eval_file).st_mtime_ns if os.path.exists(eval_file) else None) == written
+
+
+def test_eval_only_refuses_an_unfinished_stage(finished_run, tmp_path):
+  """An interrupted stage's latest epoch is not its result."""
+  workdir, _ = finished_run
+  copy = tmp_path / 'run'
+  shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns('eval.json'))
+  shutil.rmtree(copy / 'teacher' / '2')
+  config = tiny_config()
+  config.eval_only = True
+  with pytest.raises(stages.ConfigError, match=r"stage 'teacher' in .* is unfinished \(epoch 1 "
+                     r"of 2 saved\); rerun without --config.eval_only"):
+    nad_runner.evaluate_only(config, str(copy))
+  assert not os.path.exists(copy / 'eval.json')
 
 
 def test_student_checkpoint_path_is_loaded_not_retrained(finished_run, tmp_path):

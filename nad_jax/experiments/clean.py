@@ -80,8 +80,9 @@ def check_writable(out: str) -> None:
 
 def refuse_unread_fields(config, method: str, trains: tuple[str, ...]) -> None:
   """Refuses what a cleaning would not read, which results.json would record as if used:
-  several seeds, or a field set away from its default in UNREAD or in a stage section
-  (teacher, fp, mcr) the cleaning does not train (FP's follows `nad`'s schedule).
+  several seeds, or a field set away from its default in UNREAD, in a stage section
+  (teacher, fp, mcr) the cleaning does not train (FP's follows `nad`'s schedule) or in
+  the data section where the data source does not read it.
 
   Args:
     config: the run's config, with the `fp` and `mcr` sections (defaults.defense_stages).
@@ -109,6 +110,7 @@ def refuse_unread_fields(config, method: str, trains: tuple[str, ...]) -> None:
     why = unread.get(field.partition('.')[0])
     if why and not validation.same(value, expected[field]):
       raise validation.ConfigError(f'{field} {value!r}: {why}; leave it at {expected[field]!r}')
+  validation.refuse_unread_fields(config, 'data')  # e.g. a synthetic set's size beside --data
 
 
 def run(config, out: str, method: str = 'nad', source: dict | None = None,

@@ -93,15 +93,15 @@ def evaluate_only(config, workdir: str) -> dict:
     The content of eval.json: `stages.summarize`'s figures and 'checkpoints'.
 
   Raises:
-    ConfigError: a stage has no checkpoint, or it does not fit the model.
+    ConfigError: a stage folder trained with other values than `config`'s
+      (validation.check_workdir), a stage without a checkpoint or unfinished
+      (stages.evaluation_sources), or a checkpoint that does not fit the model; nothing
+      is written then.
   """
+  validation.check_workdir(config, workdir, STAGES)
+  sources = stages.evaluation_sources(config, workdir, STAGES)
   ctx = stages.setup(config, workdir)
-  sources = {'backdoored': config.student.checkpoint or os.path.join(workdir, 'backdoored'),
-             'teacher': config.teacher.checkpoint or os.path.join(workdir, 'teacher'),
-             'nad': os.path.join(workdir, 'nad')}
-  for name, path in sources.items():
-    if not os.path.exists(path):  # a stage folder, or a PyTorch file
-      raise stages.ConfigError(f'eval_only: no checkpoint for stage {name!r} at {path}')
+  validation.check_workdir(config, workdir, STAGES, ctx.data_digest)
   evaluated = {}
   for name, path in sources.items():
     variables = (ctx.checkpoints[name] if name in ctx.checkpoints else

@@ -159,6 +159,32 @@ def run_attack(ctx: stages.Context, defenses) -> dict:
   return out
 
 
+def trained_nothing(detail: dict) -> bool:
+  """Whether an attack's rows (its `run_attack` output) all came from finished stages."""
+  return not any(t.get('img_per_s') for t in detail['stage_timing'].values())
+
+
+def kept_timing(path: str, results: dict, details: list) -> dict:
+  """`results` (a table file's content) keeping what the first run measured where this
+  run trained nothing: each attack of `results['details']` whose stages were all finished
+  keeps the 'timing' and 'stage_timing' that the file at `path` recorded for it, and
+  where every attack in `details` trained nothing the total 'timing' is kept too; each
+  kept section is marked `from_earlier_run`."""
+  earlier = stages.earlier_results(path)
+  kept = lambda timing: {**timing, 'from_earlier_run': True}
+  results = dict(results)
+  if 'details' in results:
+    results['details'] = {
+        attack: ({**detail, 'timing': kept(earlier['details'][attack]['timing']),
+                  'stage_timing': earlier['details'][attack]['stage_timing']}
+                 if trained_nothing(detail) and {'timing', 'stage_timing'} <= set(
+                     earlier.get('details', {}).get(attack, {})) else detail)
+        for attack, detail in results['details'].items()}
+  if 'timing' in earlier and all(trained_nothing(d) for d in details):
+    results['timing'] = kept(earlier['timing'])
+  return results
+
+
 def average(cells: dict, defenses) -> dict:
   """{defense: METRICS averaged over the attacks} of {attack: {defense: metrics}}."""
   return {d: {k: round(float(np.mean([cells[a][d][k] for a in cells])), 2) for k in METRICS}
@@ -254,7 +280,7 @@ def attack_configs(config, workdir: str) -> dict:
   configs = {attack: attack_config(config, attack) for attack in config.table.attacks}
   for attack, cfg in configs.items():
     validation.validate(cfg)
-    validation.refuse_unread_attack_fields(cfg)
+    validation.refuse_unread_fields(cfg, 'attack')
     validation.check_workdir(cfg, os.path.join(workdir, attack), FOLDERS)
   return configs
 
@@ -273,9 +299,10 @@ def over_seeds(tables: dict) -> dict:
     tables: {seed: {'table': {attack: {defense: METRICS}}, 'average': {defense: METRICS}}}.
 
   Returns:
-    {'table', 'average': the means (rounded to 2 decimals), 'std': {attack or 'average':
-    {defense: {metric: sample std (ddof 1), None for one seed}}}, 'seeds', 'per_seed':
-    {seed: table}}.
+    {'table': the means (rounded to 2 decimals), 'average': the table's average over
+    attacks (as `average`, so it is the row a reader computes from the table), 'std':
+    {attack or 'average': {defense: {metric: sample std (ddof 1) over seeds, None for one
+    seed}}}, 'seeds', 'per_seed': {seed: table}}.
   """
   first = next(iter(tables.values()))
   rows = {**{a: [t['table'][a] for t in tables.values()] for a in first['table']},
@@ -284,7 +311,8 @@ def over_seeds(tables: dict) -> dict:
   means = {a: stat(lambda v: round(stages.mean(v), 2), runs) for a, runs in rows.items()}
   spreads = {a: stat(lambda v: None if stages.sample_std(v) is None
                      else round(stages.sample_std(v), 2), runs) for a, runs in rows.items()}
-  return {'table': {a: means[a] for a in first['table']}, 'average': means['average'],
+  table = {a: means[a] for a in first['table']}
+  return {'table': table, 'average': average(table, list(first['average'])),
           'std': spreads, 'seeds': list(tables),
           'per_seed': {str(seed): t['table'] for seed, t in tables.items()}}
 
@@ -314,7 +342,9 @@ def run(config, workdir: str) -> dict:
   results = {**over_seeds(tables), 'defenses': list(config.table.defenses),
              'attacks': list(config.table.attacks), 'timing': since(total),
              'config': config.to_dict()}
-  stages.write_json(os.path.join(workdir, 'table1.json'), results)
+  path = os.path.join(workdir, 'table1.json')
+  results = kept_timing(path, results, [d for t in tables.values() for d in t['details'].values()])
+  stages.write_json(path, results)
   write_tables(workdir, results['table'], results['average'], config.table.defenses,
                results['std'])
   return results
@@ -354,11 +384,32 @@ def run_one(config, workdir: str) -> dict:
              'attacks': list(config.table.attacks), 'details': report,
              'timing': since(total), 'figures': [os.path.relpath(p, workdir) for p in paths],
              'config': config.to_dict()}
-  stages.write_json(os.path.join(workdir, 'table1.json'), results)
+  path = os.path.join(workdir, 'table1.json')
+  results = kept_timing(path, results, list(report.values()))
+  stages.write_json(path, results)
   write_tables(workdir, cells, avg, defenses)
-  stages.log(f'total: {results["timing"]["wall_s"]:.0f} s wall, '
-               f'{results["timing"]["cpu_s"]:.0f} s CPU')
+  timing = results['timing']
+  stages.log(f'total: {timing["wall_s"]:.0f} s wall, {timing["cpu_s"]:.0f} s CPU'
+             + (' (the first run\'s: every stage was finished)'
+                if timing.get('from_earlier_run') else ''))
   return results
+
+
+def evaluation_plan(config, workdir: str) -> dict:
+  """{attack: (its config, {stage folder: checkpoint})}: what `evaluate_only` restores for
+  a table in `workdir`, every attack checked before anything is loaded or written.
+
+  Raises:
+    ConfigError: as `attack_configs`, or a stage without a checkpoint or unfinished
+      (stages.evaluation_sources).
+  """
+  defenses = tuple(config.table.defenses)
+  needed = {'backdoored'} | {d for d in defenses if d in FOLDERS}
+  needed |= {'ft'} if 'mcr' in defenses else set()
+  needed |= {'teacher'} if 'nad' in defenses else set()
+  return {attack: (cfg, stages.evaluation_sources(
+      cfg, os.path.join(workdir, attack), [n for n in FOLDERS if n in needed],
+      f' of attack {attack!r}')) for attack, cfg in attack_configs(config, workdir).items()}
 
 
 def evaluate_only(config, workdir: str) -> dict:
@@ -379,33 +430,25 @@ def evaluate_only(config, workdir: str) -> dict:
 
   Raises:
     ConfigError: a bad config, a stage folder trained with other values, or a stage
-      without a checkpoint.
+      without a checkpoint or unfinished (every seed and attack is checked first, so
+      nothing is written then).
   """
   if config.seeds:
-    tables = {seed: evaluate_only(seed_config(config, seed),
-                                  os.path.join(workdir, f'seed_{seed}'))
-              for seed in config.seeds}
+    per_seed = {seed: seed_config(config, seed) for seed in config.seeds}
+    for seed, cfg in per_seed.items():
+      evaluation_plan(cfg, os.path.join(workdir, f'seed_{seed}'))
+    tables = {seed: evaluate_only(cfg, os.path.join(workdir, f'seed_{seed}'))
+              for seed, cfg in per_seed.items()}
     results = over_seeds(tables)
     stages.write_json(os.path.join(workdir, 'table1_eval.json'), results)
     stages.log(markdown(results['table'], results['average'], config.table.defenses,
                         results['std']))
     return results
-  configs = attack_configs(config, workdir)
   defenses = tuple(config.table.defenses)
-  needed = {'backdoored'} | {d for d in defenses if d in FOLDERS}
-  needed |= {'ft'} if 'mcr' in defenses else set()
-  needed |= {'teacher'} if 'nad' in defenses else set()
   cells, evaluated, sources = {}, {}, {}
-  for attack, cfg in configs.items():
+  for attack, (cfg, paths) in evaluation_plan(config, workdir).items():
     ctx = stages.setup(cfg, os.path.join(workdir, attack))
     validation.check_workdir(cfg, ctx.workdir, FOLDERS, ctx.data_digest)
-    paths = {name: (validation.lookup(cfg, stages.LOADABLE[name])
-                    if name in ctx.checkpoints else os.path.join(ctx.workdir, name))
-             for name in FOLDERS if name in needed}
-    for name, path in paths.items():
-      if not os.path.exists(path):
-        raise stages.ConfigError(f'eval_only: no checkpoint for stage {name!r} of attack '
-                                 f'{attack!r} at {path}; run the table first')
     loaded = {name: (ctx.checkpoints[name] if name in ctx.checkpoints else stages.load_checkpoint(
         path, ctx.abstract_variables, f'eval_only: stage {name!r} of attack {attack!r}'))
               for name, path in paths.items()}
