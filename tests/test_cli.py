@@ -129,7 +129,7 @@ def test_method_fp_fields_are_settable(tmp_path):
           '--set', 'fp.acc_drop=3.0']
   config, _ = cli.build_config(cli.parser().parse_args(argv))
   assert (config.fp.epochs, config.fp.acc_drop, config.nad.epochs) == (2, 3.0, 20)
-  clean.refuse_unread_fields(config, 'fp', ('fp',))  # FP reads them: nothing refused
+  clean.refuse_ignored_fields(config, 'fp', ('fp',))  # FP reads them: nothing refused
 
 
 @pytest.mark.slow

@@ -37,7 +37,7 @@ METHODS = ('nad', 'ft', 'fp', 'mcr')
 # The stage folders a cleaning may write under out/checkpoints (FT's is 'ft'; MCR trains FT).
 FOLDERS = ('teacher', 'nad', 'ft', 'fp', 'mcr')
 MODEL_FILE = 'cleaned.pth'
-# Fields and sections no cleaning reads, and why (`refuse_unread_fields`).
+# Fields and sections no cleaning reads, and why (`refuse_ignored_fields`).
 UNREAD = {
     'eval_only': 'nad-jax-clean has no evaluation-only mode',
     'runner': 'nad-jax-clean picks its runner itself',
@@ -78,7 +78,7 @@ def check_writable(out: str) -> None:
                                  "torch: pip install 'nad-jax[torch]'")
 
 
-def refuse_unread_fields(config, method: str, trains: tuple[str, ...]) -> None:
+def refuse_ignored_fields(config, method: str, trains: tuple[str, ...]) -> None:
   """Refuses what a cleaning would not read, which results.json would record as if used:
   several seeds, or a field set away from its default in UNREAD, in a stage section
   (teacher, fp, mcr) the cleaning does not train (FP's follows `nad`'s schedule) or in
@@ -135,7 +135,7 @@ def run(config, out: str, method: str = 'nad', source: dict | None = None,
     Outcome.
 
   Raises:
-    ConfigError: a bad config (or one `refuse_unread_fields` refuses), data, checkpoint,
+    ConfigError: a bad config (or one `refuse_ignored_fields` refuses), data, checkpoint,
       method or output folder.
     FloatingPointError: a stage's loss became non-finite.
   """
@@ -148,7 +148,7 @@ def run(config, out: str, method: str = 'nad', source: dict | None = None,
     defaults.defense_stages(config)
   trains = {'nad': ('nad',) if config.teacher.checkpoint else ('teacher', 'nad'),
             'ft': ('nad',), 'fp': ('fp',), 'mcr': ('nad', 'mcr')}[method]
-  refuse_unread_fields(config, method, trains)
+  refuse_ignored_fields(config, method, trains)
   check_writable(out)
   workdir = os.path.join(out, 'checkpoints')
   ctx = stages.setup(config, workdir, trains)
