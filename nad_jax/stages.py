@@ -760,10 +760,10 @@ def earlier_results(path: str) -> dict:
   return content if isinstance(content, dict) else {}
 
 
-def kept_timing(path: str, timing: dict) -> dict:
-  """`timing`, where a stage trained nothing in this run, replaced by the timing that the
-  results file at `path` recorded for it, marked `from_earlier_run`."""
-  earlier = earlier_results(path).get('timing') or {}
+def kept_timing(earlier: dict, timing: dict) -> dict:
+  """`timing` ({stage: {'compile_s', 'img_per_s'}}), where a stage trained nothing in this
+  run (a rerun of a finished stage), replaced by the timing `earlier` (the same mapping, as
+  a results file recorded it) has for it, marked `from_earlier_run`."""
   return {name: ({**earlier[name], 'from_earlier_run': True}
                  if not t.get('img_per_s') and earlier.get(name, {}).get('img_per_s') else t)
           for name, t in timing.items()}

@@ -77,7 +77,8 @@ def run(config, workdir: str) -> Outcome:
   written = {
       **stages.summarize(config, {name: result.metrics for name, result in results.items()}),
       'history': {name: result.history for name, result in results.items()},
-      'timing': stages.kept_timing(path, {name: r.timing for name, r in results.items()}),
+      'timing': stages.kept_timing(stages.earlier_results(path).get('timing') or {},
+                                   {name: r.timing for name, r in results.items()}),
       'config': config.to_dict(),
   }
   stages.write_json(path, written)

@@ -159,29 +159,44 @@ def run_attack(ctx: stages.Context, defenses) -> dict:
   return out
 
 
-def trained_nothing(detail: dict) -> bool:
-  """Whether an attack's rows (its `run_attack` output) all came from finished stages."""
-  return not any(t.get('img_per_s') for t in detail['stage_timing'].values())
+# The stages behind each wall-clock entry of an attack's 'timing' (its 'stage_timing' keys).
+TIMED_STAGES = {'backdoored': ('none',), 'ft': ('ft',), 'fp': ('fp',), 'mcr': ('mcr',),
+                'nad': ('teacher', 'nad')}
 
 
-def kept_timing(path: str, results: dict, details: list) -> dict:
-  """`results` (a table file's content) keeping what the first run measured where this
-  run trained nothing: each attack of `results['details']` whose stages were all finished
-  keeps the 'timing' and 'stage_timing' that the file at `path` recorded for it, and
-  where every attack in `details` trained nothing the total 'timing' is kept too; each
-  kept section is marked `from_earlier_run`."""
+def kept_attack_timing(earlier: dict, detail: dict) -> dict:
+  """One attack's `run_attack` output keeping what an earlier run measured: each stage that
+  trained nothing now keeps `earlier`'s (that attack's entry of the table file) stage
+  timing, each defense whose stages all did keeps its wall-clock timing, and the attack's
+  total is kept where every defense was; each kept entry is marked `from_earlier_run`."""
+  stage_timing = stages.kept_timing(earlier.get('stage_timing') or {}, detail['stage_timing'])
+  old = earlier.get('timing') or {}
+  timing = {}
+  for key, now in detail['timing'].items():
+    behind = [stage_timing[s] for s in TIMED_STAGES.get(key, ()) if s in stage_timing]
+    kept = key in old and bool(behind) and all(t.get('from_earlier_run') for t in behind)
+    timing[key] = {**old[key], 'from_earlier_run': True} if kept else now
+  if set(old) == set(timing) and all(t.get('from_earlier_run') for k, t in timing.items()
+                                     if k != 'total'):
+    timing['total'] = {**old['total'], 'from_earlier_run': True}
+  return {**detail, 'timing': timing, 'stage_timing': stage_timing}
+
+
+def kept_timing(path: str, results: dict, details: list | None = None) -> dict:
+  """A table file's content (`results`) keeping what the file at `path` recorded where
+  this run trained nothing: each attack's as `kept_attack_timing`, and the table's total
+  'timing' where every attack (of `results['details']`, or `details`: every seed's) was
+  kept whole, for the same attacks and defenses."""
   earlier = stages.earlier_results(path)
-  kept = lambda timing: {**timing, 'from_earlier_run': True}
-  results = dict(results)
   if 'details' in results:
-    results['details'] = {
-        attack: ({**detail, 'timing': kept(earlier['details'][attack]['timing']),
-                  'stage_timing': earlier['details'][attack]['stage_timing']}
-                 if trained_nothing(detail) and {'timing', 'stage_timing'} <= set(
-                     earlier.get('details', {}).get(attack, {})) else detail)
-        for attack, detail in results['details'].items()}
-  if 'timing' in earlier and all(trained_nothing(d) for d in details):
-    results['timing'] = kept(earlier['timing'])
+    results = {**results, 'details': {
+        attack: kept_attack_timing(earlier.get('details', {}).get(attack) or {}, detail)
+        for attack, detail in results['details'].items()}}
+    details = list(results['details'].values())
+  same_table = all(earlier.get(k) == results.get(k) for k in ('attacks', 'defenses'))
+  if 'timing' in earlier and same_table and all(
+      d['timing'].get('total', {}).get('from_earlier_run') for d in details):
+    results = {**results, 'timing': {**earlier['timing'], 'from_earlier_run': True}}
   return results
 
 
@@ -385,7 +400,7 @@ def run_one(config, workdir: str) -> dict:
              'timing': since(total), 'figures': [os.path.relpath(p, workdir) for p in paths],
              'config': config.to_dict()}
   path = os.path.join(workdir, 'table1.json')
-  results = kept_timing(path, results, list(report.values()))
+  results = kept_timing(path, results)
   stages.write_json(path, results)
   write_tables(workdir, cells, avg, defenses)
   timing = results['timing']
