@@ -73,8 +73,7 @@ def main(argv):
     validation.validate(config)
     overrides = tuple(config_flags.get_override_values(flags.FLAGS['config']))
     validation.refuse_unread_fields(config, 'data', overrides)
-    if os.path.exists(FLAGS.value) and not os.path.isdir(FLAGS.value):
-      raise validation.ConfigError(f'--workdir {FLAGS.value}: a file, not a folder')
+    validation.check_folder(FLAGS.value, '--workdir')
     runner = RUNNERS[config.runner]
     runner.check_overrides(config, overrides)
     (runner.evaluate_only if config.eval_only else runner.run)(config, FLAGS.value)

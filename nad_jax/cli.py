@@ -333,6 +333,9 @@ def build_config(args):
   # curve has its own recipe, its FT end keeps nad's; a given teacher is not trained).
   trained = {'nad': ('nad',) if args.teacher else ('nad', 'teacher'),
              'mcr': ('mcr',)}.get(args.method, ('nad',))
+  if args.teacher_epochs is not None and 'teacher' not in trained:
+    raise UsageError(f'--teacher-epochs {args.teacher_epochs}: no teacher is trained here ('
+                     + ('--teacher gives it)' if args.teacher else f'--method {args.method})'))
   for value, fields in ((args.clean_fraction, ('data.clean_fraction',)),
                         (args.epochs, (f'{trained[0]}.epochs',)),
                         (args.teacher_epochs, ('teacher.epochs',)),

@@ -544,13 +544,38 @@ def other_attacks_fields(attack_name: str) -> tuple[str, ...]:
                if name != attack_name for f in own)
 
 
+def other_sources_fields(source: str) -> tuple[str, ...]:
+  """The `data.` fields that only data sources other than `source` read (a folder run
+  does not depend on the synthetic set's sizes a config file sets)."""
+  return tuple(rule.field for rule in RULES if rule.field.startswith('data.')
+               and isinstance(rule.when, ReadBy) and source not in rule.when.names)
+
+
+def check_folder(path: str, field: str) -> None:
+  """Raises ConfigError where `path` cannot be a folder to write into: empty, a file, or
+  below a file.
+
+  Args:
+    path: the folder (it may not exist yet).
+    field: the flag or field that named it, for the message.
+  """
+  if not path:
+    raise ConfigError(f"{field} '': name a folder")
+  parent = os.path.abspath(path)
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent):
+    raise ConfigError(f'{field} {path}: ' + ('a file, not a folder' if parent ==
+                                              os.path.abspath(path) else f'{parent} is a file'))
+
+
 def stage_fields(config, stage: str, data_digest: str | None = None) -> dict:
   """{dotted field: JSON value} of the config fields that shape `stage`, plus
   'data.digest' (of the images and labels themselves) where `data_digest` is given."""
   as_dict = config.to_dict()
   fields = flatten({k: as_dict[k] for k in STAGE_SECTIONS[stage] if k in as_dict})
   ignored = (NOT_SHAPING + STAGE_IGNORES.get(stage, ())
-             + other_attacks_fields(config.attack.name))
+             + other_attacks_fields(config.attack.name) + other_sources_fields(config.data.source))
   fields = {k: v for k, v in fields.items()
             if not k.endswith('.eval_every')
             and not any(k == i or k.startswith(i + '.') for i in ignored)}
@@ -601,7 +626,8 @@ def check_workdir(config, workdir: str, stages, data_digest: str | None = None) 
                         'or delete the folder') from None
     current = stage_fields(config, stage, data_digest)
     # A record written before OWN_FIELDS was used lists the other attacks' fields too.
-    unread = set(other_attacks_fields(config.attack.name))
+    unread = set(other_attacks_fields(config.attack.name)
+                 + other_sources_fields(config.data.source))
     recorded = {**{k: v for k, v in ADDED_FIELDS.items() if k in current},
                 **{k: v for k, v in recorded.items() if k not in unread}}
     if data_digest is None:  # a check before the data is loaded

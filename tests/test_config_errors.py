@@ -125,12 +125,19 @@ def test_bad_input_exits_with_one_clear_message(tmp_path, name, flags, field):
 
 
 @pytest.mark.parametrize('config', ['configs/tiny.py', 'configs/table1.py:badnets'])
-def test_a_workdir_that_is_a_file_is_refused(tmp_path, config):
-  workdir = tmp_path / 'results.json'
-  workdir.write_text('{}')
-  result = subprocess.run([sys.executable, 'main.py', f'--config={config}',
-                           f'--workdir={workdir}'],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+@pytest.mark.parametrize('where', ['file', 'below a file', 'empty'])
+def test_a_workdir_that_cannot_be_a_folder_is_refused(tmp_path, config, where):
+  a_file = tmp_path / 'results.json'
+  a_file.write_text('{}')
+  workdir = {'file': str(a_file), 'below a file': str(a_file / 'run'), 'empty': ''}[where]
+  result = subprocess.run([sys.executable, os.path.join(ROOT, 'main.py'),
+                           f'--config={os.path.join(ROOT, config)}', f'--workdir={workdir}'],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, 'PYTHONPATH': ROOT})
   assert result.returncode == 1, result.stderr[-2000:]
-  assert result.stderr.strip().splitlines()[-1] == f'error: --workdir {workdir}: a file, not a folder'
-  assert 'Traceback' not in result.stderr and workdir.read_text() == '{}'
+  message = {'file': f'--workdir {workdir}: a file, not a folder',
+             'below a file': f'--workdir {workdir}: {a_file} is a file',
+             'empty': "--workdir '': name a folder"}[where]
+  assert result.stderr.strip().splitlines()[-1] == f'error: {message}'
+  assert 'Traceback' not in result.stderr and a_file.read_text() == '{}'
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['results.json']  # nothing written

@@ -198,6 +198,19 @@ def test_table_over_seeds_gathers_runs_of_single_seeds(table_run, tmp_path):
   assert os.stat(tmp_path / 'seed_0' / 'table1_eval.json').st_mtime_ns == written
 
 
+def test_a_table_of_other_seeds_measures_its_own_total(tmp_path):
+  """A rerun keeps the recorded total only for the same seeds: one seed of a two-seed
+  table took less than the two."""
+  path = tmp_path / 'table1.json'
+  table_of = lambda seeds, wall: {'attacks': ['badnets'], 'defenses': ['none'], 'seeds': seeds,
+                                  'timing': {'wall_s': wall}}
+  path.write_text(json.dumps(table_of([0, 1], 34.3)))
+  reran = [{'timing': {'total': {'wall_s': 9.0, 'from_earlier_run': True}}}]  # nothing trained
+  assert table.kept_timing(str(path), table_of([1], 2.0), reran)['timing'] == {'wall_s': 2.0}
+  assert table.kept_timing(str(path), table_of([0, 1], 2.0), reran)['timing'] == {
+      'wall_s': 34.3, 'from_earlier_run': True}
+
+
 def test_the_average_over_seeds_is_the_average_of_the_table():
   """With one attack the Average row is that attack's row, digit for digit."""
   cells = lambda asr: {'badnets': {'ft': {'acc': 80.0, 'acc_nontarget': 79.0, 'asr': asr,

@@ -271,3 +271,24 @@ def test_a_config_files_synthetic_sizes_do_not_block_another_source():
   with pytest.raises(validation.ConfigError,
                      match='data.train_size 5000: the folder source does not read it'):
     validation.refuse_unread_fields(config, 'data', ('data.path', 'data.train_size'))
+
+
+def test_a_folder_stage_does_not_depend_on_the_synthetic_sizes(tmp_path):
+  """A stage trained on an image folder is reused under another config file whose
+  synthetic sizes differ (the folder source reads none of them), also where its record was
+  written listing them."""
+  from configs import quickstart  # pylint: disable=g-import-not-at-top
+  small, large = tiny.get_config(), quickstart.get_config()
+  for config in (small, large):
+    config.data.source, config.data.path = 'folder', ROOT
+  assert 'data.train_size' not in validation.stage_fields(small, 'backdoored')
+  directory = tmp_path / 'backdoored'
+  validation.record_stage(small, str(directory), 'backdoored', 'digest')
+  for field, value in validation.stage_fields(small, 'backdoored').items():  # the same run
+    assign(large, field, tuple(value) if isinstance(value, list) else value)
+  validation.check_workdir(large, str(tmp_path), ('backdoored',), 'digest')
+  record = directory / validation.FINGERPRINT
+  written = json.loads(record.read_text())
+  written['fields']['data.train_size'] = small.data.train_size  # as earlier versions wrote
+  record.write_text(json.dumps(written))
+  validation.check_workdir(large, str(tmp_path), ('backdoored',), 'digest')

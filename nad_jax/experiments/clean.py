@@ -69,10 +69,10 @@ def check_writable(out: str) -> None:
     out: the output folder (it may not exist yet).
 
   Raises:
-    ConfigError: `out` is a file, or torch (which writes the .pth files) is not installed.
+    ConfigError: `out` is empty, a file or below one (validation.check_folder), or torch
+      (which writes the .pth files) is not installed.
   """
-  if os.path.exists(out) and not os.path.isdir(out):
-    raise validation.ConfigError(f'the output folder {out} is a file')
+  validation.check_folder(out, 'the output folder')
   if importlib.util.find_spec('torch') is None:
     raise validation.ConfigError("writing the cleaned model as a PyTorch state_dict needs "
                                  "torch: pip install 'nad-jax[torch]'")

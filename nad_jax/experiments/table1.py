@@ -186,14 +186,14 @@ def kept_timing(path: str, results: dict, details: list | None = None) -> dict:
   """A table file's content (`results`) keeping what the file at `path` recorded where
   this run trained nothing: each attack's as `kept_attack_timing`, and the table's total
   'timing' where every attack (of `results['details']`, or `details`: every seed's) was
-  kept whole, for the same attacks and defenses."""
+  kept whole, for the same attacks, defenses and seeds."""
   earlier = stages.earlier_results(path)
   if 'details' in results:
     results = {**results, 'details': {
         attack: kept_attack_timing(earlier.get('details', {}).get(attack) or {}, detail)
         for attack, detail in results['details'].items()}}
     details = list(results['details'].values())
-  same_table = all(earlier.get(k) == results.get(k) for k in ('attacks', 'defenses'))
+  same_table = all(earlier.get(k) == results.get(k) for k in ('attacks', 'defenses', 'seeds'))
   if 'timing' in earlier and same_table and all(
       d['timing'].get('total', {}).get('from_earlier_run') for d in details):
     results = {**results, 'timing': {**earlier['timing'], 'from_earlier_run': True}}
