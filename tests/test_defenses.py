@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -190,9 +191,14 @@ def test_table_over_seeds_gathers_runs_of_single_seeds(table_run, tmp_path):
     assert f'{saved["table"]["badnets"]["ft"]["asr"]:.2f} ± ' in f.read()
   evaluated = table.evaluate_only(config, str(tmp_path))  # restores each seed's stages
   assert evaluated['table'] == saved['table'] and evaluated['std'] == saved['std']
-  # A seed without stages is found before any seed's evaluation is written.
+  # Other seeds than the table's are refused before any seed's evaluation is written.
   written = os.stat(tmp_path / 'seed_0' / 'table1_eval.json').st_mtime_ns
-  config.seeds = (0, 2)
+  for seeds in ((1,), (0, 2)):
+    config.seeds = seeds
+    with pytest.raises(stages.ConfigError, match=re.escape(f'seeds {seeds}: the table in ')
+                       + r'.* ran seeds \(0, 1\)'):
+      table.evaluate_only(config, str(tmp_path))
+  (tmp_path / 'table1.json').unlink()  # a table whose seeds ran apart: a missing one is found
   with pytest.raises(stages.ConfigError, match="no checkpoint for stage 'backdoored'"):
     table.evaluate_only(config, str(tmp_path))
   assert os.stat(tmp_path / 'seed_0' / 'table1_eval.json').st_mtime_ns == written

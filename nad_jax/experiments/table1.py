@@ -449,6 +449,10 @@ def evaluate_only(config, workdir: str) -> dict:
       nothing is written then).
   """
   if config.seeds:
+    ran = stages.earlier_results(os.path.join(workdir, 'table1.json')).get('seeds')
+    if ran and list(config.seeds) != ran:  # table1_eval.json would describe another table
+      raise stages.ConfigError(f'seeds {tuple(config.seeds)}: the table in {workdir} ran seeds '
+                               f'{tuple(ran)}; evaluate those (or one seed_<S> folder alone)')
     per_seed = {seed: seed_config(config, seed) for seed in config.seeds}
     for seed, cfg in per_seed.items():
       evaluation_plan(cfg, os.path.join(workdir, f'seed_{seed}'))
