@@ -161,7 +161,9 @@ CIFAR_FLAGS = ('--config.data.source=folder', '--config.data.path=../shared/data
                '--config.nad.eval_every=5')
 CIFAR_ATTACKS = {'badnets': (), 'blend': (), 'trojan': (  # the NAD authors' patch
     '--config.attack.pattern_path=../shared/data/nad-official/best_square_trigger_cifar10.npz',),
-                 'wanet': ()}
+                 'wanet': (),
+                 'sig': ('--config.attack.sig_mode=blend_raw',  # the NAD code's SIG
+                         '--config.attack.frequency=4.074366543152521')}
 CIFAR_SOURCES = {f'cifar_{a}.json': (main_command(f'configs/nad_cifar.py:{a}', f'runs/cifar_{a}',
                                                   *CIFAR_FLAGS, *extra),
                                      f'runs/cifar_{a}/results.json')
