@@ -728,10 +728,12 @@ def backdoored(ctx: Context) -> StageResult:
   A finished stage is restored without preparing the attack again.
   """
   ds, config = ctx.dataset, ctx.config
-  log(f'{len(ds.train_images)} training images ({poisoned_count(ctx.poisoned)} poisoned by '
-      f'{ctx.attack.name}), {clean_count(config, ds)} clean for the defense, '
-      f'{len(ds.test_images)} test; {jax.device_count()} {jax.default_backend()} device(s)')
-  if 'backdoored' in ctx.checkpoints:
+  given = 'backdoored' in ctx.checkpoints  # no training set is poisoned then
+  log(f'{len(ds.train_images)} training images'
+      + ('' if given else f' ({poisoned_count(ctx.poisoned)} poisoned by {ctx.attack.name})')
+      + f', {clean_count(config, ds)} clean for the defense, {len(ds.test_images)} test; '
+      f'{jax.device_count()} {jax.default_backend()} device(s)')
+  if given:
     return pretrained(ctx, ctx.checkpoints['backdoored'], config.student.checkpoint,
                       'backdoored')
   directory = ctx.workdir and os.path.join(ctx.workdir, 'backdoored')
