@@ -130,6 +130,14 @@ def _suggest(name: str, options) -> str:
 
 
 
+# `data.*` fields that a dataset does not depend on, and where they are read instead.
+NOT_LOADING = {
+    'clean_fraction': 'the clean subset is drawn by erase, clean_fraction= there',
+    'eval_batch_size': "evaluation's batch: set config.data.eval_batch_size in the config "
+                       'given to evaluate, erase or train_backdoored',
+}
+
+
 def load_data(source: str = 'synthetic', *, seed: int = 0, **fields) -> data_lib.Dataset:
   """A dataset as host arrays: 'synthetic', 'tfds' (name=, data_dir=) or 'folder' (path=).
 
@@ -142,11 +150,14 @@ def load_data(source: str = 'synthetic', *, seed: int = 0, **fields) -> data_lib
     A Dataset of uint8 (N, H, W, C) images and int32 (N,) labels.
 
   Raises:
-    ConfigError: a field's value is not allowed or the source cannot be read (the
-      message names the field).
+    ConfigError: a field's value is not allowed, a field it does not read (NOT_LOADING),
+      or the source cannot be read (the message names the field).
   """
   config = defaults.paper_config()
   for field, value in dict(source=source, seed=seed, **fields).items():
+    if field in NOT_LOADING:
+      raise validation.ConfigError(f'data.{field} {value!r}: load_data does not read it; '
+                                   f'{NOT_LOADING[field]}')
     if field not in config.data:
       raise validation.ConfigError(f'unknown option {field!r} of load_data'
                                    f'{_suggest(field, config.data)}')
@@ -157,6 +168,13 @@ def load_data(source: str = 'synthetic', *, seed: int = 0, **fields) -> data_lib
     return data_lib.load_dataset(config.data)
   except data_lib.DataError as e:
     raise validation.ConfigError(str(e)) from None
+
+
+def refuse_poison_rate(options: dict, function: str) -> None:
+  """Raises ConfigError where `options` set `poison_rate`, which only train_backdoored reads."""
+  if options.get('poison_rate') is not None:
+    raise validation.ConfigError(f"poison_rate {options['poison_rate']!r}: {function} poisons "
+                                 'nothing (the model is given); train_backdoored reads it')
 
 
 def _context(dataset: data_lib.Dataset, config, trained: tuple[str, ...]) -> stages.Context:
@@ -239,12 +257,13 @@ def erase(dataset: data_lib.Dataset, variables: dict, *, method: str = 'nad',
 
   Raises:
     ConfigError: a bad option or method, or an option of a stage that this call does not
-      train (named).
+      train, or poison_rate (named).
   """
   if method not in METHODS:
     raise validation.ConfigError(f'method {method!r}: must be one of {METHODS}')
   if betas is not None and method != 'nad':  # FT is NAD with every beta 0
     raise validation.ConfigError(f"betas: NAD's, not a field of method {method!r}")
+  refuse_poison_rate(options, 'erase')
   config = make_config(config, **options)
   if 'mcr' not in config:
     defaults.defense_stages(config)
@@ -285,6 +304,11 @@ def evaluate(dataset: data_lib.Dataset, variables: dict, *, config=None,
   Returns:
     {'acc', 'acc_nontarget', 'asr', 'ra'} as floats in [0, 100] (ra: the triggered
     non-target test images classified as their true label).
+
+  Raises:
+    ConfigError: a bad option, poison_rate among them (named), or variables that do not
+      fit the model.
   """
+  refuse_poison_rate(options, 'evaluate')
   ctx = _context(dataset, make_config(config, **options), ())
   return stages.evaluate(ctx, _on_devices(ctx, variables))

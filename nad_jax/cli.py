@@ -148,8 +148,9 @@ def parser() -> argparse.ArgumentParser:
                             '--teacher), fp.* (fp), mcr.* (mcr); a Python literal or a string; '
                             'repeatable, applied last, e.g. --set nad.betas=(500,1000,1000) '
                             '--set data.eval_batch_size=500. Others are refused: seeds, '
-                            'eval_only, runner, distributed.*, backdoor_training.*, the '
-                            'sections of another method')
+                            'eval_only, runner, distributed.*, backdoor_training.*, '
+                            'attack.poison_rate, attack.clean_label, the sections of another '
+                            'method, nad.betas but for nad')
   output = p.add_argument_group('output')
   output.add_argument('--out', default='cleaned', metavar='DIR',
                       help='the output folder (default ./cleaned)')
@@ -222,8 +223,8 @@ def set_field(config, assignment: str) -> None:
   """Applies one `--set FIELD=VALUE` to `config` (in place).
 
   Raises:
-    UsageError: no '=', an unknown field (with the closest name), or a value of the
-      wrong type for the field.
+    UsageError: no '=', a field no cleaning reads (clean.UNREAD), an unknown field
+      (with the closest name), or a value of the wrong type for the field.
   """
   field, sep, text = assignment.partition('=')
   if not sep:
@@ -232,7 +233,11 @@ def set_field(config, assignment: str) -> None:
     value = ast.literal_eval(text)
   except (ValueError, SyntaxError):
     value = text  # a plain string, e.g. --set attack.pattern=square
-  section, _, leaf = field.strip().rpartition('.')
+  field = field.strip()
+  why = clean.UNREAD.get(field) or clean.UNREAD.get(field.partition('.')[0])
+  if why:  # before the config's own rules, which might point to another refused field
+    raise UsageError(f'--set {field}: {why}')
+  section, _, leaf = field.rpartition('.')
   try:
     parent = validation.lookup(config, section) if section else config
     if leaf not in parent:

@@ -70,9 +70,10 @@ class StageResult(NamedTuple):
     history: one dict per evaluated or trained epoch: 'epoch' (0: before training),
       'ce' and, when distilling, 'at' (per layer) for trained epochs, and the
       METRICS (percent) where the epoch was evaluated; the last entry is evaluated.
-    timing: {'compile_s', 'img_per_s': per trained epoch, counting every replica's
-      images}; `from_earlier_run` where copied from an earlier run's results; {} for
-      a loaded model.
+    timing: {'compile_s', 'img_per_s': per epoch trained in this run, counting every
+      replica's images}; 'resumed_after_epoch' where the run resumed the stage, so that
+      'img_per_s' covers the epochs after it only; `from_earlier_run` where copied from an
+      earlier run's results; {} for a loaded model.
     info: what a defense adds (fine-pruning's channels, MCR's curve, NAD's teacher).
   """
   variables: Any
@@ -441,6 +442,8 @@ def train_stage(ctx: Context, name: str, stage_cfg, recipe: train_lib.Recipe, in
       # A stage that trains nothing keeps its start, so an evaluation-only rerun finds it.
       checkpoints.save(0, state, history)
   timing = {'compile_s': 0.0, 'img_per_s': []}
+  if 0 < done < stage_cfg.epochs:  # the earlier epochs' speeds went with the interrupted run
+    timing['resumed_after_epoch'] = done
   if done < stage_cfg.epochs:
     on_device = train_lib.replicate((images, labels, poisoned), ctx.mesh)
     frozen = frozen if frozen is not None else {}
@@ -769,6 +772,19 @@ def kept_timing(earlier: dict, timing: dict) -> dict:
   return {name: ({**earlier[name], 'from_earlier_run': True}
                  if not t.get('img_per_s') and earlier.get(name, {}).get('img_per_s') else t)
           for name, t in timing.items()}
+
+
+def trained_now(timings) -> bool:
+  """Whether any of `timings` (StageResult.timing dicts) trained an epoch in this run."""
+  return any(t.get('img_per_s') and not t.get('from_earlier_run') for t in timings)
+
+
+def remove_stale(path: str, trained: bool) -> None:
+  """Removes the evaluation-only results at `path` where this run `trained` a stage: they
+  describe the models before it."""
+  if trained and jax.process_index() == 0 and os.path.exists(path):
+    os.remove(path)
+    log(f'removed {path}: it evaluated the models before this run trained them again')
 
 
 def write_json(path: str, content: dict) -> None:

@@ -507,7 +507,10 @@ def validate_poisoning(config, count: int, candidates: int) -> None:
 FINGERPRINT = 'stage_config.json'
 # Fields that never change what a stage trains (evaluation cadence, caches, devices).
 NOT_SHAPING = ('eval_only', 'runner', 'distributed', 'compilation_cache', 'scan_epoch',
-               'model.conv', 'data.eval_batch_size', 'table')
+               'model.conv', 'data.eval_batch_size', 'table', 'mcr.points')
+# Fields that shape what a stage's training evaluates but not what it trains: an
+# evaluation-only run may set them anew (MCR's point on the trained curve).
+EVALUATED_ONLY = ('mcr.t',)
 # The sections that shape each stage: its own and those of the stages it starts from.
 BACKDOORED = ('seed', 'seeds', 'data', 'model', 'attack', 'backdoor_training', 'student')
 # Fields newer than some stage folders, with the value that those folders trained with.
@@ -569,16 +572,26 @@ def check_folder(path: str, field: str) -> None:
                                               os.path.abspath(path) else f'{parent} is a file'))
 
 
+def ignored_fields(config, stage: str) -> tuple[str, ...]:
+  """The fields and sections (dotted) of `stage`'s sections that do not shape it."""
+  return (NOT_SHAPING + STAGE_IGNORES.get(stage, ()) + other_attacks_fields(config.attack.name)
+          + other_sources_fields(config.data.source))
+
+
+def is_in(field: str, names) -> bool:
+  """Whether dotted `field` is one of `names`, lies in one of them (a section), or is an
+  evaluation cadence (`*.eval_every`, which never shapes a stage)."""
+  return field.endswith('.eval_every') or any(field == n or field.startswith(n + '.')
+                                              for n in names)
+
+
 def stage_fields(config, stage: str, data_digest: str | None = None) -> dict:
   """{dotted field: JSON value} of the config fields that shape `stage`, plus
   'data.digest' (of the images and labels themselves) where `data_digest` is given."""
   as_dict = config.to_dict()
   fields = flatten({k: as_dict[k] for k in STAGE_SECTIONS[stage] if k in as_dict})
-  ignored = (NOT_SHAPING + STAGE_IGNORES.get(stage, ())
-             + other_attacks_fields(config.attack.name) + other_sources_fields(config.data.source))
-  fields = {k: v for k, v in fields.items()
-            if not k.endswith('.eval_every')
-            and not any(k == i or k.startswith(i + '.') for i in ignored)}
+  ignored = ignored_fields(config, stage)
+  fields = {k: v for k, v in fields.items() if not is_in(k, ignored)}
   if data_digest:
     fields['data.digest'] = data_digest
   return json.loads(json.dumps(fields, default=str))  # tuples -> lists, as read back
@@ -594,7 +607,8 @@ def differences(recorded: dict, current: dict) -> list[str]:
           for c in changed]
 
 
-def check_workdir(config, workdir: str, stages, data_digest: str | None = None) -> None:
+def check_workdir(config, workdir: str, stages, data_digest: str | None = None,
+                  evaluating: bool = False) -> None:
   """Raises ConfigError where a stage folder of `workdir` was trained with other values.
 
   Args:
@@ -602,6 +616,8 @@ def check_workdir(config, workdir: str, stages, data_digest: str | None = None) 
     workdir: the run's folder (it may not exist yet).
     stages: the stage names (keys of STAGE_SECTIONS) this run may resume.
     data_digest: `data_digest` of the run's dataset; None checks the config alone.
+    evaluating: an evaluation-only run, which trains nothing: EVALUATED_ONLY fields may
+      differ, and the message does not offer to train the stage again.
 
   Raises:
     ConfigError: naming the stage, its folder, each differing field (old -> new) and what
@@ -625,20 +641,24 @@ def check_workdir(config, workdir: str, stages, data_digest: str | None = None) 
       raise ConfigError(f'stage {stage!r}: {record} is unreadable; use another --workdir '
                         'or delete the folder') from None
     current = stage_fields(config, stage, data_digest)
-    # A record written before OWN_FIELDS was used lists the other attacks' fields too.
-    unread = set(other_attacks_fields(config.attack.name)
-                 + other_sources_fields(config.data.source))
+    # An older record may list fields read elsewhere (other attacks' or sources') or
+    # since found not to shape the stage.
+    ignored = ignored_fields(config, stage) + (EVALUATED_ONLY if evaluating else ())
     recorded = {**{k: v for k, v in ADDED_FIELDS.items() if k in current},
-                **{k: v for k, v in recorded.items() if k not in unread}}
+                **{k: v for k, v in recorded.items() if not is_in(k, ignored)}}
+    current = {k: v for k, v in current.items() if not is_in(k, ignored)}
     if data_digest is None:  # a check before the data is loaded
       recorded = {k: v for k, v in recorded.items() if k != 'data.digest'}
     changed = differences(recorded, current)
     if changed:
       raise ConfigError(
           f'stage {stage!r} in {directory} was trained with other values: '
-          + '; '.join(changed) + '. Rerun with the old values, use another --workdir, or '
-          f'delete {directory} (and the folders of the stages that start from it) to train '
-          'it again')
+          + '; '.join(changed) + ('. Evaluate it with the values it was trained with, or '
+                                  'point --workdir at the run trained with yours'
+                                  if evaluating else
+                                  '. Rerun with the old values, use another --workdir, or '
+                                  f'delete {directory} (and the folders of the stages that '
+                                  'start from it) to train it again'))
 
 
 def data_digest(dataset) -> str:

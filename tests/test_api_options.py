@@ -68,6 +68,22 @@ def test_load_data_refuses_a_field_its_source_does_not_read(tmp_path, source, fi
     nad_jax.load_data(source, **{**where, field: value})
 
 
+@pytest.mark.parametrize('field,value,where', [('clean_fraction', 0.1, 'erase, clean_fraction='),
+                                              ('eval_batch_size', 64, 'config.data.eval_batch')])
+def test_load_data_refuses_a_field_no_dataset_depends_on(field, value, where):
+  """The whole dataset is loaded either way; the field is read where it is named."""
+  with pytest.raises(nad_jax.ConfigError, match=f'data.{field} {value!r}: load_data does not '
+                     f'read it; .*{where}'):
+    nad_jax.load_data('synthetic', **{field: value})
+
+
+@pytest.mark.parametrize('function', ['erase', 'evaluate'])
+def test_a_poison_rate_is_refused_where_nothing_is_poisoned(function):
+  call = getattr(nad_jax, function)
+  with pytest.raises(nad_jax.ConfigError, match=f'poison_rate 0.2: {function} poisons nothing'):
+    call(None, {}, poison_rate=0.2)
+
+
 def test_load_data_names_a_missing_folder(tmp_path):
   with pytest.raises(nad_jax.ConfigError, match=f"data.path '{tmp_path / 'none'}': must be an "
                      'existing folder'):

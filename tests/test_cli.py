@@ -4,6 +4,7 @@ repository on tiny data, its outputs, and one clear error per kind of bad input.
 import importlib
 import json
 import os
+import re
 import subprocess
 import sys
 import tomllib
@@ -153,6 +154,10 @@ def test_method_mcr_records_the_ft_stage_it_trains(inputs, tmp_path):
   report = (out / 'report.md').read_text()
   assert '- ft: epochs 1; mcr: epochs 1' in report, report
   assert "| ft (the curve's end) |" in report and '## ft per epoch' in report
+  # The curve's ends are not the rows above them (BatchNorm recomputed), and it says so.
+  assert '## The curve (MCR)' in report and 'BatchNorm statistics are recomputed' in report
+  curve = report.split('## The curve (MCR)')[1].split('\n\n')[2].splitlines()
+  assert [row.split(' | ')[0] for row in curve[2:]] == ['| 0', '| 0.3', '| 0.5', '| 1']
 
 
 @pytest.mark.slow
@@ -290,15 +295,21 @@ def bad_inputs(tmp_path, data, model):
       'several seeds': ([model, '--arch', 'tiny', '--data', data, *ok, '--set', 'seeds=(0,1)'],
                         'seeds (0, 1): nad-jax-clean cleans with one seed'),
       'evaluation only': ([model, '--arch', 'tiny', '--data', data, *ok, '--set',
-                           'eval_only=True'], 'eval_only True: nad-jax-clean has no evaluation'),
+                           'eval_only=True'], '--set eval_only: nad-jax-clean has no evaluation'),
       'another runner': ([model, '--arch', 'tiny', '--data', data, *ok, '--set',
-                          'runner=table1'], "runner 'table1': nad-jax-clean picks its runner"),
+                          'runner=table1'], '--set runner: nad-jax-clean picks its runner'),
       'several processes': ([model, '--arch', 'tiny', '--data', data, *ok, '--set',
-                             'distributed.enabled=True', '--set', 'distributed.num_processes=2'],
-                            'distributed.enabled True: nad-jax-clean runs one process'),
+                             'distributed.num_processes=2'],
+                            '--set distributed.num_processes: nad-jax-clean runs one process'),
+      'a poison rate': ([model, '--arch', 'tiny', '--data', data, *ok, '--set',
+                         'attack.poison_rate=0.2'],
+                        '--set attack.poison_rate: nothing is poisoned here'),
+      'betas without distillation': ([model, '--arch', 'tiny', '--data', data, *ok, '--method',
+                                      'ft', '--set', 'nad.betas=(1.0,1.0,1.0)'],
+                                     'nad.betas (1.0, 1.0, 1.0): --method ft does not distill'),
       'backdoor training': ([model, '--arch', 'tiny', '--data', data, *ok, '--set',
                              'backdoor_training.epochs=5'],
-                            'backdoor_training.epochs 5: the backdoored model is given'),
+                            '--set backdoor_training.epochs: the backdoored model is given'),
       "another method's field": ([model, '--arch', 'tiny', '--data', data, *ok, '--set',
                                   'fp.epochs=2'], 'fp.epochs 2: --method nad does not use it'),
       'teacher epochs of a given teacher': ([model, '--arch', 'tiny', '--data', data, *ok,
@@ -318,7 +329,8 @@ CASES = ('missing model', 'junk model', 'wrong architecture', 'missing data',
          'bad number', 'bad value', 'bad mean', 'unknown field', 'mistyped field',
          'out is a file', 'out below a file', 'empty out',
          'batch larger than the clean subset', 'several seeds',
-         'evaluation only', 'another runner', 'several processes', 'backdoor training',
+         'evaluation only', 'another runner', 'several processes', 'a poison rate',
+         'betas without distillation', 'backdoor training',
          "another method's field", 'teacher epochs of a given teacher', 'a teacher for ft',
          'a size the folder does not read')
 
@@ -337,6 +349,19 @@ def test_a_bad_input_is_one_line_and_writes_nothing(case, inputs, tmp_path, caps
   assert fragment in message, message
   assert 'Traceback' not in capsys.readouterr().err
   assert sorted(p.name for p in tmp_path.iterdir()) == before  # no ./cleaned, nothing else
+
+
+@pytest.mark.parametrize('field, value, fragment', [
+    ('attack.poison_rate', 0.2, 'attack.poison_rate 0.2: nothing is poisoned here'),
+    ('distributed.num_processes', 2, 'distributed.num_processes 2: nad-jax-clean runs one'),
+    ('eval_only', True, 'eval_only True: nad-jax-clean has no evaluation-only mode')])
+def test_the_runner_refuses_what_a_cleaning_does_not_read(field, value, fragment):
+  """The same refusals for a config given to clean.run from Python, not by --set."""
+  config = defaults.defense_stages(defaults.paper_config())
+  section, _, leaf = field.rpartition('.')
+  (config[section] if section else config)[leaf] = value
+  with pytest.raises(stages.ConfigError, match=re.escape(fragment)):
+    clean.refuse_ignored_fields(config, 'nad', ('teacher', 'nad'))
 
 
 def test_the_runner_refuses_an_unknown_method(tmp_path):

@@ -140,6 +140,20 @@ def test_table_eval_only_refuses_an_unfinished_stage(table_run, tmp_path):
   assert not os.path.exists(copy / 'table1_eval.json')
 
 
+def test_table_eval_only_evaluates_the_curve_at_another_t(table_run, tmp_path):
+  """mcr.t picks a point on the trained curve: an evaluation-only run may pick another one
+  (the curve is not trained again), and gives that point of the training run's curve."""
+  workdir, saved = table_run
+  copy = tmp_path / 'table'
+  shutil.copytree(workdir, copy)
+  config = tiny_table_config()
+  config.eval_only = True
+  config.mcr.t = 0.5
+  evaluated = table.evaluate_only(config, str(copy))
+  point = next(c for c in saved['details']['badnets']['mcr']['curve'] if c['t'] == 0.5)
+  assert evaluated['table']['badnets']['mcr'] == {k: point[k] for k in stages.METRICS}
+
+
 def test_finetuning_is_nad_with_zero_betas(table_run, tmp_path):
   """FT of the table == the NAD stage of pipeline.run with betas 0, number for number."""
   workdir, results = table_run

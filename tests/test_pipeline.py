@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -101,8 +102,10 @@ def test_eval_only_refuses_a_config_the_workdir_was_not_trained_with(finished_ru
   config.eval_only = True
   section, name = field.split('.') if '.' in field else (None, field)
   (config[section] if section else config)[name] = value
-  with pytest.raises(stages.ConfigError, match='was trained with other values'):
+  with pytest.raises(stages.ConfigError, match='was trained with other values') as error:
     nad_runner.evaluate_only(config, workdir)
+  assert 'Evaluate it with the values it was trained with' in str(error.value)
+  assert 'train it again' not in str(error.value)  # evaluating trains nothing
   assert (os.stat(eval_file).st_mtime_ns if os.path.exists(eval_file) else None) == written
 
 
@@ -118,6 +121,23 @@ def test_eval_only_refuses_an_unfinished_stage(finished_run, tmp_path):
                      r"of 2 saved\); rerun without --config.eval_only"):
     nad_runner.evaluate_only(config, str(copy))
   assert not os.path.exists(copy / 'eval.json')
+
+
+def test_a_rerun_that_trains_again_removes_the_stale_eval_json(finished_run, tmp_path):
+  """eval.json describes the models it evaluated: a rerun that trains nothing keeps it, one
+  that trains a stage again (its folder deleted) removes it."""
+  workdir, _ = finished_run
+  copy = str(tmp_path / 'run')
+  shutil.copytree(workdir, copy)
+  config = tiny_config()
+  config.eval_only = True
+  nad_runner.evaluate_only(config, copy)
+  eval_file = os.path.join(copy, 'eval.json')
+  nad_runner.run(tiny_config(), copy)
+  assert os.path.exists(eval_file)
+  shutil.rmtree(os.path.join(copy, 'nad'))
+  nad_runner.run(tiny_config(), copy)
+  assert not os.path.exists(eval_file)
 
 
 def test_student_checkpoint_path_is_loaded_not_retrained(finished_run, tmp_path):
@@ -175,6 +195,11 @@ def test_sigkill_mid_stage_then_resume_gives_same_results(finished_run, tmp_path
     results = json.load(f)
   assert results['stages'] == uninterrupted['stages']
   assert results['history'] == uninterrupted['history']
+  # The killed run's epoch speeds are gone: the record says which epochs its speeds cover.
+  done = int(re.search(r'\[teacher\] resumed from epoch (\d+)', out).group(1))
+  teacher = results['timing']['teacher']
+  assert len(teacher['img_per_s']) == 2 - done
+  assert teacher.get('resumed_after_epoch') == (done if done < 2 else None)
 
 
 def test_one_and_four_devices_agree():

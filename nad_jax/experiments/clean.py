@@ -37,12 +37,14 @@ METHODS = ('nad', 'ft', 'fp', 'mcr')
 # The stage folders a cleaning may write under out/checkpoints (FT's is 'ft'; MCR trains FT).
 FOLDERS = ('teacher', 'nad', 'ft', 'fp', 'mcr')
 MODEL_FILE = 'cleaned.pth'
-# Fields and sections no cleaning reads, and why (`refuse_ignored_fields`).
+# Sections and fields no cleaning reads, and why (`refuse_ignored_fields`).
 UNREAD = {
     'eval_only': 'nad-jax-clean has no evaluation-only mode',
     'runner': 'nad-jax-clean picks its runner itself',
     'distributed': 'nad-jax-clean runs one process',
     'backdoor_training': 'the backdoored model is given (student.checkpoint), not trained',
+    'attack.poison_rate': 'nothing is poisoned here: the backdoored model is given',
+    'attack.clean_label': 'nothing is poisoned here: the backdoored model is given',
 }
 ATTENTION_IMAGES = 6
 
@@ -81,8 +83,9 @@ def check_writable(out: str) -> None:
 def refuse_ignored_fields(config, method: str, trains: tuple[str, ...]) -> None:
   """Refuses what a cleaning would not read, which results.json would record as if used:
   several seeds, or a field set away from its default in UNREAD, in a stage section
-  (teacher, fp, mcr) the cleaning does not train (FP's follows `nad`'s schedule) or in
-  the data section where the data source does not read it.
+  (teacher, fp, mcr) the cleaning does not train (FP's follows `nad`'s schedule), in
+  `nad.betas` where the method does not distill, or in the data section where the data
+  source does not read it.
 
   Args:
     config: the run's config, with the `fp` and `mcr` sections (defaults.defense_stages).
@@ -99,15 +102,19 @@ def refuse_ignored_fields(config, method: str, trains: tuple[str, ...]) -> None:
   unread = dict(UNREAD)
   unread.update({section: f'--method {method} does not use it'
                  for section in ('teacher', 'fp', 'mcr') if section not in trains})
+  if method != 'nad':
+    unread['nad.betas'] = f'--method {method} does not distill (only nad reads it)'
   default = defaults.paper_config()
+  betas = default.nad.betas
   default.nad = copy.deepcopy(config.nad)  # FP's schedule follows this run's NAD's
+  default.nad.betas = betas
   defaults.defense_stages(default)
   if method == 'nad' and config.teacher.checkpoint:
     unread['teacher'] = 'the teacher is given (teacher.checkpoint), not trained'
     default.teacher.checkpoint = config.teacher.checkpoint
   expected = validation.flatten(default.to_dict())
   for field, value in validation.flatten(config.to_dict()).items():
-    why = unread.get(field.partition('.')[0])
+    why = unread.get(field) or unread.get(field.partition('.')[0])
     if why and not validation.same(value, expected[field]):
       raise validation.ConfigError(f'{field} {value!r}: {why}; leave it at {expected[field]!r}')
   validation.refuse_unread_fields(config, 'data')  # e.g. a synthetic set's size beside --data
@@ -241,7 +248,8 @@ def _cell(entry: dict, key: str) -> str:
 
 
 def report(results: dict, ctx: stages.Context) -> str:
-  """report.md: the input, the metrics before and after, each stage's curve, the figures.
+  """report.md: the input, the metrics before and after, each stage's curve, MCR's curve
+  (where the method is mcr), the figures.
 
   Args:
     results: the content of results.json (`run`).
@@ -287,6 +295,15 @@ def report(results: dict, ctx: stages.Context) -> str:
               '|---:|' + '---:|' * len(keys)]
     lines += [f'| {h["epoch"]} | ' + ' | '.join(_cell(h, k) for k in keys) + ' |'
               for h in history]
+  if 'curve' in results['info']:
+    lines += ['', '## The curve (MCR)', '',
+              f'The models between the backdoored one (t=0) and the ft one (t=1); the cleaned '
+              f'model is t={results["info"]["t"]:g}. Every point\'s BatchNorm statistics are '
+              'recomputed on the clean subset, so the ends differ from the backdoored and ft rows '
+              'above, which keep their own.', '',
+              '| t | ' + ' | '.join(stages.METRICS) + ' |', '|---:|' + '---:|' * len(stages.METRICS)]
+    lines += [f'| {c["t"]:g} | ' + ' | '.join(_cell(c, k) for k in stages.METRICS) + ' |'
+              for c in results['info']['curve']]
   for key, title in (('curves', 'acc and asr per epoch'),
                      ('attention', 'attention maps of triggered test images')):
     if key in results['files']:

@@ -51,7 +51,8 @@ def check_overrides(config, fields) -> None:
 
 
 def run(config, workdir: str) -> Outcome:
-  """Runs (or resumes) every stage and writes `workdir/results.json`.
+  """Runs (or resumes) every stage and writes `workdir/results.json`; an `eval.json` of
+  `evaluate_only` is removed where a stage trained again.
 
   Args:
     config: the run's ConfigDict (configs/*.py).
@@ -82,6 +83,8 @@ def run(config, workdir: str) -> Outcome:
       'config': config.to_dict(),
   }
   stages.write_json(path, written)
+  stages.remove_stale(os.path.join(workdir, 'eval.json'),
+                      stages.trained_now(result.timing for result in results.values()))
   stages.log(stages.format_table(written['stages'], written.get('std')))
   return Outcome(written, {name: result.variables for name, result in results.items()})
 
@@ -99,10 +102,10 @@ def evaluate_only(config, workdir: str) -> dict:
       (stages.evaluation_sources), or a checkpoint that does not fit the model; nothing
       is written then.
   """
-  validation.check_workdir(config, workdir, STAGES)
+  validation.check_workdir(config, workdir, STAGES, evaluating=True)
   sources = stages.evaluation_sources(config, workdir, STAGES)
   ctx = stages.setup(config, workdir)
-  validation.check_workdir(config, workdir, STAGES, ctx.data_digest)
+  validation.check_workdir(config, workdir, STAGES, ctx.data_digest, evaluating=True)
   evaluated = {}
   for name, path in sources.items():
     variables = (ctx.checkpoints[name] if name in ctx.checkpoints else

@@ -200,6 +200,11 @@ def kept_timing(path: str, results: dict, details: list | None = None) -> dict:
   return results
 
 
+def trained_now(details) -> bool:
+  """Whether any stage of the attacks' `run_attack` outputs (`details`) trained in this run."""
+  return stages.trained_now(t for d in details for t in d['stage_timing'].values())
+
+
 def average(cells: dict, defenses) -> dict:
   """{defense: METRICS averaged over the attacks} of {attack: {defense: metrics}}."""
   return {d: {k: round(float(np.mean([cells[a][d][k] for a in cells])), 2) for k in METRICS}
@@ -284,9 +289,10 @@ def write_figures(figure_dir: str, ctx, attack: str, out: dict, config) -> list:
 FOLDERS = ('backdoored', 'teacher', 'nad', 'ft', 'fp', 'mcr')  # the stage folders of an attack
 
 
-def attack_configs(config, workdir: str) -> dict:
+def attack_configs(config, workdir: str, evaluating: bool = False) -> dict:
   """{attack: the config that runs its rows}, each validated and checked against the
-  stage folders of `workdir/<attack>`, before anything trains.
+  stage folders of `workdir/<attack>` (as validation.check_workdir, `evaluating` passed
+  on), before anything trains or is evaluated.
 
   Raises:
     ConfigError: naming the field (of the table or of one attack's config) or the folder.
@@ -296,7 +302,7 @@ def attack_configs(config, workdir: str) -> dict:
   for attack, cfg in configs.items():
     validation.validate(cfg)
     validation.refuse_unread_fields(cfg, 'attack')
-    validation.check_workdir(cfg, os.path.join(workdir, attack), FOLDERS)
+    validation.check_workdir(cfg, os.path.join(workdir, attack), FOLDERS, evaluating=evaluating)
   return configs
 
 
@@ -338,7 +344,8 @@ def run(config, workdir: str) -> dict:
   `table1.json` records the table's config ('config') and, per attack, the config
   its rows ran with ('details'.<attack>.'config'). With `config.seeds`, each seed's
   table is in `workdir/seed_<S>` and `table1.json` holds `over_seeds`'s figures, the
-  timing and the config.
+  timing and the config. A `table1_eval.json` of `evaluate_only` is removed where a
+  stage trained again.
 
   Raises:
     ConfigError: a bad config, data or checkpoint, or a stage folder trained with
@@ -358,8 +365,10 @@ def run(config, workdir: str) -> dict:
              'attacks': list(config.table.attacks), 'timing': since(total),
              'config': config.to_dict()}
   path = os.path.join(workdir, 'table1.json')
-  results = kept_timing(path, results, [d for t in tables.values() for d in t['details'].values()])
+  details = [d for t in tables.values() for d in t['details'].values()]
+  results = kept_timing(path, results, details)
   stages.write_json(path, results)
+  stages.remove_stale(os.path.join(workdir, 'table1_eval.json'), trained_now(details))
   write_tables(workdir, results['table'], results['average'], config.table.defenses,
                results['std'])
   return results
@@ -402,6 +411,7 @@ def run_one(config, workdir: str) -> dict:
   path = os.path.join(workdir, 'table1.json')
   results = kept_timing(path, results)
   stages.write_json(path, results)
+  stages.remove_stale(os.path.join(workdir, 'table1_eval.json'), trained_now(report.values()))
   write_tables(workdir, cells, avg, defenses)
   timing = results['timing']
   stages.log(f'total: {timing["wall_s"]:.0f} s wall, {timing["cpu_s"]:.0f} s CPU'
@@ -424,7 +434,7 @@ def evaluation_plan(config, workdir: str) -> dict:
   needed |= {'teacher'} if 'nad' in defenses else set()
   return {attack: (cfg, stages.evaluation_sources(
       cfg, os.path.join(workdir, attack), [n for n in FOLDERS if n in needed],
-      f' of attack {attack!r}')) for attack, cfg in attack_configs(config, workdir).items()}
+      f' of attack {attack!r}')) for attack, cfg in attack_configs(config, workdir, True).items()}
 
 
 def evaluate_only(config, workdir: str) -> dict:
@@ -467,7 +477,7 @@ def evaluate_only(config, workdir: str) -> dict:
   cells, evaluated, sources = {}, {}, {}
   for attack, (cfg, paths) in evaluation_plan(config, workdir).items():
     ctx = stages.setup(cfg, os.path.join(workdir, attack))
-    validation.check_workdir(cfg, ctx.workdir, FOLDERS, ctx.data_digest)
+    validation.check_workdir(cfg, ctx.workdir, FOLDERS, ctx.data_digest, evaluating=True)
     loaded = {name: (ctx.checkpoints[name] if name in ctx.checkpoints else stages.load_checkpoint(
         path, ctx.abstract_variables, f'eval_only: stage {name!r} of attack {attack!r}'))
               for name, path in paths.items()}
