@@ -414,6 +414,42 @@ def same(value, default) -> bool:
   return value == default
 
 
+def unread_fields(config) -> dict:
+  """{field or section: why}: what a run does not read because it loads a model instead of
+  training it (`student.checkpoint`: the backdoored model's training and poisoning;
+  `teacher.checkpoint`: the teacher's recipe), or because an all-to-all backdoor has no
+  target label."""
+  unread = {}
+  if config.attack.mode == 'all_to_all':
+    unread['attack.target_label'] = 'an all-to-all backdoor relabels y as y+1, with no target'
+  if config.student.checkpoint:
+    why = 'the backdoored model is loaded from student.checkpoint, not trained'
+    unread.update({'backdoor_training': why, 'attack.poison_rate': why,
+                   'attack.clean_label': why})
+  if config.get('teacher') and config.teacher.checkpoint:
+    unread.update({f'teacher.{field}': 'the teacher is loaded from teacher.checkpoint, not '
+                   'trained' for field in config.teacher if field != 'checkpoint'})
+  return unread
+
+
+def refuse_overrides(config, fields, unread: dict) -> None:
+  """Raises ConfigError for a field the user set that the run does not read, which the
+  run would otherwise record as if used.
+
+  Args:
+    config: the run's config, overrides applied.
+    fields: the dotted fields the user set (`--config.<field>=...`).
+    unread: {dotted field or section: why the run does not read it}.
+
+  Raises:
+    ConfigError: naming the field, its value and why, ending in 'leave it out'.
+  """
+  for field in fields:
+    for name, why in unread.items():
+      if field == name or field.startswith(name + '.'):
+        raise ConfigError(f'{field} {lookup(config, field)!r}: {why}; leave it out')
+
+
 def refuse_unread_fields(config, section: str, fields=None) -> None:
   """Refuses a field of `section` that the choice picking what is read does not read (the
   rows whose `when` is a ReadBy): an attack field the attack ignores

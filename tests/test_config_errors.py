@@ -80,6 +80,24 @@ CASES = [
     ('table override an attack sets', lambda d: [
         '--config=configs/table1.py', '--config.teacher.batch_size=8'],
      '--config.table.attack_configs.blend.teacher.batch_size=8'),
+    # Fields a run does not read are refused, not recorded as if used.
+    ('recipe of a loaded backdoored model', lambda d: [
+        f'--config.student.checkpoint={random_bytes(d / "student.checkpoint")}',
+        '--config.backdoor_training.epochs=7'],
+     'backdoor_training.epochs 7: the backdoored model is loaded from student.checkpoint'),
+    ('recipe of a loaded teacher', lambda d: [
+        f'--config.teacher.checkpoint={random_bytes(d / "teacher.checkpoint")}',
+        '--config.teacher.learning_rate=0.7'],
+     'teacher.learning_rate 0.7: the teacher is loaded from teacher.checkpoint'),
+    ('target of an all-to-all backdoor', lambda d: [
+        '--config.attack.mode=all_to_all', '--config.attack.target_label=3'],
+     'attack.target_label 3: an all-to-all backdoor relabels y as y+1'),
+    ('a defense the table does not run', lambda d: [
+        '--config=configs/table1.py:badnets', "--config.table.defenses=('none','ft')",
+        '--config.mcr.t=0.9'], "mcr.t 0.9: table.defenses ('none', 'ft') has no mcr"),
+    ('distillation without nad', lambda d: [
+        '--config=configs/table1.py:badnets', "--config.table.defenses=('none','ft')",
+        '--config.nad.betas=(1.0,2.0,3.0)'], "nad.betas (1.0, 2.0, 3.0): table.defenses"),
     ('student missing', lambda d: ['--config.student.checkpoint=/nonexistent/model.pth'],
      'student.checkpoint'),
     ('student random bytes', lambda d: [

@@ -154,6 +154,22 @@ def test_table_eval_only_evaluates_the_curve_at_another_t(table_run, tmp_path):
   assert evaluated['table']['badnets']['mcr'] == {k: point[k] for k in stages.METRICS}
 
 
+def test_a_curve_trained_again_is_evaluated_again(table_run, tmp_path):
+  """The MCR cell is the curve at mcr.t: after the curve's folder is deleted and the curve
+  trained anew (another lr), the cell and the recorded curve are the new curve's."""
+  workdir, saved = table_run
+  copy = tmp_path / 'table'
+  shutil.copytree(workdir, copy)
+  shutil.rmtree(copy / 'badnets' / 'mcr')
+  config = tiny_table_config()
+  config.table.figures = False
+  config.mcr.learning_rate = 50.0  # x0.01 in a 1-epoch curve schedule
+  again = table.run(config, str(copy))
+  trained = again['details']['badnets']['history']['mcr'][-1]  # the model at t, evaluated
+  assert again['table']['badnets']['mcr'] == {k: trained[k] for k in stages.METRICS}
+  assert again['table']['badnets']['mcr'] != saved['table']['badnets']['mcr']
+
+
 def test_finetuning_is_nad_with_zero_betas(table_run, tmp_path):
   """FT of the table == the NAD stage of pipeline.run with betas 0, number for number."""
   workdir, results = table_run

@@ -186,7 +186,8 @@ def repair(ctx: stages.Context, start, end, clean, name: str = 'mcr') -> stages.
       loss=curve_loss(ctx.model, cfg.weight_decay),
       readout=lambda variables: point(cfg.t, variables))
 
-  curve_file = ctx.workdir and os.path.join(ctx.workdir, f'{name}_curve.json')
+  # In the stage folder: deleting the folder to train the curve again deletes its evaluation.
+  curve_file = ctx.workdir and os.path.join(ctx.workdir, name, 'curve.json')
   ts = curve_ts(cfg)
   curve = None
   if curve_file and os.path.exists(curve_file):

@@ -33,15 +33,18 @@ class Outcome(NamedTuple):
 def check_overrides(config, fields) -> None:
   """Refuses `--config.attack.name=VARIANT`: an attack variant is chosen with the config
   file's variant (`configs/quickstart.py:sig`), which also sets its poison rate and the
-  stage settings that go with it, so that a name means one thing everywhere.
+  stage settings that go with it, so that a name means one thing everywhere. Refuses the
+  fields the run does not read (validation.unread_fields: a loaded stage's recipe, an
+  all-to-all target label).
 
   Args:
     config: the run's config, overrides applied.
     fields: the dotted fields the command line set (`--config.<field>=...`).
 
   Raises:
-    ConfigError: naming the variant to use instead.
+    ConfigError: naming the variant to use instead, or the field that is not read.
   """
+  validation.refuse_overrides(config, fields, validation.unread_fields(config))
   name = config.attack.name
   if 'attack.name' in fields and name in defaults.ATTACK_VARIANTS:
     raise validation.ConfigError(

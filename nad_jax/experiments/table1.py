@@ -81,6 +81,19 @@ def shadowing_attacks(config, field: str) -> list[str]:
   return out
 
 
+def unread_by_defenses(defenses) -> dict:
+  """{section or field: why} of the config that no defense of `defenses` reads: fp's and
+  mcr's sections without them, NAD's teacher and distillation without NAD, and NAD's
+  schedule, which FT, FP and MCR's FT end follow too, without any of them."""
+  why = lambda name: f'table.defenses {tuple(defenses)} has no {name}'
+  unread = {section: why(section) for section in ('fp', 'mcr') if section not in defenses}
+  if 'nad' not in defenses:
+    unread.update({name: why('nad') for name in ('teacher', 'nad.betas', 'nad.p', 'nad.layers')})
+    if not {'ft', 'fp', 'mcr'} & set(defenses):
+      unread['nad'] = why('defense that trains')
+  return unread
+
+
 def check_overrides(config, fields) -> None:
   """Refuses a command-line override that would not reach every attack of the table.
 
@@ -90,8 +103,11 @@ def check_overrides(config, fields) -> None:
 
   Raises:
     ConfigError: a top-level field that an attack of the table sets itself, naming
-      the per-attack fields to set instead.
+      the per-attack fields to set instead; a field of a defense the table does not run
+      (`unread_by_defenses`), or one the run does not read (validation.unread_fields).
   """
+  validation.refuse_overrides(config, fields, {**unread_by_defenses(config.table.defenses),
+                                               **validation.unread_fields(config)})
   for field in fields:
     attacks = shadowing_attacks(config, field)
     if attacks:
