@@ -5,7 +5,8 @@ Images are uint8 NHWC arrays in [0, 255] and labels int arrays, held in a `Datas
 or `load_data`). Each function trains or evaluates on the devices JAX sees and writes
 nothing to disk. Options are keyword arguments with the paper's defaults
 (`nad_jax.defaults.paper_config`); `config=` takes a whole ConfigDict instead, and the
-keyword arguments given override it.
+keyword arguments given override it. A keyword argument that the called function would
+not read (e.g. `clean_fraction` for `evaluate`) is refused, naming who reads it.
 
     import nad_jax
     data = nad_jax.load_data('synthetic', train_size=5000, test_size=1000)
@@ -170,11 +171,97 @@ def load_data(source: str = 'synthetic', *, seed: int = 0, **fields) -> data_lib
     raise validation.ConfigError(str(e)) from None
 
 
-def refuse_poison_rate(options: dict, function: str) -> None:
-  """Raises ConfigError where `options` set `poison_rate`, which only train_backdoored reads."""
-  if options.get('poison_rate') is not None:
-    raise validation.ConfigError(f"poison_rate {options['poison_rate']!r}: {function} poisons "
-                                 'nothing (the model is given); train_backdoored reads it')
+# The make_config keywords that set one field (the others name a section: nad={...}).
+KEYWORD_FIELDS = {'model': 'model.name', 'seed': 'seed', 'attack': 'attack.name',
+                  'target_label': 'attack.target_label', 'poison_rate': 'attack.poison_rate',
+                  'clean_fraction': 'data.clean_fraction'}
+# Read only where a training set is poisoned: erase and evaluate are given the model.
+POISONING = ('attack.poison_rate', 'attack.clean_label')
+# Read only where NAD distils: FT (and MCR's FT end) is NAD with every beta 0.
+DISTILLING = ('nad.betas', 'nad.p', 'nad.layers')
+# The `nad` fields FP follows by reference (defaults.defense_stages).
+FP_FOLLOWS = tuple(f'nad.{field}' for field in ('epochs', 'batch_size', 'learning_rate',
+                                                 'lr_boundaries', 'cutout', 'eval_every'))
+CALLS = ('train_backdoored', 'evaluate', 'erase')
+
+
+def _reads(config, call: str, method: str = 'nad') -> set[str]:
+  """The dotted fields of `config` that `call` reads.
+
+  The fields a dataset was loaded with are load_data's; train_backdoored and evaluate draw
+  no clean subset. The teacher's fields count as NAD's, which trains one where none is given.
+
+  Args:
+    config: the call's config.
+    call: one of CALLS.
+    method: erase's method.
+
+  Returns:
+    The set of dotted field names, e.g. {'seed', 'nad.epochs', ...}.
+  """
+  def fields(*sections):
+    return {f'{s}.{f}' for s in sections for f in config.get(s, {})}
+
+  reads = fields('model', 'attack') | {'data.eval_batch_size'}
+  if call == 'train_backdoored':
+    return reads | fields('backdoor_training') | {'seed'}
+  reads -= set(POISONING)
+  if call == 'evaluate':
+    return reads
+  reads |= {'seed', 'data.clean_fraction'}
+  if method == 'fp':
+    return reads | fields('fp') | set(FP_FOLLOWS)
+  if method == 'nad':
+    return reads | fields('nad', 'teacher')
+  return (reads | fields('nad', *(('mcr',) if method == 'mcr' else ()))) - set(DISTILLING)
+
+
+def _readers(config, field: str) -> str:
+  """Which functions read `field`, for a message.
+
+  Args:
+    config: the call's config.
+    field: a dotted field name, e.g. 'fp.acc_drop'.
+
+  Returns:
+    e.g. "erase with method 'fp' does", "train_backdoored and erase do".
+  """
+  readers = [call for call in CALLS[:2] if field in _reads(config, call)]
+  methods = [m for m in METHODS if field in _reads(config, 'erase', m)]
+  if methods:
+    named = ', '.join(map(repr, methods[:-1])) + ' or ' * (len(methods) > 1) + repr(methods[-1])
+    readers.append('erase' if len(methods) == len(METHODS) else f'erase with method {named}')
+  if field.startswith('data.') and field[5:] not in NOT_LOADING:
+    readers = ['load_data']  # the dataset's own fields
+  if not readers:
+    return f'none of {", ".join(CALLS)} does'
+  return ' and '.join(readers) + (' do' if len(readers) > 1 else ' does')
+
+
+def _refuse_unread(options: dict, config, call: str, method: str = 'nad') -> None:
+  """Refuses an option the caller gave that `call` would ignore (a config's fields are not
+  checked: a whole config sets fields for every function).
+
+  Args:
+    options: make_config's keywords as the caller gave them, already set in `config`.
+    config: the call's config.
+    call: 'train_backdoored', 'evaluate' or 'erase'.
+    method: erase's method.
+
+  Raises:
+    ConfigError: naming the option, its value, and the functions that read it.
+  """
+  reads = _reads(config, call, method)
+  for option, value in options.items():
+    given = ({KEYWORD_FIELDS[option]: value} if option in KEYWORD_FIELDS else
+             {f'{option}.{field}': v for field, v in value.items()})
+    for field, value in given.items():
+      if value is not None and field not in reads:
+        name = option if option in KEYWORD_FIELDS else field
+        where = f'{call} with method {method!r}' if call == 'erase' else call
+        why = ' (the model is given: nothing is poisoned)' if field in POISONING else ''
+        raise validation.ConfigError(f'{name} {value!r}: {where} does not read it{why}; '
+                                     f'{_readers(config, field)}')
 
 
 def _context(dataset: data_lib.Dataset, config, trained: tuple[str, ...]) -> stages.Context:
@@ -205,7 +292,8 @@ def train_backdoored(dataset: data_lib.Dataset, *, config=None, epochs: int | No
 
   Args:
     dataset: the data; the attack poisons `poison_rate` of its training images.
-    config, **options: see `make_config` (model, seed, attack, target_label, ...).
+    config, **options: see `make_config`: model, seed, attack and its fields,
+      data.eval_batch_size (not clean_fraction: nothing is cleaned here).
     epochs, batch_size, learning_rate, lr_boundaries: `backdoor_training.*`
       (the official code's: 100 epochs, batch 128, lr 0.1, x0.1 at 50 and 75).
 
@@ -213,12 +301,15 @@ def train_backdoored(dataset: data_lib.Dataset, *, config=None, epochs: int | No
     Result; its history's acc/asr are measured on the test split.
 
   Raises:
-    ConfigError: a bad option (named).
+    ConfigError: a bad option, or one it does not read (clean_fraction, a defense's
+      section), named.
   """
-  recipe = {k: v for k, v in dict(epochs=epochs, batch_size=batch_size,
-                                  learning_rate=learning_rate,
-                                  lr_boundaries=lr_boundaries).items() if v is not None}
-  config = make_config(config, backdoor_training=recipe, **options)
+  config = make_config(config, **options)
+  _refuse_unread(options, config, 'train_backdoored')
+  for field, value in dict(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
+                           lr_boundaries=lr_boundaries).items():
+    if value is not None:
+      _assign(config.backdoor_training, f'backdoor_training.{field}', value)
   ctx = _context(dataset, config, ('backdoor_training',))
   return _result(stages.backdoored(ctx))
 
@@ -238,9 +329,13 @@ def erase(dataset: data_lib.Dataset, variables: dict, *, method: str = 'nad',
     method: 'nad' (Li et al., ICLR 2021: CE + attention distillation from a teacher),
       'ft' (fine-tuning: NAD with every beta 0), 'fp' (fine-pruning, Liu et al. 2018) or
       'mcr' (mode connectivity repair, Zhao et al. 2020; its curve ends at the FT model).
-    teacher: NAD's teacher variables; None: `variables` fine-tuned on the clean subset
-      (CE only; `teacher.*`, the paper's 10 epochs, batch 64, lr 0.1 then 0.01 from epoch 2).
-    config, **options: see `make_config`.
+    teacher: NAD's teacher variables (method 'nad' only; not with a config's
+      `teacher.checkpoint`); None: `teacher.checkpoint`, or else `variables` fine-tuned on
+      the clean subset (CE only; `teacher.*`, the paper's 10 epochs, batch 64, lr 0.1 then
+      0.01 from epoch 2).
+    config, **options: see `make_config`; an option that `method` does not read is
+      refused (poison_rate, backdoor_training, another method's section, nad's betas, p
+      and layers but for 'nad'; FP reads nad's schedule, which it follows).
     epochs, batch_size, learning_rate, lr_boundaries, betas: the fields of the stage
       that `method` trains. 'nad', 'ft': `nad.*` (the paper's 20 epochs, batch 64, lr
       0.1 then 0.01 from epoch 2, betas 500/1000/1000). 'fp': `fp.*` (unset, FP follows
@@ -256,17 +351,24 @@ def erase(dataset: data_lib.Dataset, variables: dict, *, method: str = 'nad',
     Result of the erased model.
 
   Raises:
-    ConfigError: a bad option or method, or an option of a stage that this call does not
-      train, or poison_rate (named).
+    ConfigError: a bad option or method, an option that `method` does not read, or a
+      teacher where none is used or two teachers (named).
   """
   if method not in METHODS:
     raise validation.ConfigError(f'method {method!r}: must be one of {METHODS}')
   if betas is not None and method != 'nad':  # FT is NAD with every beta 0
     raise validation.ConfigError(f"betas: NAD's, not a field of method {method!r}")
-  refuse_poison_rate(options, 'erase')
-  config = make_config(config, **options)
+  if teacher is not None and method != 'nad':
+    raise validation.ConfigError(f"teacher: NAD's, method {method!r} has no teacher")
+  config = make_config(config)  # a copy, given FP's and MCR's sections for their options
   if 'mcr' not in config:
     defaults.defense_stages(config)
+  config = make_config(config, **options)
+  _refuse_unread(options, config, 'erase', method)
+  if teacher is not None and config.teacher.checkpoint:
+    raise validation.ConfigError(
+        f'teacher= and teacher.checkpoint {config.teacher.checkpoint!r}: two teachers; drop '
+        "teacher= or set the config's teacher.checkpoint to None")
   trains_teacher = method == 'nad' and teacher is None and not config.teacher.checkpoint
   if teacher_epochs is not None and not trains_teacher:
     why = (f"NAD's teacher's, not a field of method {method!r}" if method != 'nad' else
@@ -299,16 +401,19 @@ def evaluate(dataset: data_lib.Dataset, variables: dict, *, config=None,
   Args:
     dataset: its test split is evaluated; asr triggers its non-target images.
     variables: {'params', 'batch_stats'} of the model.
-    config, **options: see `make_config` (model, attack, target_label, ...).
+    config, **options: see `make_config`: model, attack, target_label and the other
+      attack fields but poison_rate and clean_label, data.eval_batch_size.
 
   Returns:
     {'acc', 'acc_nontarget', 'asr', 'ra'} as floats in [0, 100] (ra: the triggered
     non-target test images classified as their true label).
 
   Raises:
-    ConfigError: a bad option, poison_rate among them (named), or variables that do not
-      fit the model.
+    ConfigError: a bad option, or one it does not read (seed, clean_fraction,
+      poison_rate, a training stage's section), named; or variables that do not fit the
+      model.
   """
-  refuse_poison_rate(options, 'evaluate')
-  ctx = _context(dataset, make_config(config, **options), ())
+  config = make_config(config, **options)
+  _refuse_unread(options, config, 'evaluate')
+  ctx = _context(dataset, config, ())
   return stages.evaluate(ctx, _on_devices(ctx, variables))

@@ -10,7 +10,8 @@ from nad_jax import defaults, models
 
 pytestmark = pytest.mark.slow  # whole-pipeline runs: `pytest -m "not slow"` skips them
 
-TINY = dict(model='tiny', clean_fraction=0.25)
+TINY = dict(model='tiny', clean_fraction=0.25)  # erase's; train_backdoored and evaluate
+# draw no clean subset and refuse clean_fraction
 
 
 @pytest.fixture(scope='module')
@@ -21,19 +22,19 @@ def data():
 @pytest.fixture(scope='module')
 def backdoored(data):
   return nad_jax.train_backdoored(data, attack='badnets', epochs=2, batch_size=32,
-                                  learning_rate=0.05, lr_boundaries=(), **TINY)
+                                  learning_rate=0.05, lr_boundaries=(), model='tiny')
 
 
 def test_the_readme_example_on_tiny_data(data, backdoored):
   assert [h['epoch'] for h in backdoored.history] == [0, 1, 2]
   leaves = jax.tree.leaves(backdoored.variables)
   assert leaves and all(isinstance(x, np.ndarray) for x in leaves)  # host arrays
-  before = nad_jax.evaluate(data, backdoored.variables, **TINY)
+  before = nad_jax.evaluate(data, backdoored.variables, model='tiny')
   assert before == {k: backdoored.history[-1][k] for k in before}
   erased = nad_jax.erase(data, backdoored.variables, method='nad', epochs=1, teacher_epochs=1,
                          **TINY)
   assert len(erased.history[-1]['at']) == 3
-  assert nad_jax.evaluate(data, erased.variables, **TINY) == {
+  assert nad_jax.evaluate(data, erased.variables, model='tiny') == {
       k: erased.history[-1][k] for k in ('acc', 'acc_nontarget', 'asr', 'ra')}
 
 
@@ -57,13 +58,13 @@ def test_a_bad_option_names_it(data, backdoored):
   with pytest.raises(nad_jax.ConfigError, match="nad.epochs '2': must be of type int, not str"):
     nad_jax.erase(data, backdoored.variables, epochs='2', **TINY)
   with pytest.raises(nad_jax.ConfigError, match="option 'betas' does not apply to this call"):
-    nad_jax.train_backdoored(data, betas=(1.0, 1.0, 1.0), **TINY)
+    nad_jax.train_backdoored(data, betas=(1.0, 1.0, 1.0), model='tiny')
   with pytest.raises(nad_jax.ConfigError, match="method 'prune'"):
     nad_jax.erase(data, backdoored.variables, method='prune', **TINY)
   with pytest.raises(nad_jax.ConfigError, match='nad.epochs -1'):
     nad_jax.erase(data, backdoored.variables, epochs=-1, **TINY)
   with pytest.raises(nad_jax.ConfigError, match='attack.target_label 12'):
-    nad_jax.evaluate(data, backdoored.variables, target_label=12, **TINY)
+    nad_jax.evaluate(data, backdoored.variables, target_label=12, model='tiny')
   with pytest.raises(nad_jax.ConfigError, match="unknown option 'epoch'.*'epochs'"):
     nad_jax.erase(data, backdoored.variables, epoch=3, **TINY)
   with pytest.raises(nad_jax.ConfigError, match="unknown option 'trainsize'.*'train_size'"):

@@ -80,8 +80,69 @@ def test_load_data_refuses_a_field_no_dataset_depends_on(field, value, where):
 @pytest.mark.parametrize('function', ['erase', 'evaluate'])
 def test_a_poison_rate_is_refused_where_nothing_is_poisoned(function):
   call = getattr(nad_jax, function)
-  with pytest.raises(nad_jax.ConfigError, match=f'poison_rate 0.2: {function} poisons nothing'):
+  with pytest.raises(nad_jax.ConfigError, match=f"poison_rate 0.2: {function}( with method "
+                     r"'nad')? does not read it \(the model is given: nothing is poisoned\); "
+                     'train_backdoored does'):
     call(None, {}, poison_rate=0.2)
+
+
+@pytest.mark.parametrize('function,options,message', [
+    ('erase', dict(method='ft', nad={'betas': (0.0, 0.0, 5.0)}),
+     r"nad.betas \(0.0, 0.0, 5.0\): erase with method 'ft' does not read it; erase with "
+     "method 'nad' does"),
+    ('erase', dict(method='mcr', nad={'layers': ('block1',)}),
+     "nad.layers .*: erase with method 'mcr' does not read it"),
+    ('erase', dict(method='fp', nad={'momentum': 0.5}),
+     "nad.momentum 0.5: erase with method 'fp' does not read it; erase with method 'nad', "
+     "'ft' or 'mcr' does"),
+    ('erase', dict(method='nad', fp={'acc_drop': 2.0}),
+     "fp.acc_drop 2.0: erase with method 'nad' does not read it; erase with method 'fp' does"),
+    ('erase', dict(backdoor_training={'epochs': 9}),
+     "backdoor_training.epochs 9: erase with method 'nad' does not read it; train_backdoored "
+     'does'),
+    ('erase', dict(data={'train_size': 9}),
+     "data.train_size 9: erase with method 'nad' does not read it; load_data does"),
+    ('evaluate', dict(nad={'epochs': 9}), 'nad.epochs 9: evaluate does not read it; erase does'),
+    ('evaluate', dict(clean_fraction=0.3),
+     'clean_fraction 0.3: evaluate does not read it; erase does'),
+    ('evaluate', dict(seed=3), 'seed 3: evaluate does not read it; train_backdoored and erase do'),
+    ('train_backdoored', dict(clean_fraction=0.9),
+     'clean_fraction 0.9: train_backdoored does not read it; erase does'),
+    ('train_backdoored', dict(teacher={'epochs': 9}),
+     "teacher.epochs 9: train_backdoored does not read it; erase with method 'nad' does"),
+])
+def test_an_option_the_call_does_not_read_is_refused(small, function, options, message):
+  """Accepted, it would change nothing the call computes (train_backdoored's clean_fraction:
+  a log line's count) and still read as if it had."""
+  data, variables = small
+  args = (data,) if function == 'train_backdoored' else (data, variables)
+  with pytest.raises(nad_jax.ConfigError, match=message):
+    getattr(nad_jax, function)(*args, model='tiny', **options)
+
+
+def test_a_config_given_is_not_refused_for_its_other_fields(small, monkeypatch):
+  """config= sets every function's fields (one config for a whole run); only keywords are
+  checked. FP's and MCR's own sections are options of erase without such a config."""
+  data, variables = small
+  made = stop_at_context(monkeypatch)
+  config = nad_jax.make_config(clean_fraction=0.25, nad={'betas': (0.0, 0.0, 1.0)})
+  with pytest.raises(Stopped):
+    nad_jax.evaluate(data, variables, config=config, model='tiny')
+  with pytest.raises(Stopped):
+    nad_jax.erase(data, variables, method='fp', fp={'acc_drop': 2.0}, nad={'cutout': 2},
+                  **SMALL)  # FP follows nad's schedule
+  assert (made[-1].config.fp.acc_drop, made[-1].config.fp.cutout) == (2.0, 2)
+
+
+def test_erase_refuses_a_teacher_it_would_not_use(small):
+  data, variables = small
+  with pytest.raises(nad_jax.ConfigError, match="teacher: NAD's, method 'ft' has no teacher"):
+    nad_jax.erase(data, variables, method='ft', teacher=variables, **SMALL)
+  config = nad_jax.make_config()
+  config.teacher.checkpoint = '/teacher.pth'
+  with pytest.raises(nad_jax.ConfigError, match="teacher= and teacher.checkpoint '/teacher.pth'"
+                     ": two teachers; drop teacher= or set the config's teacher.checkpoint"):
+    nad_jax.erase(data, variables, teacher=variables, config=config, **SMALL)
 
 
 def test_load_data_names_a_missing_folder(tmp_path):
@@ -118,18 +179,25 @@ class Stopped(Exception):
   """Raised by the spy below once the stages' context is made, before anything trains."""
 
 
-def test_erase_batch_size_and_learning_rate_reach_the_teacher_it_trains(small, monkeypatch):
-  """As nad-jax-clean's --batch-size and --lr: the teacher trained on the 51 clean images
-  takes batch 16 too (its default 64 does not fit them) and the same learning rate."""
-  data, variables = small
+def stop_at_context(monkeypatch) -> list:
+  """Makes stages.make_context raise Stopped once it made the Context; returns the list
+  the Contexts are appended to."""
   made = []
+  real = stages.make_context
 
   def make_context(config, *args, **kwargs):
     made.append(real(config, *args, **kwargs))  # checks each trained stage's batch size
     raise Stopped
 
-  real = stages.make_context
   monkeypatch.setattr(stages, 'make_context', make_context)
+  return made
+
+
+def test_erase_batch_size_and_learning_rate_reach_the_teacher_it_trains(small, monkeypatch):
+  """As nad-jax-clean's --batch-size and --lr: the teacher trained on the 51 clean images
+  takes batch 16 too (its default 64 does not fit them) and the same learning rate."""
+  data, variables = small
+  made = stop_at_context(monkeypatch)
   with pytest.raises(Stopped):
     nad_jax.erase(data, variables, method='nad', learning_rate=0.02, **SMALL)
   config = made[0].config
