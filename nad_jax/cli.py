@@ -33,6 +33,16 @@ from nad_jax.experiments import clean
 PROG = 'nad-jax-clean'
 # Built-in attacks that can trigger clean test images ('files' is --poisoned).
 TRIGGERS = tuple(sorted(name for name in ATTACKS if name != 'files'))
+# The fields an option sets, refused by --set: the option also records the input it names
+# (results.json 'input', report.md), which --set would change behind that record.
+OPTION_FIELDS = {
+    'student.checkpoint': 'MODEL', 'data.source': '--data', 'data.path': '--data',
+    'data.name': '--data tfds:NAME', 'data.data_dir': '--tfds-dir',
+    'data.clean_fraction': '--clean-fraction', 'model.name': '--arch', 'model.mean': '--mean',
+    'model.std': '--std', 'teacher.checkpoint': '--teacher',
+    'attack.name': '--attack or --poisoned', 'attack.path': '--poisoned',
+    'attack.target_label': '--target-label', 'attack.mode': '--all-to-all (or --target-label)',
+    'seed': '--seed'}
 
 
 class UsageError(Exception):
@@ -83,8 +93,8 @@ def parser() -> argparse.ArgumentParser:
                          'training split; the test split measures acc [data.source, data.path, '
                          'data.name]')
   data.add_argument('--tfds-dir', metavar='DIR',
-                    help='where TensorFlow Datasets keeps its data (default ~/tensorflow_datasets)'
-                         ' [data.data_dir]')
+                    help='where TensorFlow Datasets keeps its data (default ~/tensorflow_datasets;'
+                         ' only with --data tfds:NAME) [data.data_dir]')
   data.add_argument('--clean-fraction', type=float, metavar='F',
                     help='the share of the training split the defense trains on, drawn from '
                          '--seed (default 0.05; 1 for a folder that holds only your clean '
@@ -118,7 +128,8 @@ def parser() -> argparse.ArgumentParser:
                              'record or .npz) [attack.target_label]')
   backdoor.add_argument('--all-to-all', action='store_true',
                         help='the backdoor maps class y to y + 1 (default: all-to-one; read '
-                             "from a record or .npz) [attack.mode 'all_to_all']")
+                             'from a record or .npz; not with --target-label) '
+                             "[attack.mode 'all_to_all']")
   defense = p.add_argument_group('defense')
   defense.add_argument('--method', default='nad', choices=clean.METHODS,
                        help='nad (default): attention distillation from a teacher; ft: '
@@ -143,14 +154,17 @@ def parser() -> argparse.ArgumentParser:
                             '(default 0) [seed]')
   defense.add_argument('--set', action='append', default=[], metavar='FIELD=VALUE',
                        help='any other config field the run reads (nad_jax/defaults.py, '
-                            'docs/configuration.md): seed, model.*, data.*, attack.*, nad.* '
+                            'docs/configuration.md): model.*, data.*, attack.*, nad.* '
                             '(FT, FP and MCR\'s FT end train with it), teacher.* (nad without '
                             '--teacher), fp.* (fp), mcr.* (mcr); a Python literal or a string; '
                             'repeatable, applied last, e.g. --set nad.betas=(500,1000,1000) '
-                            '--set data.eval_batch_size=500. Others are refused: seeds, '
-                            'eval_only, runner, distributed.*, backdoor_training.*, '
-                            'attack.poison_rate, attack.clean_label, the sections of another '
-                            'method, nad.betas but for nad')
+                            '--set data.eval_batch_size=500. Refused: the fields of MODEL, --data, '
+                            '--tfds-dir, --clean-fraction, --arch, --mean, --std, --teacher, '
+                            '--poisoned, --attack, --target-label, --all-to-all and --seed (give '
+                            'the option), seeds, eval_only, runner, '
+                            'distributed.*, backdoor_training.*, attack.poison_rate, '
+                            'attack.clean_label, the sections of another method, nad.betas but '
+                            'for nad')
   output = p.add_argument_group('output')
   output.add_argument('--out', default='cleaned', metavar='DIR',
                       help='the output folder (default ./cleaned)')
@@ -223,8 +237,9 @@ def set_field(config, assignment: str) -> None:
   """Applies one `--set FIELD=VALUE` to `config` (in place).
 
   Raises:
-    UsageError: no '=', a field no cleaning reads (clean.UNREAD), an unknown field
-      (with the closest name), or a value of the wrong type for the field.
+    UsageError: no '=', a field an option sets (OPTION_FIELDS), a field no cleaning
+      reads (clean.UNREAD), an unknown field (with the closest name), or a value of the
+      wrong type for the field.
   """
   field, sep, text = assignment.partition('=')
   if not sep:
@@ -234,6 +249,8 @@ def set_field(config, assignment: str) -> None:
   except (ValueError, SyntaxError):
     value = text  # a plain string, e.g. --set attack.pattern=square
   field = field.strip()
+  if field in OPTION_FIELDS:
+    raise UsageError(f'--set {field}: it has its own option; give {OPTION_FIELDS[field]}')
   why = clean.UNREAD.get(field) or clean.UNREAD.get(field.partition('.')[0])
   if why:  # before the config's own rules, which might point to another refused field
     raise UsageError(f'--set {field}: {why}')
@@ -284,6 +301,9 @@ def build_config(args):
     raise UsageError(f'MODEL {args.model} does not exist')
   config.student.checkpoint = model
 
+  if args.tfds_dir is not None and not args.data.startswith('tfds:'):
+    raise UsageError(f'--tfds-dir goes with --data tfds:NAME; --data {args.data} is a folder '
+                     '(drop --tfds-dir)')
   if args.data.startswith('tfds:'):
     config.data.source, config.data.name = 'tfds', args.data.removeprefix('tfds:')
     config.data.data_dir = args.tfds_dir
@@ -317,11 +337,13 @@ def build_config(args):
     raise UsageError(f'give --poisoned PATH (poisoned test images) or --attack NAME (one of '
                      f'{", ".join(TRIGGERS)}) to measure the attack success rate; a '
                      'BackdoorBench record brings its own')
-  if args.target_label is not None:
-    config.attack.target_label = args.target_label
-    config.attack.mode = 'all_to_all' if args.all_to_all else 'all_to_one'
-  elif args.all_to_all:
+  if args.target_label is not None and args.all_to_all:
+    raise UsageError(f'--target-label {args.target_label} and --all-to-all exclude each other: '
+                     'an all-to-all backdoor maps y to y + 1, it has no target label')
+  if args.all_to_all:
     config.attack.mode = 'all_to_all'
+  elif args.target_label is not None:
+    config.attack.mode, config.attack.target_label = 'all_to_one', args.target_label
   elif labels is not None:
     config.attack.mode, config.attack.target_label = label_map(
         *labels, args.poisoned or f'MODEL {args.model}')

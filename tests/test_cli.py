@@ -320,6 +320,22 @@ def bad_inputs(tmp_path, data, model):
       'a size the folder does not read': ([model, '--arch', 'tiny', '--data', data, *ok,
                                            '--set', 'data.train_size=100'],
                                           'data.train_size 100: the folder source does not'),
+      # Fields an option sets: results.json's input would name the option's, not what ran.
+      'the model by --set': ([model, '--arch', 'tiny', '--data', data, *ok, '--set',
+                              f'student.checkpoint={model}'],
+                             '--set student.checkpoint: it has its own option; give MODEL'),
+      'the data by --set': ([model, '--arch', 'tiny', '--data', data, *ok, '--set',
+                             f'data.path={data}'],
+                            '--set data.path: it has its own option; give --data'),
+      'the trigger by --set': ([model, '--arch', 'tiny', '--data', data, *ok, '--set',
+                                'attack.name=blend'],
+                               '--set attack.name: it has its own option; give --attack or '
+                               '--poisoned'),
+      'tfds dir with a folder': ([model, '--arch', 'tiny', '--data', data, *ok, '--tfds-dir',
+                                  tmp_path], '--tfds-dir goes with --data tfds:NAME'),
+      'a target label for all-to-all': ([model, '--arch', 'tiny', '--data', data, *ok,
+                                         '--all-to-all'],
+                                        '--target-label 0 and --all-to-all exclude each other'),
   }
 
 
@@ -332,7 +348,8 @@ CASES = ('missing model', 'junk model', 'wrong architecture', 'missing data',
          'evaluation only', 'another runner', 'several processes', 'a poison rate',
          'betas without distillation', 'backdoor training',
          "another method's field", 'teacher epochs of a given teacher', 'a teacher for ft',
-         'a size the folder does not read')
+         'a size the folder does not read', 'the model by --set', 'the data by --set',
+         'the trigger by --set', 'tfds dir with a folder', 'a target label for all-to-all')
 
 
 @pytest.mark.parametrize('case', CASES)
