@@ -774,6 +774,16 @@ def kept_timing(earlier: dict, timing: dict) -> dict:
           for name, t in timing.items()}
 
 
+def recorded_config(earlier: dict, config: dict, timing: dict) -> dict:
+  """The config a results file records: this run's (`config`, as a dict); or, where every
+  stage's figures come from an earlier run (each of `timing`'s entries marked
+  `from_earlier_run`), the `earlier` results file's, since fields that shape no stage
+  (`*.eval_every`, `model.conv`) may have changed and the figures are that run's."""
+  if timing and all(t.get('from_earlier_run') for t in timing.values()) and 'config' in earlier:
+    return earlier['config']
+  return config
+
+
 def trained_now(timings) -> bool:
   """Whether any of `timings` (StageResult.timing dicts) trained an epoch in this run."""
   return any(t.get('img_per_s') and not t.get('from_earlier_run') for t in timings)

@@ -114,8 +114,11 @@ def test_table_rerun_trains_nothing(table_run):
   workdir, results = table_run
   config = tiny_table_config()
   config.table.figures = False
+  config.nad.eval_every = 2  # shapes no stage: the config recorded stays the first run's
   again = table.run(config, workdir)
   assert again['table'] == results['table']
+  assert again['config'] == results['config']
+  assert again['details']['badnets']['config'] == results['details']['badnets']['config']
   # Nothing trained: the first run's timing is kept, and said to be.
   assert again['timing'] == {**results['timing'], 'from_earlier_run': True}
   first, kept = results['details']['badnets'], again['details']['badnets']

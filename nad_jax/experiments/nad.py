@@ -78,12 +78,14 @@ def run(config, workdir: str) -> Outcome:
                                    stages.clean_data(ctx), student_metrics)
 
   path = os.path.join(workdir, 'results.json')
+  earlier = stages.earlier_results(path)
+  timing = stages.kept_timing(earlier.get('timing') or {},
+                              {name: r.timing for name, r in results.items()})
   written = {
       **stages.summarize(config, {name: result.metrics for name, result in results.items()}),
       'history': {name: result.history for name, result in results.items()},
-      'timing': stages.kept_timing(stages.earlier_results(path).get('timing') or {},
-                                   {name: r.timing for name, r in results.items()}),
-      'config': config.to_dict(),
+      'timing': timing,
+      'config': stages.recorded_config(earlier, config.to_dict(), timing),
   }
   stages.write_json(path, written)
   stages.remove_stale(os.path.join(workdir, 'eval.json'),
