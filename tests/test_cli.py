@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import types
 import tomllib
 from pathlib import Path
 
@@ -379,6 +380,22 @@ def test_the_runner_refuses_what_a_cleaning_does_not_read(field, value, fragment
   (config[section] if section else config)[leaf] = value
   with pytest.raises(stages.ConfigError, match=re.escape(fragment)):
     clean.refuse_ignored_fields(config, 'nad', ('teacher', 'nad'))
+
+
+@pytest.mark.parametrize('mode, shown', [('all_to_one', 'all_to_one (target 5)'),
+                                         ('all_to_all', 'all_to_all (y -> y+1)')])
+def test_the_report_names_the_label_map_that_ran(mode, shown):
+  """An all-to-all backdoor has no target label; the report does not name one."""
+  config = defaults.paper_config()
+  config.attack.mode, config.attack.target_label = mode, 5
+  images = np.zeros((40, *SHAPE), np.uint8)
+  ctx = types.SimpleNamespace(
+      config=config, attack=types.SimpleNamespace(test_set=None),
+      dataset=types.SimpleNamespace(num_classes=10, train_images=images, test_images=images))
+  metrics = dict.fromkeys(stages.METRICS, 1.0)
+  results = {'input': {'model': 'm.pth'}, 'method': 'ft', 'stages': {'backdoored': metrics},
+             'history': {}, 'info': {}, 'files': {}}
+  assert f'backdoor label map {shown}' in clean.report(results, ctx)
 
 
 def test_the_runner_refuses_an_unknown_method(tmp_path):

@@ -272,7 +272,8 @@ def report(results: dict, ctx: stages.Context) -> str:
       f'- clean data: {stages.clean_count(config, ds)} of {len(ds.train_images)} training images '
       f'({config.data.clean_fraction:g}) for the defense; {len(ds.test_images)} test images',
       f'- attack success rate measured on {poisoned}; backdoor label map '
-      f'{config.attack.mode} (target {config.attack.target_label})',
+      + (f'all_to_one (target {config.attack.target_label})'
+         if config.attack.mode == 'all_to_one' else 'all_to_all (y -> y+1)'),
       '- ' + '; '.join(f'teacher: `{config.teacher.checkpoint}`'
                        if name == 'teacher' and config.teacher.checkpoint else
                        f'{name}: epochs {config[stages.SECTIONS.get(name, name)].epochs}'
