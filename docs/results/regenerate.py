@@ -154,11 +154,11 @@ def mcr_recipe_cells(results: dict) -> list:
 # CIFAR-10 (the local JPEG copy) with the paper's teacher and NAD stages and a 20-epoch
 # backdoor (the CPU's recipe; the paper's 100 epochs are benchmarks/gpu_table.sh's). One
 # entry per attack measured: {attack: its extra flags}.
-CIFAR_FLAGS = ('--config.data.source=folder', '--config.data.path=../shared/data/cifar10-jpeg',
-               '--config.backdoor_training.epochs=20',
-               "'--config.backdoor_training.lr_boundaries=(10,15)'",
-               '--config.backdoor_training.eval_every=5', '--config.teacher.eval_every=5',
-               '--config.nad.eval_every=5')
+CIFAR_BACKDOOR = ('--config.data.source=folder', '--config.data.path=../shared/data/cifar10-jpeg',
+                  '--config.backdoor_training.epochs=20',
+                  "'--config.backdoor_training.lr_boundaries=(10,15)'",
+                  '--config.backdoor_training.eval_every=5')
+CIFAR_FLAGS = CIFAR_BACKDOOR + ('--config.teacher.eval_every=5', '--config.nad.eval_every=5')
 CIFAR_ATTACKS = {'badnets': (), 'blend': (), 'trojan': (  # the NAD authors' patch
     '--config.attack.pattern_path=../shared/data/nad-official/best_square_trigger_cifar10.npz',),
                  'wanet': (),
@@ -168,14 +168,21 @@ CIFAR_SOURCES = {f'cifar_{a}.json': (main_command(f'configs/nad_cifar.py:{a}', f
                                                   *CIFAR_FLAGS, *extra),
                                      f'runs/cifar_{a}/results.json')
                  for a, extra in CIFAR_ATTACKS.items()}
+# The same backdoor recipe on unpoisoned data: the clean accuracy the criteria compare with
+# (its ASR: BadNets' trigger on a model that never saw it).
+CIFAR_UNPOISONED = {'cifar_unpoisoned.json': (main_command(
+    'configs/nad_cifar.py:badnets', 'runs/cifar_unpoisoned', *CIFAR_BACKDOOR,
+    '--config.attack.poison_rate=0', '--config.teacher.epochs=0', '--config.nad.epochs=0'),
+    'runs/cifar_unpoisoned/results.json')}
 
 
 def cifar_epochs_cells(results: dict) -> list:
-  """docs/attacks.md's CIFAR-10 table: per attack, acc / ASR after each evaluated epoch of the
-  backdoored, teacher and NAD stages."""
-  return [pair(row, 'acc', 'asr', 2) for a in CIFAR_ATTACKS
-          for stage in ('backdoored', 'teacher', 'nad')
-          for row in results[f'cifar_{a}.json']['history'][stage]
+  """docs/attacks.md's CIFAR-10 table: acc / ASR after each evaluated epoch of the unpoisoned
+  model, then per attack of the backdoored, teacher and NAD stages."""
+  histories = [results['cifar_unpoisoned.json']['history']['backdoored']] + [
+      results[f'cifar_{a}.json']['history'][stage] for a in CIFAR_ATTACKS
+      for stage in ('backdoored', 'teacher', 'nad')]
+  return [pair(row, 'acc', 'asr', 2) for history in histories for row in history
           if row['epoch'] > 0 and 'acc' in row]  # epoch 0: the stage's starting model
 
 
@@ -247,7 +254,7 @@ BLOCKS = {
          for a in QUICKSTART_ORDER}, attack_cells('quickstart', QUICKSTART_ORDER, 1)),
     'table1': Block({'table1.json': TABLE1_SOURCE}, table1_cells),
     'cifar': Block(CIFAR_SOURCES, attack_cells('cifar', CIFAR_ATTACKS, 2)),
-    'cifar_epochs': Block(CIFAR_SOURCES, cifar_epochs_cells),
+    'cifar_epochs': Block({**CIFAR_UNPOISONED, **CIFAR_SOURCES}, cifar_epochs_cells),
     'ablations': Block(
         {f'ablation_{v}.json': (main_command(
             f'configs/ablations.py:{v}', f'runs/ablation_{v}',
