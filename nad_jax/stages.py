@@ -207,7 +207,7 @@ def make_context(config, dataset: data_lib.Dataset, workdir: str | None,
   digest = validation.data_digest(dataset)
   try:
     attack = attacks_lib.build_attack(config.attack, dataset.num_classes,
-                                      dataset.train_images.shape[1:], dataset, fit=train_lib.fit,
+                                      dataset.train_images.shape[1:], dataset, fit=fit_logged,
                                       memo=attack_memo(workdir, config.attack, digest))
   except ValueError as e:
     raise ConfigError(str(e)) from None
@@ -313,6 +313,16 @@ def progress(total: int, initial: int, desc: str, unit: str) -> tqdm.tqdm:
   disable=None); elsewhere (logs, tests) the per-epoch lines report progress alone."""
   return tqdm.tqdm(total=total, initial=initial, desc=desc, unit=unit, leave=False,
                    dynamic_ncols=True, disable=None if jax.process_index() == 0 else True)
+
+
+def fit_logged(model, cfg, images: np.ndarray, labels: np.ndarray, key: jax.Array) -> dict:
+  """`train.fit` printing one line per epoch: an attack's surrogate (CL's, Refool's
+  selection rounds) trains for minutes before any stage prints."""
+  images_per_epoch = len(images) // cfg.batch_size * cfg.batch_size
+  def report(epoch: int, ce: float, seconds: float) -> None:
+    log(f'[surrogate] epoch {epoch}/{cfg.epochs}  ce {ce:.4f}  '
+        f'({images_per_epoch / seconds:.0f} img/s)')
+  return train_lib.fit(model, cfg, images, labels, key, on_epoch=report)
 
 
 def evaluate(ctx: Context, variables) -> dict:

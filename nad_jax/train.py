@@ -9,6 +9,7 @@ global batch, exactly as on one device.
 """
 
 from collections.abc import Callable, Sequence
+import time
 from typing import Any, NamedTuple
 
 import flax
@@ -414,7 +415,7 @@ def over_replicas(update: Callable) -> Callable:
 
 
 def fit(model: nn.Module, cfg, images: np.ndarray, labels: np.ndarray,
-        key: jax.Array) -> dict:
+        key: jax.Array, on_epoch: Callable[[int, float, float], None] | None = None) -> dict:
   """Trains `model` from a fresh initialisation on clean data with cross-entropy.
 
   The inputs are scaled to [0, 1] (pixels / 255), without a trigger; SGD as
@@ -428,6 +429,8 @@ def fit(model: nn.Module, cfg, images: np.ndarray, labels: np.ndarray,
     images: (N, H, W, C) uint8 images in [0, 255].
     labels: (N,) int32 labels.
     key: PRNG key for the initialisation, the shuffling and the augmentation.
+    on_epoch: called after each epoch with (epoch, 1-based; its mean cross-entropy;
+      its seconds), e.g. to report progress; None: silent.
 
   Returns:
     The trained {'params', 'batch_stats'}, replicated on all devices.
@@ -440,7 +443,11 @@ def fit(model: nn.Module, cfg, images: np.ndarray, labels: np.ndarray,
   run_epoch = TrainEpoch(model, tx, mesh, Recipe(cfg.batch_size, cfg.crop_flip),
                          normalizer(None, None), None)
   for epoch in range(cfg.epochs):
-    state, _ = run_epoch(state, {}, *on_device, jax.random.fold_in(k_train, epoch))
+    start = time.perf_counter()
+    state, losses = run_epoch(state, {}, *on_device, jax.random.fold_in(k_train, epoch))
+    if on_epoch is not None:
+      on_epoch(epoch + 1, float(np.mean(jax.device_get(losses['ce']))),
+               time.perf_counter() - start)
   return state.variables
 
 # ---------------------------------------------------------------------------- evaluation

@@ -316,6 +316,22 @@ def test_cl_prepare_perturbs_only_the_poisoned_images(dataset, monkeypatch):
   np.testing.assert_array_equal(seen['labels'], dataset.train_labels)
 
 
+def test_a_surrogate_reports_each_epoch_and_trains_the_same(dataset, capsys):
+  """A surrogate trains for minutes before any stage prints: one line an epoch says so,
+  and reporting changes nothing it trains."""
+  from nad_jax import models, stages, train  # pylint: disable=g-import-not-at-top
+  cfg = label_consistent.surrogate_config(
+      attack_config('cl', surrogate=dict(model='tiny', epochs=2, batch_size=100,
+                                         learning_rate=0.05, lr_boundaries=(),
+                                         crop_flip=False)), len(dataset.train_images))
+  model = models.build_model('tiny', 10)
+  args = (model, cfg, dataset.train_images, dataset.train_labels, jax.random.key(0))
+  logged = stages.fit_logged(*args)
+  lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith('[surrogate]')]
+  assert [l.split('  ')[0] for l in lines] == ['[surrogate] epoch 1/2', '[surrogate] epoch 2/2']
+  jax.tree.map(np.testing.assert_array_equal, logged, train.fit(*args))
+
+
 # -------------------------------------------------------------------------------- Refool
 
 def cv2_resize_linear(image, out_h, out_w):
