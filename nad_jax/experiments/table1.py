@@ -214,8 +214,10 @@ def kept_timing(path: str, results: dict, details: list | None = None) -> dict:
   same_table = all(earlier.get(k) == results.get(k) for k in ('attacks', 'defenses', 'seeds'))
   if 'timing' in earlier and same_table and all(
       d['timing'].get('total', {}).get('from_earlier_run') for d in details):
-    results = {**results, 'timing': {**earlier['timing'], 'from_earlier_run': True},
-               'config': earlier.get('config', results['config'])}
+    kept = {'timing': {**earlier['timing'], 'from_earlier_run': True}}
+    if 'config' in earlier:
+      kept['config'] = earlier['config']
+    results = {**results, **kept}
   return results
 
 
