@@ -175,8 +175,6 @@ def load_data(source: str = 'synthetic', *, seed: int = 0, **fields) -> data_lib
 KEYWORD_FIELDS = {'model': 'model.name', 'seed': 'seed', 'attack': 'attack.name',
                   'target_label': 'attack.target_label', 'poison_rate': 'attack.poison_rate',
                   'clean_fraction': 'data.clean_fraction'}
-# Read only where a training set is poisoned: erase and evaluate are given the model.
-POISONING = ('attack.poison_rate', 'attack.clean_label')
 # Read only where NAD distils: FT (and MCR's FT end) is NAD with every beta 0.
 DISTILLING = ('nad.betas', 'nad.p', 'nad.layers')
 # The `nad` fields FP follows by reference (defaults.defense_stages).
@@ -186,6 +184,14 @@ CALLS = ('train_backdoored', 'evaluate', 'erase')
 
 
 def _reads(config, call: str, method: str = 'nad') -> set[str]:
+  """The dotted fields of `config` that `call` reads: `_read_by_call`'s, less those
+  `validation.unread_fields` names (a loaded stage's recipe, an all-to-all target label)."""
+  unread = tuple(validation.unread_fields(config))
+  return {field for field in _read_by_call(config, call, method)
+          if not any(field == name or field.startswith(name + '.') for name in unread)}
+
+
+def _read_by_call(config, call: str, method: str = 'nad') -> set[str]:
   """The dotted fields of `config` that `call` reads.
 
   The fields a dataset was loaded with are load_data's; train_backdoored and evaluate draw
@@ -205,7 +211,7 @@ def _reads(config, call: str, method: str = 'nad') -> set[str]:
   reads = fields('model', 'attack') | {'data.eval_batch_size'}
   if call == 'train_backdoored':
     return reads | fields('backdoor_training') | {'seed'}
-  reads -= set(POISONING)
+  reads -= set(validation.poisoning_fields(config.attack))
   if call == 'evaluate':
     return reads
   reads |= {'seed', 'data.clean_fraction'}
@@ -252,14 +258,20 @@ def _refuse_unread(options: dict, config, call: str, method: str = 'nad') -> Non
     ConfigError: naming the option, its value, and the functions that read it.
   """
   reads = _reads(config, call, method)
+  unread = validation.unread_fields(config)  # read by no call, with this config
   for option, value in options.items():
     given = ({KEYWORD_FIELDS[option]: value} if option in KEYWORD_FIELDS else
              {f'{option}.{field}': v for field, v in value.items()})
     for field, value in given.items():
       if value is not None and field not in reads:
         name = option if option in KEYWORD_FIELDS else field
+        reason = next((why for unread_name, why in unread.items()
+                       if field == unread_name or field.startswith(unread_name + '.')), None)
+        if reason:
+          raise validation.ConfigError(f'{name} {value!r}: {reason}')
         where = f'{call} with method {method!r}' if call == 'erase' else call
-        why = ' (the model is given: nothing is poisoned)' if field in POISONING else ''
+        why = (' (the model is given: nothing is poisoned)'
+               if field in validation.poisoning_fields(config.attack) else '')
         raise validation.ConfigError(f'{name} {value!r}: {where} does not read it{why}; '
                                      f'{_readers(config, field)}')
 

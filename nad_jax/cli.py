@@ -19,6 +19,7 @@ import os
 import sys
 
 import jax
+import ml_collections
 import numpy as np
 from absl import logging
 
@@ -238,8 +239,8 @@ def set_field(config, assignment: str) -> None:
 
   Raises:
     UsageError: no '=', a field an option sets (OPTION_FIELDS), a field no cleaning
-      reads (clean.UNREAD), an unknown field (with the closest name), or a value of the
-      wrong type for the field.
+      reads (clean.unread_fields), a whole section, an unknown field (with the closest
+      name), or a value of the wrong type for the field.
   """
   field, sep, text = assignment.partition('=')
   if not sep:
@@ -251,7 +252,8 @@ def set_field(config, assignment: str) -> None:
   field = field.strip()
   if field in OPTION_FIELDS:
     raise UsageError(f'--set {field}: it has its own option; give {OPTION_FIELDS[field]}')
-  why = clean.UNREAD.get(field) or clean.UNREAD.get(field.partition('.')[0])
+  unread = clean.unread_fields(config)
+  why = unread.get(field) or unread.get(field.partition('.')[0])
   if why:  # before the config's own rules, which might point to another refused field
     raise UsageError(f'--set {field}: {why}')
   section, _, leaf = field.rpartition('.')
@@ -259,6 +261,9 @@ def set_field(config, assignment: str) -> None:
     parent = validation.lookup(config, section) if section else config
     if leaf not in parent:
       raise KeyError(field)
+    if isinstance(parent[leaf], ml_collections.ConfigDict):  # would drop the fields not given
+      raise UsageError(f'--set {field}: a section; set its fields one at a time '
+                       f'(--set {field}.FIELD=VALUE)')
     parent[leaf] = value
   except KeyError:
     fields = list(validation.flatten(config.to_dict()))
@@ -302,8 +307,9 @@ def build_config(args):
   config.student.checkpoint = model
 
   if args.tfds_dir is not None and not args.data.startswith('tfds:'):
-    raise UsageError(f'--tfds-dir goes with --data tfds:NAME; --data {args.data} is a folder '
-                     '(drop --tfds-dir)')
+    raise UsageError(f'--tfds-dir goes with --data tfds:NAME; ' + (
+        f'--data {args.data} is a folder (drop --tfds-dir)' if os.path.isdir(args.data) else
+        f'write --data tfds:{args.data} or drop --tfds-dir'))
   if args.data.startswith('tfds:'):
     config.data.source, config.data.name = 'tfds', args.data.removeprefix('tfds:')
     config.data.data_dir = args.tfds_dir

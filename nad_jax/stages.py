@@ -784,13 +784,18 @@ def kept_timing(earlier: dict, timing: dict) -> dict:
           for name, t in timing.items()}
 
 
+# Config sections a rerun applies afresh even where it trains nothing (the table's figures).
+REAPPLIED = ('table',)
+
+
 def recorded_config(earlier: dict, config: dict, timing: dict) -> dict:
   """The config a results file records: this run's (`config`, as a dict); or, where every
   stage's figures come from an earlier run (each of `timing`'s entries marked
   `from_earlier_run`), the `earlier` results file's, since fields that shape no stage
-  (`*.eval_every`, `model.conv`) may have changed and the figures are that run's."""
+  (`*.eval_every`, `model.conv`) may have changed and the figures are that run's; the
+  REAPPLIED sections stay this run's."""
   if timing and all(t.get('from_earlier_run') for t in timing.values()) and 'config' in earlier:
-    return earlier['config']
+    return {**earlier['config'], **{k: config[k] for k in REAPPLIED if k in config}}
   return config
 
 

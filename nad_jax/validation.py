@@ -414,6 +414,14 @@ def same(value, default) -> bool:
   return value == default
 
 
+def poisoning_fields(attack_cfg) -> tuple[str, ...]:
+  """The `attack.` fields that only the poisoning of a training set reads, so that a run
+  given the backdoored model does not: poison_rate and clean_label, but for Refool's
+  adversarial selection (selection_rounds > 0), whose choice of trigger reads poison_rate."""
+  selects = attack_cfg.name == 'refool' and attack_cfg.get('selection_rounds', 0) > 0
+  return ('attack.clean_label',) if selects else ('attack.poison_rate', 'attack.clean_label')
+
+
 def unread_fields(config) -> dict:
   """{field or section: why}: what a run does not read because it loads a model instead of
   training it (`student.checkpoint`: the backdoored model's training and poisoning;
@@ -424,22 +432,23 @@ def unread_fields(config) -> dict:
     unread['attack.target_label'] = 'an all-to-all backdoor relabels y as y+1, with no target'
   if config.student.checkpoint:
     why = 'the backdoored model is loaded from student.checkpoint, not trained'
-    unread.update({'backdoor_training': why, 'attack.poison_rate': why,
-                   'attack.clean_label': why})
+    unread.update(dict.fromkeys(('backdoor_training', *poisoning_fields(config.attack)), why))
   if config.get('teacher') and config.teacher.checkpoint:
     unread.update({f'teacher.{field}': 'the teacher is loaded from teacher.checkpoint, not '
                    'trained' for field in config.teacher if field != 'checkpoint'})
   return unread
 
 
-def refuse_overrides(config, fields, unread: dict) -> None:
+def refuse_overrides(config, fields, unread: dict, prefix: str = '') -> None:
   """Raises ConfigError for a field the user set that the run does not read, which the
   run would otherwise record as if used.
 
   Args:
     config: the run's config, overrides applied.
-    fields: the dotted fields the user set (`--config.<field>=...`).
+    fields: the dotted fields the user set (`--config.<field>=...`), relative to `config`.
     unread: {dotted field or section: why the run does not read it}.
+    prefix: where `config` sits in the user's config, for the message (a table's
+      'table.attack_configs.<attack>.').
 
   Raises:
     ConfigError: naming the field, its value and why, ending in 'leave it out'.
@@ -447,7 +456,7 @@ def refuse_overrides(config, fields, unread: dict) -> None:
   for field in fields:
     for name, why in unread.items():
       if field == name or field.startswith(name + '.'):
-        raise ConfigError(f'{field} {lookup(config, field)!r}: {why}; leave it out')
+        raise ConfigError(f'{prefix}{field} {lookup(config, field)!r}: {why}; leave it out')
 
 
 def refuse_unread_fields(config, section: str, fields=None) -> None:
@@ -543,10 +552,10 @@ def validate_poisoning(config, count: int, candidates: int) -> None:
 FINGERPRINT = 'stage_config.json'
 # Fields that never change what a stage trains (evaluation cadence, caches, devices).
 NOT_SHAPING = ('eval_only', 'runner', 'distributed', 'compilation_cache', 'scan_epoch',
-               'model.conv', 'data.eval_batch_size', 'table', 'mcr.points')
-# Fields that shape what a stage's training evaluates but not what it trains: an
-# evaluation-only run may set them anew (MCR's point on the trained curve).
-EVALUATED_ONLY = ('mcr.t',)
+               'model.conv', 'data.eval_batch_size', 'table')
+# Fields that shape what a stage's run evaluates but not what it trains: an evaluation-only
+# run may set them anew (MCR's point on the trained curve, and its curve's points).
+EVALUATED_ONLY = ('mcr.t', 'mcr.points')
 # The sections that shape each stage: its own and those of the stages it starts from.
 BACKDOORED = ('seed', 'seeds', 'data', 'model', 'attack', 'backdoor_training', 'student')
 # Fields newer than some stage folders, with the value that those folders trained with.

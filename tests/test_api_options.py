@@ -145,6 +145,17 @@ def test_erase_refuses_a_teacher_it_would_not_use(small):
     nad_jax.erase(data, variables, teacher=variables, config=config, **SMALL)
 
 
+def test_what_no_call_reads_is_refused_with_its_reason():
+  """An all-to-all backdoor has no target label; a loaded backdoored model no recipe."""
+  with pytest.raises(nad_jax.ConfigError, match='target_label 3: an all-to-all backdoor'):
+    nad_jax.evaluate(None, {}, attack='all2all', target_label=3)
+  config = defaults.paper_config()
+  config.student.checkpoint = 'model.pth'
+  with pytest.raises(nad_jax.ConfigError, match='poison_rate 0.3: the backdoored model is '
+                     'loaded from student.checkpoint'):
+    nad_jax.train_backdoored(None, config=config, poison_rate=0.3)
+
+
 def test_load_data_names_a_missing_folder(tmp_path):
   with pytest.raises(nad_jax.ConfigError, match=f"data.path '{tmp_path / 'none'}': must be an "
                      'existing folder'):

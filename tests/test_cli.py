@@ -302,6 +302,10 @@ def bad_inputs(tmp_path, data, model):
       'several processes': ([model, '--arch', 'tiny', '--data', data, *ok, '--set',
                              'distributed.num_processes=2'],
                             '--set distributed.num_processes: nad-jax-clean runs one process'),
+      'a whole section': ([model, '--arch', 'tiny', '--data', data, *ok, '--set',
+                           "data={'path': '/elsewhere'}"], '--set data: a section'),
+      'tfds dir without tfds:': ([model, '--arch', 'tiny', '--data', 'cifar10', *ok,
+                                  '--tfds-dir', tmp_path], 'write --data tfds:cifar10'),
       'a poison rate': ([model, '--arch', 'tiny', '--data', data, *ok, '--set',
                          'attack.poison_rate=0.2'],
                         '--set attack.poison_rate: nothing is poisoned here'),
@@ -346,7 +350,8 @@ CASES = ('missing model', 'junk model', 'wrong architecture', 'missing data',
          'bad number', 'bad value', 'bad mean', 'unknown field', 'mistyped field',
          'out is a file', 'out below a file', 'empty out',
          'batch larger than the clean subset', 'several seeds',
-         'evaluation only', 'another runner', 'several processes', 'a poison rate',
+         'evaluation only', 'another runner', 'several processes', 'a whole section',
+         'tfds dir without tfds:', 'a poison rate',
          'betas without distillation', 'backdoor training',
          "another method's field", 'teacher epochs of a given teacher', 'a teacher for ft',
          'a size the folder does not read', 'the model by --set', 'the data by --set',
@@ -396,6 +401,17 @@ def test_the_report_names_the_label_map_that_ran(mode, shown):
   results = {'input': {'model': 'm.pth'}, 'method': 'ft', 'stages': {'backdoored': metrics},
              'history': {}, 'info': {}, 'files': {}}
   assert f'backdoor label map {shown}' in clean.report(results, ctx)
+
+
+def test_refools_selection_reads_the_poison_rate():
+  """Refool's adversarial selection picks its trigger on data poisoned at poison_rate, so a
+  cleaning reads it there (and only there)."""
+  config = defaults.defense_stages(defaults.paper_config())
+  config.attack.name, config.attack.poison_rate = 'refool', 0.8
+  clean.refuse_ignored_fields(config, 'nad', ('teacher', 'nad'))
+  config.attack.selection_rounds = 0
+  with pytest.raises(stages.ConfigError, match='attack.poison_rate 0.8: nothing is poisoned'):
+    clean.refuse_ignored_fields(config, 'nad', ('teacher', 'nad'))
 
 
 def test_the_runner_refuses_an_unknown_method(tmp_path):

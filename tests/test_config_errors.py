@@ -95,6 +95,10 @@ CASES = [
     ('a defense the table does not run', lambda d: [
         '--config=configs/table1.py:badnets', "--config.table.defenses=('none','ft')",
         '--config.mcr.t=0.9'], "mcr.t 0.9: table.defenses ('none', 'ft') has no mcr"),
+    ("an attack's own field of a defense the table does not run", lambda d: [
+        '--config=configs/table1.py:blend', "--config.table.defenses=('none','ft')",
+        '--config.table.attack_configs.blend.teacher.batch_size=8'],
+     "table.attack_configs.blend.teacher.batch_size 8: table.defenses ('none', 'ft') has no"),
     ('distillation without nad', lambda d: [
         '--config=configs/table1.py:badnets', "--config.table.defenses=('none','ft')",
         '--config.nad.betas=(1.0,2.0,3.0)'], "nad.betas (1.0, 2.0, 3.0): table.defenses"),

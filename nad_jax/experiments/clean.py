@@ -43,8 +43,6 @@ UNREAD = {
     'runner': 'nad-jax-clean picks its runner itself',
     'distributed': 'nad-jax-clean runs one process',
     'backdoor_training': 'the backdoored model is given (student.checkpoint), not trained',
-    'attack.poison_rate': 'nothing is poisoned here: the backdoored model is given',
-    'attack.clean_label': 'nothing is poisoned here: the backdoored model is given',
 }
 ATTENTION_IMAGES = 6
 
@@ -80,9 +78,16 @@ def check_writable(out: str) -> None:
                                  "torch: pip install 'nad-jax[torch]'")
 
 
+def unread_fields(config) -> dict:
+  """UNREAD and the attack's poisoning fields (validation.poisoning_fields): {field or
+  section: why no cleaning reads it}."""
+  return {**UNREAD, **dict.fromkeys(validation.poisoning_fields(config.attack),
+                                    'nothing is poisoned here: the backdoored model is given')}
+
+
 def refuse_ignored_fields(config, method: str, trains: tuple[str, ...]) -> None:
   """Refuses what a cleaning would not read, which results.json would record as if used:
-  several seeds, or a field set away from its default in UNREAD, in a stage section
+  several seeds, or a field set away from its default in `unread_fields`, in a stage section
   (teacher, fp, mcr) the cleaning does not train (FP's follows `nad`'s schedule), in
   `nad.betas` where the method does not distill, or in the data section where the data
   source does not read it.
@@ -99,7 +104,7 @@ def refuse_ignored_fields(config, method: str, trains: tuple[str, ...]) -> None:
   if stages.replicas(config):  # the Python API's rule (api._context)
     raise validation.ConfigError(f'seeds {tuple(config.seeds)}: nad-jax-clean cleans with one '
                                  'seed; set seed (--seed) instead')
-  unread = dict(UNREAD)
+  unread = unread_fields(config)
   unread.update({section: f'--method {method} does not use it'
                  for section in ('teacher', 'fp', 'mcr') if section not in trains})
   if method != 'nad':

@@ -103,11 +103,18 @@ def check_overrides(config, fields) -> None:
 
   Raises:
     ConfigError: a top-level field that an attack of the table sets itself, naming
-      the per-attack fields to set instead; a field of a defense the table does not run
-      (`unread_by_defenses`), or one the run does not read (validation.unread_fields).
+      the per-attack fields to set instead; a field (top-level or an attack's own) of a
+      defense the table does not run (`unread_by_defenses`), or one the run does not read
+      (validation.unread_fields).
   """
-  validation.refuse_overrides(config, fields, {**unread_by_defenses(config.table.defenses),
-                                               **validation.unread_fields(config)})
+  unread = unread_by_defenses(config.table.defenses)
+  validation.refuse_overrides(config, fields, {**unread, **validation.unread_fields(config)})
+  for attack in config.table.attacks:  # an attack's own fields, with its own mode
+    prefix = f'table.attack_configs.{attack}.'
+    cfg = attack_config(config, attack)
+    validation.refuse_overrides(cfg, [f.removeprefix(prefix) for f in fields
+                                      if f.startswith(prefix)],
+                                {**unread, **validation.unread_fields(cfg)}, prefix)
   for field in fields:
     attacks = shadowing_attacks(config, field)
     if attacks:
@@ -215,8 +222,8 @@ def kept_timing(path: str, results: dict, details: list | None = None) -> dict:
   if 'timing' in earlier and same_table and all(
       d['timing'].get('total', {}).get('from_earlier_run') for d in details):
     kept = {'timing': {**earlier['timing'], 'from_earlier_run': True}}
-    if 'config' in earlier:
-      kept['config'] = earlier['config']
+    if 'config' in results:
+      kept['config'] = stages.recorded_config(earlier, results['config'], kept)
     results = {**results, **kept}
   return results
 
