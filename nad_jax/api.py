@@ -188,7 +188,7 @@ def _reads(config, call: str, method: str = 'nad') -> set[str]:
   `validation.unread_fields` names (a loaded stage's recipe, an all-to-all target label)."""
   unread = tuple(validation.unread_fields(config))
   return {field for field in _read_by_call(config, call, method)
-          if not any(field == name or field.startswith(name + '.') for name in unread)}
+          if not validation.lies_in(field, unread)}
 
 
 def _read_by_call(config, call: str, method: str = 'nad') -> set[str]:
@@ -265,8 +265,8 @@ def _refuse_unread(options: dict, config, call: str, method: str = 'nad') -> Non
     for field, value in given.items():
       if value is not None and field not in reads:
         name = option if option in KEYWORD_FIELDS else field
-        reason = next((why for unread_name, why in unread.items()
-                       if field == unread_name or field.startswith(unread_name + '.')), None)
+        reason = next((why for name, why in unread.items()
+                       if validation.lies_in(field, (name,))), None)
         if reason:
           raise validation.ConfigError(f'{name} {value!r}: {reason}')
         where = f'{call} with method {method!r}' if call == 'erase' else call

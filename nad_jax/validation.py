@@ -414,6 +414,11 @@ def same(value, default) -> bool:
   return value == default
 
 
+def lies_in(field: str, names) -> bool:
+  """Whether dotted `field` is one of `names` or lies in one of them (a section)."""
+  return any(field == name or field.startswith(name + '.') for name in names)
+
+
 def poisoning_fields(attack_cfg) -> tuple[str, ...]:
   """The `attack.` fields that only the poisoning of a training set reads, so that a run
   given the backdoored model does not: poison_rate and clean_label, but for Refool's
@@ -455,7 +460,7 @@ def refuse_overrides(config, fields, unread: dict, prefix: str = '') -> None:
   """
   for field in fields:
     for name, why in unread.items():
-      if field == name or field.startswith(name + '.'):
+      if lies_in(field, (name,)):
         raise ConfigError(f'{prefix}{field} {lookup(config, field)!r}: {why}; leave it out')
 
 
@@ -624,10 +629,9 @@ def ignored_fields(config, stage: str) -> tuple[str, ...]:
 
 
 def is_in(field: str, names) -> bool:
-  """Whether dotted `field` is one of `names`, lies in one of them (a section), or is an
-  evaluation cadence (`*.eval_every`, which never shapes a stage)."""
-  return field.endswith('.eval_every') or any(field == n or field.startswith(n + '.')
-                                              for n in names)
+  """Whether dotted `field` lies in `names` (`lies_in`) or is an evaluation cadence
+  (`*.eval_every`, which never shapes a stage)."""
+  return field.endswith('.eval_every') or lies_in(field, names)
 
 
 def stage_fields(config, stage: str, data_digest: str | None = None) -> dict:
