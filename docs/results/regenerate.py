@@ -163,7 +163,8 @@ CIFAR_ATTACKS = {'badnets': (), 'blend': (), 'trojan': (  # the NAD authors' pat
     '--config.attack.pattern_path=../shared/data/nad-official/best_square_trigger_cifar10.npz',),
                  'wanet': (),
                  'sig': ('--config.attack.sig_mode=blend_raw',  # the NAD code's SIG
-                         '--config.attack.frequency=4.074366543152521')}
+                         '--config.attack.frequency=4.074366543152521'),
+                 'cl': ()}
 CIFAR_SOURCES = {f'cifar_{a}.json': (main_command(f'configs/nad_cifar.py:{a}', f'runs/cifar_{a}',
                                                   *CIFAR_FLAGS, *extra),
                                      f'runs/cifar_{a}/results.json')
