@@ -130,7 +130,6 @@ def _suggest(name: str, options) -> str:
   return f'; did you mean {close[0]!r}?' if close else ''
 
 
-
 # `data.*` fields that a dataset does not depend on, and where they are read instead.
 NOT_LOADING = {
     'clean_fraction': 'the clean subset is drawn by erase, clean_fraction= there',
