@@ -221,18 +221,20 @@ def _read_by_call(config, call: str, method: str = 'nad') -> set[str]:
   return (reads | fields('nad', *(('mcr',) if method == 'mcr' else ()))) - set(DISTILLING)
 
 
-def _readers(config, field: str) -> str:
+def _readers(config, field: str, fp_unread: bool = False) -> str:
   """Which functions read `field`, for a message.
 
   Args:
     config: the call's config.
     field: a dotted field name, e.g. 'fp.acc_drop'.
+    fp_unread: method 'fp' does not read it (the caller set FP's own field).
 
   Returns:
     e.g. "erase with method 'fp' does", "train_backdoored and erase do".
   """
   readers = [call for call in CALLS[:2] if field in _reads(config, call)]
-  methods = [m for m in METHODS if field in _reads(config, 'erase', m)]
+  methods = [m for m in METHODS if field in _reads(config, 'erase', m)
+             and not (fp_unread and m == 'fp')]
   if methods:
     named = ', '.join(map(repr, methods[:-1])) + ' or ' * (len(methods) > 1) + repr(methods[-1])
     readers.append('erase' if len(methods) == len(METHODS) else f'erase with method {named}')
@@ -243,7 +245,8 @@ def _readers(config, field: str) -> str:
   return ' and '.join(readers) + (' do' if len(readers) > 1 else ' does')
 
 
-def _refuse_unread(options: dict, config, call: str, method: str = 'nad') -> None:
+def _refuse_unread(options: dict, config, call: str, method: str = 'nad',
+                   fp_given: frozenset = frozenset()) -> None:
   """Refuses an option the caller gave that `call` would ignore (a config's fields are not
   checked: a whole config sets fields for every function).
 
@@ -252,11 +255,14 @@ def _refuse_unread(options: dict, config, call: str, method: str = 'nad') -> Non
     config: the call's config.
     call: 'train_backdoored', 'evaluate' or 'erase'.
     method: erase's method.
+    fp_given: the `fp` fields the caller sets (e.g. {'epochs'}): FP no longer follows
+      `nad`'s, so those `nad` fields are unread by method 'fp'.
 
   Raises:
     ConfigError: naming the option, its value, and the functions that read it.
   """
-  reads = _reads(config, call, method)
+  not_followed = {f'nad.{field}' for field in fp_given} if method == 'fp' else set()
+  reads = _reads(config, call, method) - not_followed
   unread = validation.unread_fields(config)  # read by no call, with this config
   for option, value in options.items():
     given = ({KEYWORD_FIELDS[option]: value} if option in KEYWORD_FIELDS else
@@ -270,9 +276,11 @@ def _refuse_unread(options: dict, config, call: str, method: str = 'nad') -> Non
           raise validation.ConfigError(f'{name} {value!r}: {reason}')
         where = f'{call} with method {method!r}' if call == 'erase' else call
         why = (' (the model is given: nothing is poisoned)'
-               if field in validation.poisoning_fields(config.attack) else '')
+               if field in validation.poisoning_fields(config.attack) else
+               f" (fp.{field[4:]} is given, so FP does not follow NAD's)"
+               if field in not_followed else '')
         raise validation.ConfigError(f'{name} {value!r}: {where} does not read it{why}; '
-                                     f'{_readers(config, field)}')
+                                     f'{_readers(config, field, field in not_followed)}')
 
 
 def _context(dataset: data_lib.Dataset, config, trained: tuple[str, ...]) -> stages.Context:
@@ -346,7 +354,8 @@ def erase(dataset: data_lib.Dataset, variables: dict, *, method: str = 'nad',
       0.01 from epoch 2).
     config, **options: see `make_config`; an option that `method` does not read is
       refused (poison_rate, backdoor_training, another method's section, nad's betas, p
-      and layers but for 'nad'; FP reads nad's schedule, which it follows).
+      and layers but for 'nad'; FP reads nad's schedule, which it follows where its own
+      field is not given).
     epochs, batch_size, learning_rate, lr_boundaries, betas: the fields of the stage
       that `method` trains. 'nad', 'ft': `nad.*` (the paper's 20 epochs, batch 64, lr
       0.1 then 0.01 from epoch 2, betas 500/1000/1000). 'fp': `fp.*` (unset, FP follows
@@ -375,7 +384,11 @@ def erase(dataset: data_lib.Dataset, variables: dict, *, method: str = 'nad',
   if 'mcr' not in config:
     defaults.defense_stages(config)
   config = make_config(config, **options)
-  _refuse_unread(options, config, 'erase', method)
+  recipe = dict(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
+                lr_boundaries=lr_boundaries, betas=betas)
+  given = [*options.get('fp', {}).items(), *(recipe.items() if method == 'fp' else ())]
+  _refuse_unread(options, config, 'erase', method,
+                 frozenset(field for field, value in given if value is not None))
   if teacher is not None and config.teacher.checkpoint:
     raise validation.ConfigError(
         f'teacher= and teacher.checkpoint {config.teacher.checkpoint!r}: two teachers; drop '
@@ -386,8 +399,7 @@ def erase(dataset: data_lib.Dataset, variables: dict, *, method: str = 'nad',
            'the teacher is given (teacher= or teacher.checkpoint), so none is trained')
     raise validation.ConfigError(f'teacher_epochs {teacher_epochs}: {why}')
   stage = {'nad': 'nad', 'ft': 'nad', 'fp': 'fp', 'mcr': 'mcr'}[method]  # what the recipe sets
-  recipes = {stage: dict(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
-                         lr_boundaries=lr_boundaries, betas=betas)}
+  recipes = {stage: recipe}
   if trains_teacher:  # one meaning everywhere: nad-jax-clean's --batch-size and --lr
     recipes['teacher'] = dict(epochs=teacher_epochs, batch_size=batch_size,
                               learning_rate=learning_rate)

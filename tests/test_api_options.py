@@ -95,6 +95,11 @@ def test_a_poison_rate_is_refused_where_nothing_is_poisoned(function):
     ('erase', dict(method='fp', nad={'momentum': 0.5}),
      "nad.momentum 0.5: erase with method 'fp' does not read it; erase with method 'nad', "
      "'ft' or 'mcr' does"),
+    ('erase', dict(method='fp', fp={'epochs': 3}, nad={'epochs': 5}),
+     r"nad.epochs 5: erase with method 'fp' does not read it \(fp.epochs is given, so FP does "
+     "not follow NAD's\); erase with method 'nad', 'ft' or 'mcr' does"),
+    ('erase', dict(method='fp', learning_rate=0.05, nad={'learning_rate': 0.2}),
+     "nad.learning_rate 0.2: erase with method 'fp' does not read it"),
     ('erase', dict(method='nad', fp={'acc_drop': 2.0}),
      "fp.acc_drop 2.0: erase with method 'nad' does not read it; erase with method 'fp' does"),
     ('erase', dict(backdoor_training={'epochs': 9}),
