@@ -153,22 +153,23 @@ def mcr_recipe_cells(results: dict) -> list:
 
 # CIFAR-10 (the local JPEG copy) with the paper's teacher and NAD stages and a 20-epoch
 # backdoor (the CPU's recipe; the paper's 100 epochs are benchmarks/gpu_table.sh's). One
-# entry per attack measured: {attack: its extra flags}.
+# entry per attack measured: {name: (its configs/nad_cifar.py variant, its extra flags)}.
 CIFAR_BACKDOOR = ('--config.data.source=folder', '--config.data.path=../shared/data/cifar10-jpeg',
                   '--config.backdoor_training.epochs=20',
                   "'--config.backdoor_training.lr_boundaries=(10,15)'",
                   '--config.backdoor_training.eval_every=5')
 CIFAR_FLAGS = CIFAR_BACKDOOR + ('--config.teacher.eval_every=5', '--config.nad.eval_every=5')
-CIFAR_ATTACKS = {'badnets': (), 'blend': (), 'trojan': (  # the NAD authors' patch
-    '--config.attack.pattern_path=../shared/data/nad-official/best_square_trigger_cifar10.npz',),
-                 'wanet': (),
-                 'sig': ('--config.attack.sig_mode=blend_raw',  # the NAD code's SIG
-                         '--config.attack.frequency=4.074366543152521'),
-                 'cl': ()}
-CIFAR_SOURCES = {f'cifar_{a}.json': (main_command(f'configs/nad_cifar.py:{a}', f'runs/cifar_{a}',
-                                                  *CIFAR_FLAGS, *extra),
-                                     f'runs/cifar_{a}/results.json')
-                 for a, extra in CIFAR_ATTACKS.items()}
+CIFAR_ATTACKS = {
+    'badnets': ('badnets', ()), 'blend': ('blend', ()),
+    'trojan': ('trojan', (  # the NAD authors' patch
+        '--config.attack.pattern_path=../shared/data/nad-official/best_square_trigger_cifar10.npz',)),
+    'wanet': ('wanet', ()),
+    'sig': ('sig', ('--config.attack.sig_mode=blend_raw',  # the NAD code's SIG
+                    '--config.attack.frequency=4.074366543152521')),
+    'cl': ('cl', ())}
+CIFAR_SOURCES = {f'cifar_{name}.json': (main_command(
+    f'configs/nad_cifar.py:{variant}', f'runs/cifar_{name}', *CIFAR_FLAGS, *extra),
+    f'runs/cifar_{name}/results.json') for name, (variant, extra) in CIFAR_ATTACKS.items()}
 # The same backdoor recipe on unpoisoned data: the clean accuracy the criteria compare with
 # (its ASR: BadNets' trigger on a model that never saw it).
 CIFAR_UNPOISONED = {'cifar_unpoisoned.json': (main_command(
