@@ -32,8 +32,9 @@ from nad_jax import train as train_lib
 from nad_jax import validation
 from nad_jax.kernels import onednn
 
-# The config section that trains a stage, where its name differs (FT trains with NAD's).
-SECTIONS = {'backdoored': 'backdoor_training', 'ft': 'nad'}
+# The config section that trains a stage, where its name differs (FT trains with NAD's;
+# the comparison table's undefended row, 'none', is the backdoored model).
+SECTIONS = {'backdoored': 'backdoor_training', 'none': 'backdoor_training', 'ft': 'nad'}
 ConfigError = validation.ConfigError
 METRICS = ('acc', 'acc_nontarget', 'asr', 'ra')
 # The stages a config may load instead of training, and the fields that name the file.
@@ -797,6 +798,41 @@ def recorded_config(earlier: dict, config: dict, timing: dict) -> dict:
   if timing and all(t.get('from_earlier_run') for t in timing.values()) and 'config' in earlier:
     return {**earlier['config'], **{k: config[k] for k in REAPPLIED if k in config}}
   return config
+
+
+# Fields that shape no stage's weights yet belong to how its run computed and evaluated it.
+RUN_FIELDS = ('model.conv', 'data.eval_batch_size')
+
+
+def trained_with(timing: dict, earlier_config: dict | None, config: dict) -> dict:
+  """`timing` where each stage kept from an earlier run that ran with other values than
+  `config` of RUN_FIELDS or of its section's eval_every lists them.
+
+  check_workdir refuses a resumed stage whose shaping fields changed; these may change, so
+  a rerun that trains some stages and keeps others says which values the kept ones had.
+
+  Args:
+    timing: {stage: timing entry} (kept_timing's; kept entries marked `from_earlier_run`).
+    earlier_config: the config the earlier results file records (a dict), or None.
+    config: the config this results file records (a dict; recorded_config's).
+
+  Returns:
+    `timing`, each kept entry whose run differs given `trained_with`: {dotted field: the
+    value its run had}; one already listed there carries over.
+  """
+  if not earlier_config:
+    return timing
+  before, now = validation.flatten(earlier_config), validation.flatten(config)
+  marked = {}
+  for name, entry in timing.items():
+    if entry.get('from_earlier_run'):
+      ran = {**before, **entry.get('trained_with', {})}
+      fields = RUN_FIELDS + (f'{SECTIONS.get(name, name)}.eval_every',)
+      differs = {f: ran[f] for f in fields if f in ran and ran[f] != now.get(f)}
+      entry = {k: v for k, v in entry.items() if k != 'trained_with'}
+      entry.update({'trained_with': differs} if differs else {})
+    marked[name] = entry
+  return marked
 
 
 def trained_now(timings) -> bool:

@@ -73,11 +73,21 @@ def test_new_betas_rerun_nad_on_the_same_backdoored_model_and_teacher(finished_r
   copy = str(tmp_path / 'copy')
   shutil.copytree(workdir, copy)
   shutil.rmtree(os.path.join(copy, 'nad'))  # what the error message says to do
-  rerun = nad_runner.run(tiny_config(**{'nad.betas': (0.0, 0.0, 5000.0)}), copy).results
+  rerun = nad_runner.run(tiny_config(**{'nad.betas': (0.0, 0.0, 5000.0),
+                                        'data.eval_batch_size': 64,
+                                        'teacher.eval_every': 2}), copy).results
   assert rerun['history']['backdoored'] == results['history']['backdoored']
   assert rerun['history']['teacher'] == results['history']['teacher']
   assert rerun['timing']['backdoored']['from_earlier_run']
   assert rerun['timing']['teacher']['from_earlier_run']
+  # the kept stages were evaluated with the first run's values, which the config no longer has
+  assert rerun['config']['data']['eval_batch_size'] == 64
+  assert rerun['timing']['backdoored']['trained_with'] == {
+      'data.eval_batch_size': results['config']['data']['eval_batch_size']}
+  assert rerun['timing']['teacher']['trained_with'] == {
+      'data.eval_batch_size': results['config']['data']['eval_batch_size'],
+      'teacher.eval_every': results['config']['teacher']['eval_every']}
+  assert 'trained_with' not in rerun['timing']['nad']
   assert 'from_earlier_run' not in rerun['timing']['nad']
   assert len(rerun['timing']['nad']['img_per_s']) == 2  # NAD alone trained again
   assert rerun['history']['nad'] != results['history']['nad']
@@ -165,3 +175,21 @@ def test_other_data_under_the_same_config_is_refused(finished_run, tmp_path):
     validation.check_workdir(tiny_config(), copy, nad_runner.STAGES, '0123456789abcdef')
   # Before the data is loaded, the config alone is compared.
   validation.check_workdir(tiny_config(), copy, nad_runner.STAGES)
+
+
+def test_a_kept_stage_keeps_what_it_ran_with_over_reruns():
+  """A stage kept through two reruns still names the values of the run that trained it."""
+  first = {'model': {'conv': 'xla'}, 'data': {'eval_batch_size': 128},
+           'backdoor_training': {'eval_every': 1}, 'nad': {'eval_every': 1}}
+  second = {**first, 'model': {'conv': 'onednn'}}
+  third = {**second, 'backdoor_training': {'eval_every': 5}}
+  kept = {'backdoored': {'img_per_s': [9.0], 'from_earlier_run': True}, 'nad': {'img_per_s': [8.0]}}
+  once = stages.trained_with(kept, first, second)
+  assert once['backdoored']['trained_with'] == {'model.conv': 'xla'}
+  assert 'trained_with' not in once['nad']  # trained in this run
+  twice = stages.trained_with(once, second, third)
+  assert twice['backdoored']['trained_with'] == {'model.conv': 'xla',
+                                                 'backdoor_training.eval_every': 1}
+  back = stages.trained_with(twice, third, first)  # the first run's values again
+  assert 'trained_with' not in back['backdoored']
+  assert stages.trained_with(kept, None, first) == kept  # no earlier config recorded

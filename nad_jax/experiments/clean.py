@@ -194,17 +194,19 @@ def run(config, out: str, method: str = 'nad', source: dict | None = None,
       backdoorbench.write_defense_result(out, method, cleaned, config.model.name,
                                          ctx.dataset.num_classes, result.history)
     files.update(_figures(ctx, out, results, method, attention_images))
+  earlier = stages.earlier_results(os.path.join(out, 'results.json'))
+  timing = stages.kept_timing(earlier.get('timing') or {},
+                              {name: r.timing for name, r in results.items() if r.timing})
+  recorded = stages.recorded_config(earlier, config.to_dict(), timing)
   written = {
       'input': source,
       'method': method,
       'stages': {name: r.metrics for name, r in results.items()},
       'history': {name: r.history for name, r in results.items() if r.timing},
-      'timing': stages.kept_timing(
-          stages.earlier_results(os.path.join(out, 'results.json')).get('timing') or {},
-          {name: r.timing for name, r in results.items() if r.timing}),
+      'timing': stages.trained_with(timing, earlier.get('config'), recorded),
       'info': {k: v for k, v in result.info.items() if k != 'teacher'},
       'files': {k: os.path.relpath(v, out) for k, v in files.items()},
-      'config': config.to_dict(),
+      'config': recorded,
   }
   files['results'] = os.path.join(out, 'results.json')
   files['report'] = os.path.join(out, 'report.md')

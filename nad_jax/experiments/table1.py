@@ -192,9 +192,11 @@ def kept_attack_timing(earlier: dict, detail: dict) -> dict:
   trained nothing now keeps `earlier`'s (that attack's entry of the table file) stage
   timing, each defense whose stages all did keeps its wall-clock timing, and the attack's
   total is kept where every defense was; each kept entry is marked `from_earlier_run`.
-  Where every stage was kept, so is the attack's recorded config (stages.recorded_config)."""
+  Where every stage was kept, so is the attack's recorded config (stages.recorded_config);
+  a kept stage that ran with other evaluation values says so (stages.trained_with)."""
   stage_timing = stages.kept_timing(earlier.get('stage_timing') or {}, detail['stage_timing'])
   config = stages.recorded_config(earlier, detail['config'], stage_timing)
+  stage_timing = stages.trained_with(stage_timing, earlier.get('config'), config)
   old = earlier.get('timing') or {}
   timing = {}
   for key, now in detail['timing'].items():
