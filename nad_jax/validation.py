@@ -558,9 +558,13 @@ FINGERPRINT = 'stage_config.json'
 # Fields that never change what a stage trains (evaluation cadence, caches, devices).
 NOT_SHAPING = ('eval_only', 'runner', 'distributed', 'compilation_cache', 'scan_epoch',
                'model.conv', 'data.eval_batch_size', 'table')
+# NOT_SHAPING fields that do shape one stage: MCR recomputes each curve point's BatchNorm
+# statistics in batches of the evaluation's size (defenses/mcr.py, curve_point).
+SHAPING_FOR = {'mcr': ('data.eval_batch_size',)}
 # Fields that shape what a stage's run evaluates but not what it trains: an evaluation-only
-# run may set them anew (MCR's point on the trained curve, and its curve's points).
-EVALUATED_ONLY = ('mcr.t', 'mcr.points')
+# run may set them anew (MCR's point on the trained curve, its curve's points, and the
+# batches its BatchNorm statistics are recomputed in).
+EVALUATED_ONLY = ('mcr.t', 'mcr.points', 'data.eval_batch_size')
 # The sections that shape each stage: its own and those of the stages it starts from.
 BACKDOORED = ('seed', 'seeds', 'data', 'model', 'attack', 'backdoor_training', 'student')
 # Fields newer than some stage folders, with the value that those folders trained with.
@@ -624,7 +628,8 @@ def check_folder(path: str, field: str) -> None:
 
 def ignored_fields(config, stage: str) -> tuple[str, ...]:
   """The fields and sections (dotted) of `stage`'s sections that do not shape it."""
-  return (NOT_SHAPING + STAGE_IGNORES.get(stage, ()) + other_attacks_fields(config.attack.name)
+  not_shaping = tuple(f for f in NOT_SHAPING if f not in SHAPING_FOR.get(stage, ()))
+  return (not_shaping + STAGE_IGNORES.get(stage, ()) + other_attacks_fields(config.attack.name)
           + other_sources_fields(config.data.source))
 
 
@@ -695,7 +700,9 @@ def check_workdir(config, workdir: str, stages, data_digest: str | None = None,
     ignored = ignored_fields(config, stage) + (EVALUATED_ONLY if evaluating else ())
     recorded = {**{k: v for k, v in ADDED_FIELDS.items() if k in current},
                 **{k: v for k, v in recorded.items() if not is_in(k, ignored)}}
-    current = {k: v for k, v in current.items() if not is_in(k, ignored)}
+    # SHAPING_FOR fields an older record lacks: the value it ran with is unknown.
+    current = {k: v for k, v in current.items() if not is_in(k, ignored)
+               and (k in recorded or k not in SHAPING_FOR.get(stage, ()))}
     if data_digest is None:  # a check before the data is loaded
       recorded = {k: v for k, v in recorded.items() if k != 'data.digest'}
     changed = differences(recorded, current)

@@ -15,7 +15,7 @@ import pytest
 from configs import ablations, table1
 from nad_jax import defaults
 from nad_jax import data as data_lib
-from nad_jax import checkpoint, models, stages
+from nad_jax import checkpoint, models, stages, validation
 from nad_jax import train as train_lib
 from nad_jax.defenses import fine_pruning, mcr
 from nad_jax.experiments import nad as nad_runner
@@ -157,6 +157,24 @@ def test_table_eval_only_evaluates_the_curve_at_another_t(table_run, tmp_path):
   evaluated = table.evaluate_only(config, str(copy))
   point = next(c for c in saved['details']['badnets']['mcr']['curve'] if c['t'] == 0.5)
   assert evaluated['table']['badnets']['mcr'] == {k: point[k] for k in stages.METRICS}
+  assert evaluated['config']['mcr']['t'] == 0.5  # table1_eval.json says which point
+
+
+def test_the_evaluation_batch_shapes_the_mcr_model(table_run, tmp_path):
+  """MCR recomputes each curve point's BatchNorm statistics in evaluation batches: a
+  training rerun may not change their size under a finished curve (its cell would no
+  longer be the saved model's); an evaluation-only run may, and records it."""
+  workdir, saved = table_run
+  copy = tmp_path / 'table'
+  shutil.copytree(workdir, copy)
+  config = tiny_table_config()
+  config.data.eval_batch_size = 64
+  with pytest.raises(validation.ConfigError, match="stage 'mcr' .*data.eval_batch_size"):
+    table.run(config, str(copy))
+  config.eval_only = True
+  evaluated = table.evaluate_only(config, str(copy))
+  assert evaluated['config']['data']['eval_batch_size'] == 64
+  assert evaluated['table']['badnets']['ft'] == saved['table']['badnets']['ft']
 
 
 def test_a_curve_trained_again_is_evaluated_again(table_run, tmp_path):

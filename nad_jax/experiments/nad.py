@@ -100,7 +100,8 @@ def evaluate_only(config, workdir: str) -> dict:
   it and writes `workdir/eval.json`.
 
   Returns:
-    The content of eval.json: `stages.summarize`'s figures and 'checkpoints'.
+    The content of eval.json: `stages.summarize`'s figures, 'checkpoints' and 'config'
+    (the evaluation's).
 
   Raises:
     ConfigError: a stage folder trained with other values than `config`'s
@@ -118,7 +119,8 @@ def evaluate_only(config, workdir: str) -> dict:
                  stages.load_checkpoint(path, stages.stage_abstract(ctx),
                                         f'eval_only: stage {name!r}'))
     evaluated[name] = stages.pretrained(ctx, variables, path, name).metrics
-  results = {**stages.summarize(config, evaluated), 'checkpoints': sources}
+  results = {**stages.summarize(config, evaluated), 'checkpoints': sources,
+             'config': config.to_dict()}
   stages.write_json(os.path.join(workdir, 'eval.json'), results)
   stages.log(stages.format_table(results['stages'], results.get('std')))
   return results

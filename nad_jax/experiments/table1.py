@@ -481,7 +481,8 @@ def evaluate_only(config, workdir: str) -> dict:
   Returns:
     The content of table1_eval.json: 'table' ({attack: {defense: METRICS}}, as in
     table1.json), 'average', 'stages' ({attack: {stage folder: METRICS}}, the teacher
-    included) and 'checkpoints' ({attack: {stage: path}}).
+    included), 'checkpoints' ({attack: {stage: path}}) and 'config' (the evaluation's:
+    mcr.t, mcr.points and data.eval_batch_size may differ from the training run's).
 
   Raises:
     ConfigError: a bad config, a stage folder trained with other values, or a stage
@@ -498,7 +499,7 @@ def evaluate_only(config, workdir: str) -> dict:
       evaluation_plan(cfg, os.path.join(workdir, f'seed_{seed}'))
     tables = {seed: evaluate_only(cfg, os.path.join(workdir, f'seed_{seed}'))
               for seed, cfg in per_seed.items()}
-    results = over_seeds(tables)
+    results = {**over_seeds(tables), 'config': config.to_dict()}
     stages.write_json(os.path.join(workdir, 'table1_eval.json'), results)
     stages.log(markdown(results['table'], results['average'], config.table.defenses,
                         results['std']))
@@ -522,7 +523,8 @@ def evaluate_only(config, workdir: str) -> dict:
     cells[attack] = {d: metrics['backdoored' if d == 'none' else d] for d in defenses}
     evaluated[attack], sources[attack] = metrics, paths
   avg = average(cells, defenses)
-  results = {'table': cells, 'average': avg, 'stages': evaluated, 'checkpoints': sources}
+  results = {'table': cells, 'average': avg, 'stages': evaluated, 'checkpoints': sources,
+             'config': config.to_dict()}
   stages.write_json(os.path.join(workdir, 'table1_eval.json'), results)
   stages.log(markdown(cells, avg, defenses))
   return results
