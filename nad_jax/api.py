@@ -176,9 +176,6 @@ KEYWORD_FIELDS = {'model': 'model.name', 'seed': 'seed', 'attack': 'attack.name'
                   'clean_fraction': 'data.clean_fraction'}
 # Read only where NAD distils: FT (and MCR's FT end) is NAD with every beta 0.
 DISTILLING = ('nad.betas', 'nad.p', 'nad.layers')
-# The `nad` fields FP follows by reference (defaults.defense_stages).
-FP_FOLLOWS = tuple(f'nad.{field}' for field in ('epochs', 'batch_size', 'learning_rate',
-                                                 'lr_boundaries', 'cutout', 'eval_every'))
 CALLS = ('train_backdoored', 'evaluate', 'erase')
 
 
@@ -215,26 +212,25 @@ def _read_by_call(config, call: str, method: str = 'nad') -> set[str]:
     return reads
   reads |= {'seed', 'data.clean_fraction'}
   if method == 'fp':
-    return reads | fields('fp') | set(FP_FOLLOWS)
+    followed = defaults.fp_follows(config) if 'fp' in config else defaults.FP_FOLLOWED
+    return reads | fields('fp') | {f'nad.{field}' for field in followed}
   if method == 'nad':
     return reads | fields('nad', 'teacher')
   return (reads | fields('nad', *(('mcr',) if method == 'mcr' else ()))) - set(DISTILLING)
 
 
-def _readers(config, field: str, fp_unread: bool = False) -> str:
+def _readers(config, field: str) -> str:
   """Which functions read `field`, for a message.
 
   Args:
     config: the call's config.
     field: a dotted field name, e.g. 'fp.acc_drop'.
-    fp_unread: method 'fp' does not read it (the caller set FP's own field).
 
   Returns:
     e.g. "erase with method 'fp' does", "train_backdoored and erase do".
   """
   readers = [call for call in CALLS[:2] if field in _reads(config, call)]
-  methods = [m for m in METHODS if field in _reads(config, 'erase', m)
-             and not (fp_unread and m == 'fp')]
+  methods = [m for m in METHODS if field in _reads(config, 'erase', m)]
   if methods:
     named = ', '.join(map(repr, methods[:-1])) + ' or ' * (len(methods) > 1) + repr(methods[-1])
     readers.append('erase' if len(methods) == len(METHODS) else f'erase with method {named}')
@@ -245,8 +241,7 @@ def _readers(config, field: str, fp_unread: bool = False) -> str:
   return ' and '.join(readers) + (' do' if len(readers) > 1 else ' does')
 
 
-def _refuse_unread(options: dict, config, call: str, method: str = 'nad',
-                   fp_given: frozenset = frozenset()) -> None:
+def _refuse_unread(options: dict, config, call: str, method: str = 'nad') -> None:
   """Refuses an option the caller gave that `call` would ignore (a config's fields are not
   checked: a whole config sets fields for every function).
 
@@ -255,14 +250,11 @@ def _refuse_unread(options: dict, config, call: str, method: str = 'nad',
     config: the call's config.
     call: 'train_backdoored', 'evaluate' or 'erase'.
     method: erase's method.
-    fp_given: the `fp` fields the caller sets (e.g. {'epochs'}): FP no longer follows
-      `nad`'s, so those `nad` fields are unread by method 'fp'.
 
   Raises:
     ConfigError: naming the option, its value, and the functions that read it.
   """
-  not_followed = {f'nad.{field}' for field in fp_given} if method == 'fp' else set()
-  reads = _reads(config, call, method) - not_followed
+  reads = _reads(config, call, method)
   unread = validation.unread_fields(config)  # read by no call, with this config
   for option, value in options.items():
     given = ({KEYWORD_FIELDS[option]: value} if option in KEYWORD_FIELDS else
@@ -277,10 +269,10 @@ def _refuse_unread(options: dict, config, call: str, method: str = 'nad',
         where = f'{call} with method {method!r}' if call == 'erase' else call
         why = (' (the model is given: nothing is poisoned)'
                if field in validation.poisoning_fields(config.attack) else
-               f" (fp.{field[4:]} is given, so FP does not follow NAD's)"
-               if field in not_followed else '')
+               f" (fp.{field[4:]} is set, so FP does not follow NAD's)"
+               if method == 'fp' and field[4:] in defaults.FP_FOLLOWED else '')
         raise validation.ConfigError(f'{name} {value!r}: {where} does not read it{why}; '
-                                     f'{_readers(config, field, field in not_followed)}')
+                                     f'{_readers(config, field)}')
 
 
 def _context(dataset: data_lib.Dataset, config, trained: tuple[str, ...]) -> stages.Context:
@@ -384,11 +376,6 @@ def erase(dataset: data_lib.Dataset, variables: dict, *, method: str = 'nad',
   if 'mcr' not in config:
     defaults.defense_stages(config)
   config = make_config(config, **options)
-  recipe = dict(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
-                lr_boundaries=lr_boundaries, betas=betas)
-  given = [*options.get('fp', {}).items(), *(recipe.items() if method == 'fp' else ())]
-  _refuse_unread(options, config, 'erase', method,
-                 frozenset(field for field, value in given if value is not None))
   if teacher is not None and config.teacher.checkpoint:
     raise validation.ConfigError(
         f'teacher= and teacher.checkpoint {config.teacher.checkpoint!r}: two teachers; drop '
@@ -399,14 +386,21 @@ def erase(dataset: data_lib.Dataset, variables: dict, *, method: str = 'nad',
            'the teacher is given (teacher= or teacher.checkpoint), so none is trained')
     raise validation.ConfigError(f'teacher_epochs {teacher_epochs}: {why}')
   stage = {'nad': 'nad', 'ft': 'nad', 'fp': 'fp', 'mcr': 'mcr'}[method]  # what the recipe sets
-  recipes = {stage: recipe}
+  recipes = {stage: dict(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
+                         lr_boundaries=lr_boundaries, betas=betas)}
   if trains_teacher:  # one meaning everywhere: nad-jax-clean's --batch-size and --lr
     recipes['teacher'] = dict(epochs=teacher_epochs, batch_size=batch_size,
                               learning_rate=learning_rate)
   for section, recipe in recipes.items():
     for field, value in recipe.items():
-      if value is not None:
-        _assign(config[section], f'{section}.{field}', value)
+      if value is None:
+        continue
+      if field in options.get(section, {}):  # e.g. epochs=3 and nad={'epochs': 5}
+        raise validation.ConfigError(
+            f'{section}.{field}: given twice, as {field}={value!r} and {section}='
+            f'{{{field!r}: {options[section][field]!r}}}; give one')
+      _assign(config[section], f'{section}.{field}', value)
+  _refuse_unread(options, config, 'erase', method)  # FP's own fields are set by now
   trains = {'nad': ('teacher', 'nad') if trains_teacher else ('nad',), 'ft': ('nad',),
             'fp': ('fp',), 'mcr': ('nad', 'mcr')}[method]
   ctx = _context(dataset, config, trains)

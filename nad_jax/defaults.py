@@ -4,6 +4,8 @@
 `configs/*.py` and the Python API (nad_jax.api) start from `paper_config()`.
 """
 
+import copy
+
 import ml_collections
 
 from nad_jax import attacks
@@ -88,6 +90,28 @@ def paper_config() -> ml_collections.ConfigDict:
                          betas=(500.0, 1000.0, 1000.0), p=2.0,
                          layers=ml_collections.config_dict.placeholder(tuple))
   return config
+
+
+# The `nad` fields FP's section follows by reference (defense_stages).
+FP_FOLLOWED = ('epochs', 'batch_size', 'learning_rate', 'lr_boundaries', 'cutout', 'eval_every')
+
+
+def fp_follows(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The FP_FOLLOWED fields that `config.fp` still follows: those whose reference to
+  `config.nad` no assignment to `fp` has replaced.
+
+  Args:
+    config: a config with `nad` and `fp` sections; not changed.
+
+  Returns:
+    Field names, e.g. ('batch_size', 'learning_rate', ...) after `fp.epochs = 3`.
+  """
+  probe = copy.deepcopy(config)  # a deep copy keeps the references
+  def moves_fp(field, step):  # FP's field takes a new value of NAD's
+    value = config.nad[field]
+    probe.nad[field] = value + (0,) * step if isinstance(value, tuple) else value + step
+    return probe.fp[field] == probe.nad[field]
+  return tuple(f for f in FP_FOLLOWED if moves_fp(f, 1) and moves_fp(f, 2))  # twice: no tie
 
 
 def defense_stages(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

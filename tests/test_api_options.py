@@ -86,6 +86,13 @@ def test_a_poison_rate_is_refused_where_nothing_is_poisoned(function):
     call(None, {}, poison_rate=0.2)
 
 
+def fp_set(**fields):
+  """A config whose FP sets `fields` itself instead of following NAD's."""
+  config = defaults.defense_stages(nad_jax.make_config())
+  config.fp.update(fields)
+  return config
+
+
 @pytest.mark.parametrize('function,options,message', [
     ('erase', dict(method='ft', nad={'betas': (0.0, 0.0, 5.0)}),
      r"nad.betas \(0.0, 0.0, 5.0\): erase with method 'ft' does not read it; erase with "
@@ -96,10 +103,18 @@ def test_a_poison_rate_is_refused_where_nothing_is_poisoned(function):
      "nad.momentum 0.5: erase with method 'fp' does not read it; erase with method 'nad', "
      "'ft' or 'mcr' does"),
     ('erase', dict(method='fp', fp={'epochs': 3}, nad={'epochs': 5}),
-     r"nad.epochs 5: erase with method 'fp' does not read it \(fp.epochs is given, so FP does "
+     r"nad.epochs 5: erase with method 'fp' does not read it \(fp.epochs is set, so FP does "
      "not follow NAD's\); erase with method 'nad', 'ft' or 'mcr' does"),
     ('erase', dict(method='fp', learning_rate=0.05, nad={'learning_rate': 0.2}),
      "nad.learning_rate 0.2: erase with method 'fp' does not read it"),
+    ('erase', dict(method='fp', config=fp_set(epochs=1), nad={'epochs': 3}),
+     "nad.epochs 3: erase with method 'fp' does not read it"),
+    ('erase', dict(method='fp', nad={'weight_decay': 0.5}),
+     "nad.weight_decay 0.5: erase with method 'fp' does not read it"),
+    ('erase', dict(method='nad', epochs=3, nad={'epochs': 5}),
+     r"nad.epochs: given twice, as epochs=3 and nad=\{'epochs': 5\}; give one"),
+    ('erase', dict(method='fp', batch_size=8, fp={'batch_size': 4}),
+     r"fp.batch_size: given twice, as batch_size=8 and fp=\{'batch_size': 4\}"),
     ('erase', dict(method='nad', fp={'acc_drop': 2.0}),
      "fp.acc_drop 2.0: erase with method 'nad' does not read it; erase with method 'fp' does"),
     ('erase', dict(backdoor_training={'epochs': 9}),

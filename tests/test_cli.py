@@ -317,6 +317,13 @@ def bad_inputs(tmp_path, data, model):
                             '--set backdoor_training.epochs: the backdoored model is given'),
       "another method's field": ([model, '--arch', 'tiny', '--data', data, *ok, '--set',
                                   'fp.epochs=2'], 'fp.epochs 2: --method nad does not use it'),
+      "NAD's epochs beside FP's own": ([model, '--arch', 'tiny', '--data', data, *ok, '--method',
+                                        'fp', '--set', 'fp.epochs=1', '--epochs', '3'],
+                                       'nad.epochs 3: --method fp trains FP, which reads only '
+                                       'the nad fields its own fp.* fields follow'),
+      "a NAD field FP does not follow": ([model, '--arch', 'tiny', '--data', data, *ok,
+                                          '--method', 'fp', '--set', 'nad.weight_decay=0.5'],
+                                         'nad.weight_decay 0.5: --method fp'),
       'teacher epochs of a given teacher': ([model, '--arch', 'tiny', '--data', data, *ok,
                                              '--teacher', model, '--teacher-epochs', '10'],
                                             '--teacher-epochs 10: no teacher is trained here'),
@@ -353,7 +360,8 @@ CASES = ('missing model', 'junk model', 'wrong architecture', 'missing data',
          'evaluation only', 'another runner', 'several processes', 'a whole section',
          'tfds dir without tfds:', 'a poison rate',
          'betas without distillation', 'backdoor training',
-         "another method's field", 'teacher epochs of a given teacher', 'a teacher for ft',
+         "another method's field", "NAD's epochs beside FP's own",
+         'a NAD field FP does not follow', 'teacher epochs of a given teacher', 'a teacher for ft',
          'a size the folder does not read', 'the model by --set', 'the data by --set',
          'the trigger by --set', 'tfds dir with a folder', 'a target label for all-to-all')
 

@@ -91,6 +91,22 @@ def test_an_override_an_attack_shadows_is_refused_with_the_per_attack_field():
   table.check_overrides(config, ('teacher.batch_size',))  # no attack of this table sets it
 
 
+def test_a_table_of_fp_alone_refuses_what_fp_does_not_read():
+  """FP follows NAD's schedule but for the fields it sets itself, and reads no other NAD
+  field: a table whose one training defense is FP refuses the others."""
+  config = table1.get_config('badnets')
+  config.table.defenses = ('none', 'fp')
+  config.nad.epochs = 3
+  table.check_overrides(config, ('nad.epochs',))  # FP follows it
+  config.fp.epochs = 1
+  with pytest.raises(validation.ConfigError, match=r"^nad.epochs 3: table.defenses \('none', "
+                     r"'fp'\): FP, its one defense that trains, does not read it"):
+    table.check_overrides(config, ('nad.epochs', 'fp.epochs'))
+  config.nad.weight_decay = 0.5
+  with pytest.raises(validation.ConfigError, match='^nad.weight_decay 0.5: '):
+    table.check_overrides(config, ('nad.weight_decay',))
+
+
 def test_a_per_attack_field_the_config_lacks_is_named():
   config = table1.get_config('badnets')
   with config.table.attack_configs.badnets.attack.unlocked():

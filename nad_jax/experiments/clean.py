@@ -89,8 +89,9 @@ def refuse_ignored_fields(config, method: str, trains: tuple[str, ...]) -> None:
   """Refuses what a cleaning would not read, which results.json would record as if used:
   several seeds, or a field set away from its default in `unread_fields`, in a stage section
   (teacher, fp, mcr) the cleaning does not train (FP's follows `nad`'s schedule), in
-  `nad.betas` where the method does not distill, or in the data section where the data
-  source does not read it.
+  `nad.betas` where the method does not distill, in `nad` where FP trains and neither
+  follows the field nor sets its own (`defaults.fp_follows`), or in the data section where
+  the data source does not read it.
 
   Args:
     config: the run's config, with the `fp` and `mcr` sections (defaults.defense_stages).
@@ -110,9 +111,13 @@ def refuse_ignored_fields(config, method: str, trains: tuple[str, ...]) -> None:
   if method != 'nad':
     unread['nad.betas'] = f'--method {method} does not distill (only nad reads it)'
   default = defaults.paper_config()
-  betas = default.nad.betas
-  default.nad = copy.deepcopy(config.nad)  # FP's schedule follows this run's NAD's
-  default.nad.betas = betas
+  followed = defaults.fp_follows(config)
+  if method == 'fp':  # FP reads only the fields of NAD's schedule its own do not replace
+    unread['nad'] = ("--method fp trains FP, which reads only the nad fields its own fp.* "
+                     f"fields follow ({', '.join(followed) or 'none'})")
+  for field in (followed if method == 'fp' else config.nad):
+    if field != 'betas':
+      default.nad[field] = config.nad[field]  # FP's schedule follows this run's NAD's
   defaults.defense_stages(default)
   if method == 'nad' and config.teacher.checkpoint:
     unread['teacher'] = 'the teacher is given (teacher.checkpoint), not trained'
@@ -155,7 +160,7 @@ def run(config, out: str, method: str = 'nad', source: dict | None = None,
     raise validation.ConfigError(f'method {method!r}: must be one of {METHODS}')
   if not config.student.checkpoint:
     raise validation.ConfigError('student.checkpoint: the backdoored model to clean is not set')
-  config = config.copy_and_resolve_references()
+  config = copy.deepcopy(config)  # keeps FP's references to NAD's schedule (fp_follows)
   if 'mcr' not in config:  # the command line adds them, to set them
     defaults.defense_stages(config)
   trains = {'nad': ('nad',) if config.teacher.checkpoint else ('teacher', 'nad'),

@@ -26,6 +26,7 @@ import time
 import jax
 import numpy as np
 
+from nad_jax import defaults
 from nad_jax import figures
 from nad_jax import stages
 from nad_jax import validation
@@ -81,16 +82,25 @@ def shadowing_attacks(config, field: str) -> list[str]:
   return out
 
 
-def unread_by_defenses(defenses) -> dict:
-  """{section or field: why} of the config that no defense of `defenses` reads: fp's and
-  mcr's sections without them, NAD's teacher and distillation without NAD, and NAD's
-  schedule, which FT, FP and MCR's FT end follow too, without any of them."""
-  why = lambda name: f'table.defenses {tuple(defenses)} has no {name}'
+def unread_by_defenses(config) -> dict:
+  """{section or field: why} of `config` that no defense of `config.table.defenses` reads:
+  fp's and mcr's sections without them, NAD's teacher and distillation without NAD, and
+  NAD's schedule, which FT and MCR's FT end train with, without them (FP alone reads the
+  fields of it that its own follow, `defaults.fp_follows`)."""
+  defenses = tuple(config.table.defenses)
+  why = lambda name: f'table.defenses {defenses} has no {name}'
   unread = {section: why(section) for section in ('fp', 'mcr') if section not in defenses}
+  if 'nad' not in defenses and not {'ft', 'mcr'} & set(defenses):
+    if 'fp' in defenses:
+      followed = defaults.fp_follows(config)
+      unread.update({f'nad.{field}': f'table.defenses {defenses}: FP, its one defense that '
+                     'trains, does not read it (its fp.* fields follow only '
+                     f"{', '.join(followed) or 'none'} of nad's)"
+                     for field in config.nad if field not in followed})
+    else:
+      unread['nad'] = why('defense that trains')
   if 'nad' not in defenses:
     unread.update({name: why('nad') for name in ('teacher', 'nad.betas', 'nad.p', 'nad.layers')})
-    if not {'ft', 'fp', 'mcr'} & set(defenses):
-      unread['nad'] = why('defense that trains')
   return unread
 
 
@@ -107,7 +117,7 @@ def check_overrides(config, fields) -> None:
       defense the table does not run (`unread_by_defenses`), or one the run does not read
       (validation.unread_fields).
   """
-  unread = unread_by_defenses(config.table.defenses)
+  unread = unread_by_defenses(config)
   validation.refuse_overrides(config, fields, {**unread, **validation.unread_fields(config)})
   for attack in config.table.attacks:  # an attack's own fields, with its own mode
     prefix = f'table.attack_configs.{attack}.'
