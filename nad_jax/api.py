@@ -23,6 +23,7 @@ from typing import Any, NamedTuple
 import jax
 import ml_collections
 
+from nad_jax import attacks
 from nad_jax import checkpoint as ckpt_lib
 from nad_jax import data as data_lib
 from nad_jax import defaults
@@ -208,8 +209,8 @@ def _read_by_call(config, call: str, method: str = 'nad') -> set[str]:
   if call == 'train_backdoored':
     return reads | fields('backdoor_training') | {'seed'}
   reads -= set(validation.poisoning_fields(config.attack))
-  if call == 'evaluate':
-    return reads
+  if call == 'evaluate':  # Refool's test triggers draw from the seed's 'evaluation' stream
+    return reads | ({'seed'} if config.attack.name in attacks.DRAWS_PER_IMAGE else set())
   reads |= {'seed', 'data.clean_fraction'}
   if method == 'fp':
     followed = defaults.fp_follows(config) if 'fp' in config else defaults.FP_FOLLOWED
@@ -419,14 +420,15 @@ def evaluate(dataset: data_lib.Dataset, variables: dict, *, config=None,
     dataset: its test split is evaluated; asr triggers its non-target images.
     variables: {'params', 'batch_stats'} of the model.
     config, **options: see `make_config`: model, attack, target_label and the other
-      attack fields but poison_rate and clean_label, data.eval_batch_size.
+      attack fields but poison_rate and clean_label, data.eval_batch_size; seed for
+      Refool, whose test triggers draw each image's reflection from the seed.
 
   Returns:
     {'acc', 'acc_nontarget', 'asr', 'ra'} as floats in [0, 100] (ra: the triggered
     non-target test images classified as their true label).
 
   Raises:
-    ConfigError: a bad option, or one it does not read (seed, clean_fraction,
+    ConfigError: a bad option, or one it does not read (seed but for Refool, clean_fraction,
       poison_rate, a training stage's section), named; or variables that do not fit the
       model.
   """

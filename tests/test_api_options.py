@@ -140,6 +140,17 @@ def test_an_option_the_call_does_not_read_is_refused(small, function, options, m
     getattr(nad_jax, function)(*args, model='tiny', **options)
 
 
+def test_evaluate_reads_the_seed_where_the_trigger_draws_per_image(small):
+  """Refool blends each test image with a reflection drawn from the seed's stream, so its
+  ASR depends on the seed; the seed is evaluate's field there."""
+  data, variables = small
+  refool = nad_jax.make_config(attack='refool')
+  refool.attack.update(dict(reflection_source='heldout', selection_rounds=0, reflections=4,
+                            reflection_candidates=4))
+  assert nad_jax.evaluate(data, variables, config=refool, model='tiny', seed=1).keys() == {
+      'acc', 'acc_nontarget', 'asr', 'ra'}
+
+
 def test_a_config_given_is_not_refused_for_its_other_fields(small, monkeypatch):
   """config= sets every function's fields (one config for a whole run); only keywords are
   checked. FP's and MCR's own sections are options of erase without such a config."""

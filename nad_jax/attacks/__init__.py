@@ -26,6 +26,9 @@ __all__ = ['Attack', 'ATTACKS', 'DEFAULTS', 'PoisonedTest', 'build_attack', 'poi
 TRAIN_A_MODEL = ('cl', 'refool')
 # Attacks whose build makes a costly choice, kept by the `memo` handed to build_attack.
 REMEMBER = ('refool',)
+# Attacks whose trigger draws per image from its key: the test images' triggers, and so ASR,
+# depend on the seed (streams 'evaluation').
+DRAWS_PER_IMAGE = ('refool',)
 
 ATTACKS = {
     'badnets': badnets.build,
