@@ -72,9 +72,10 @@ class StageResult(NamedTuple):
       'ce' and, when distilling, 'at' (per layer) for trained epochs, and the
       METRICS (percent) where the epoch was evaluated; the last entry is evaluated.
     timing: {'compile_s', 'img_per_s': per epoch trained in this run, counting every
-      replica's images}; 'resumed_after_epoch' where the run resumed the stage, so that
-      'img_per_s' covers the epochs after it only; `from_earlier_run` where copied from an
-      earlier run's results; {} for a loaded model.
+      replica's images}; for a stage restored from its folder, 'from_earlier_run' (it was
+      finished: nothing trained now) and 'ran_with' (the run values its folder records,
+      for `trained_with`); 'resumed_after_epoch' where the run resumed the stage, so that
+      'img_per_s' covers the epochs after it only; {} for a loaded model.
     info: what a defense adds (fine-pruning's channels, MCR's curve, NAD's teacher).
   """
   variables: Any
@@ -384,11 +385,13 @@ def recipe_for(stage_cfg, distill: tuple = (), layers: tuple = (), p: float = 2.
                           p=p)
 
 
-def open_stage(ctx: Context, name: str) -> ckpt_lib.StageCheckpoints:
+def open_stage(ctx: Context, name: str, eval_every: int) -> ckpt_lib.StageCheckpoints:
   """The stage's checkpoints in `workdir/name`, with the config fields that shape it
-  recorded there before its first epoch (validation.check_workdir reads them)."""
+  recorded there before its first epoch (validation.check_workdir reads them) and the
+  values of its run (`run_values`, with the stage's `eval_every`)."""
   directory = os.path.join(ctx.workdir, name)
-  validation.record_stage(ctx.config, directory, name, ctx.data_digest)
+  validation.record_stage(ctx.config, directory, name, ctx.data_digest,
+                          run_values(ctx.config, name, eval_every))
   return ckpt_lib.StageCheckpoints(directory)
 
 
@@ -441,9 +444,10 @@ def train_stage(ctx: Context, name: str, stage_cfg, recipe: train_lib.Recipe, in
   start_state = lambda variables: train_lib.state_from_variables(variables, tx)
   state = (jax.vmap(start_state) if replicas(ctx.config) else start_state)(init_variables)
   state = train_lib.replicate(state, ctx.mesh)
-  checkpoints = open_stage(ctx, name) if ctx.workdir is not None else None
+  checkpoints = open_stage(ctx, name, stage_cfg.eval_every) if ctx.workdir is not None else None
   done = checkpoints.latest_epoch() if checkpoints else None
-  if done is not None:
+  restored = done is not None
+  if restored:
     state, history = restore_stage(checkpoints, name, done, state)
   else:
     first = (start_metrics if start_metrics is not None
@@ -453,6 +457,9 @@ def train_stage(ctx: Context, name: str, stage_cfg, recipe: train_lib.Recipe, in
       # A stage that trains nothing keeps its start, so an evaluation-only rerun finds it.
       checkpoints.save(0, state, history)
   timing = {'compile_s': 0.0, 'img_per_s': []}
+  if restored:  # what an earlier run trained, with the values its folder records
+    timing['ran_with'] = validation.recorded_values(checkpoints.directory)
+    timing['from_earlier_run'] = done >= stage_cfg.epochs
   if 0 < done < stage_cfg.epochs:  # the earlier epochs' speeds went with the interrupted run
     timing['resumed_after_epoch'] = done
   if done < stage_cfg.epochs:
@@ -777,12 +784,14 @@ def earlier_results(path: str) -> dict:
 
 
 def kept_timing(earlier: dict, timing: dict) -> dict:
-  """`timing` ({stage: {'compile_s', 'img_per_s'}}), where a stage trained nothing in this
-  run (a rerun of a finished stage), replaced by the timing `earlier` (the same mapping, as
-  a results file recorded it) has for it, marked `from_earlier_run`."""
-  return {name: ({**earlier[name], 'from_earlier_run': True}
-                 if not t.get('img_per_s') and earlier.get(name, {}).get('img_per_s') else t)
-          for name, t in timing.items()}
+  """`timing` ({stage: StageResult.timing}), where a stage was restored finished (marked
+  `from_earlier_run` by train_stage), given the speeds that `earlier` (the same mapping, as
+  a results file recorded it) has for it, if any."""
+  def kept(name, entry):
+    measured = {k: v for k, v in earlier.get(name, {}).items()
+                if k not in ('from_earlier_run', 'trained_with')}
+    return {**entry, **measured} if entry.get('from_earlier_run') else entry
+  return {name: kept(name, entry) for name, entry in timing.items()}
 
 
 # Config sections a rerun applies afresh even where it trains nothing (the table's figures).
@@ -804,34 +813,32 @@ def recorded_config(earlier: dict, config: dict, timing: dict) -> dict:
 RUN_FIELDS = ('model.conv', 'data.eval_batch_size')
 
 
-def trained_with(timing: dict, earlier_config: dict | None, config: dict) -> dict:
-  """`timing` where each stage kept from an earlier run that ran with other values than
-  `config` of RUN_FIELDS or of its section's eval_every lists them.
+def run_values(config, name: str, eval_every: int) -> dict:
+  """{dotted field: value} of RUN_FIELDS in `config` and stage `name`'s `eval_every`."""
+  return {**{f: validation.lookup(config, f) for f in RUN_FIELDS},
+          f'{SECTIONS.get(name, name)}.eval_every': eval_every}
 
-  check_workdir refuses a resumed stage whose shaping fields changed; these may change, so
-  a rerun that trains some stages and keeps others says which values the kept ones had.
+
+def trained_with(timing: dict, config: dict) -> dict:
+  """`timing` where each restored stage ran with other RUN_FIELDS values or eval_every
+  than `config` says: its `ran_with` (what its folder records, train_stage) becomes
+  `trained_with`, those fields and the values its run had; dropped where none differs.
+
+  check_workdir refuses a restored stage whose shaping fields changed; these may change.
 
   Args:
-    timing: {stage: timing entry} (kept_timing's; kept entries marked `from_earlier_run`).
-    earlier_config: the config the earlier results file records (a dict), or None.
-    config: the config this results file records (a dict; recorded_config's).
+    timing: {stage: StageResult.timing}.
+    config: the config the results file records (a dict).
 
   Returns:
-    `timing`, each kept entry whose run differs given `trained_with`: {dotted field: the
-    value its run had}; one already listed there carries over.
+    The mapping, entries copied.
   """
-  if not earlier_config:
-    return timing
-  before, now = validation.flatten(earlier_config), validation.flatten(config)
+  now = validation.flatten(config)
   marked = {}
   for name, entry in timing.items():
-    if entry.get('from_earlier_run'):
-      ran = {**before, **entry.get('trained_with', {})}
-      fields = RUN_FIELDS + (f'{SECTIONS.get(name, name)}.eval_every',)
-      differs = {f: ran[f] for f in fields if f in ran and ran[f] != now.get(f)}
-      entry = {k: v for k, v in entry.items() if k != 'trained_with'}
-      entry.update({'trained_with': differs} if differs else {})
-    marked[name] = entry
+    entry = dict(entry)
+    differs = {f: v for f, v in entry.pop('ran_with', {}).items() if now.get(f) != v}
+    marked[name] = {**entry, **({'trained_with': differs} if differs else {})}
   return marked
 
 

@@ -726,15 +726,26 @@ def data_digest(dataset) -> str:
   return digest.hexdigest()[:16]
 
 
-def record_stage(config, directory: str, stage: str, data_digest: str | None = None) -> None:
+def record_stage(config, directory: str, stage: str, data_digest: str | None = None,
+                 run_values: dict | None = None) -> None:
   """Writes the fields that shape `stage` (and the data's digest) into its folder, once,
-  before it trains."""
+  before it trains, with `run_values` ({dotted field: value} that shape none of its
+  weights but how its run computed and evaluated it: `recorded_values`)."""
   record = os.path.join(directory, FINGERPRINT)
   if jax.process_index() != 0 or os.path.isfile(record):
     return
   os.makedirs(directory, exist_ok=True)
   tmp = record + '.tmp'
   with open(tmp, 'w') as f:
-    json.dump({'stage': stage, 'fields': stage_fields(config, stage, data_digest)}, f, indent=1,
-              allow_nan=False)
+    json.dump({'stage': stage, 'fields': stage_fields(config, stage, data_digest),
+               'ran_with': run_values or {}}, f, indent=1, allow_nan=False)
   os.replace(tmp, record)
+
+
+def recorded_values(directory: str) -> dict:
+  """The `run_values` that `record_stage` wrote into `directory` ({} where it has none)."""
+  try:
+    with open(os.path.join(directory, FINGERPRINT)) as f:
+      return dict(json.load(f).get('ran_with') or {})
+  except (OSError, ValueError, AttributeError):
+    return {}

@@ -177,19 +177,28 @@ def test_other_data_under_the_same_config_is_refused(finished_run, tmp_path):
   validation.check_workdir(tiny_config(), copy, nad_runner.STAGES)
 
 
-def test_a_kept_stage_keeps_what_it_ran_with_over_reruns():
-  """A stage kept through two reruns still names the values of the run that trained it."""
-  first = {'model': {'conv': 'xla'}, 'data': {'eval_batch_size': 128},
-           'backdoor_training': {'eval_every': 1}, 'nad': {'eval_every': 1}}
-  second = {**first, 'model': {'conv': 'onednn'}}
-  third = {**second, 'backdoor_training': {'eval_every': 5}}
-  kept = {'backdoored': {'img_per_s': [9.0], 'from_earlier_run': True}, 'nad': {'img_per_s': [8.0]}}
-  once = stages.trained_with(kept, first, second)
-  assert once['backdoored']['trained_with'] == {'model.conv': 'xla'}
-  assert 'trained_with' not in once['nad']  # trained in this run
-  twice = stages.trained_with(once, second, third)
-  assert twice['backdoored']['trained_with'] == {'model.conv': 'xla',
-                                                 'backdoor_training.eval_every': 1}
-  back = stages.trained_with(twice, third, first)  # the first run's values again
-  assert 'trained_with' not in back['backdoored']
-  assert stages.trained_with(kept, None, first) == kept  # no earlier config recorded
+def test_stages_restored_without_a_results_file_say_what_they_ran_with(finished_run, tmp_path):
+  """A run killed after its stages but before results.json: the rerun restores every stage,
+  marks it, and names the values it ran with that the rerun's config does not have."""
+  workdir, results = finished_run
+  copy = str(tmp_path / 'copy')
+  shutil.copytree(workdir, copy)
+  os.remove(os.path.join(copy, 'results.json'))
+  rerun = nad_runner.run(tiny_config(**{'data.eval_batch_size': 64}), copy).results
+  assert rerun['stages'] == results['stages']
+  assert rerun['config']['data']['eval_batch_size'] == 64
+  first = results['config']['data']['eval_batch_size']
+  assert rerun['timing'] == {name: {'compile_s': 0.0, 'img_per_s': [], 'from_earlier_run': True,
+                                    'trained_with': {'data.eval_batch_size': first}}
+                             for name in nad_runner.STAGES}
+
+
+def test_a_stage_of_no_epochs_is_kept_as_the_others(tmp_path):
+  """A teacher of 0 epochs (the backdoored model, evaluated) is restored on a rerun like
+  the trained stages: marked, so the rerun that trains nothing keeps the first config."""
+  workdir = str(tmp_path / 'run')
+  first = nad_runner.run(tiny_config(**{'teacher.epochs': 0}), workdir).results
+  again = nad_runner.run(tiny_config(**{'teacher.epochs': 0, 'model.conv': 'xla'}),
+                         workdir).results
+  assert all(t['from_earlier_run'] for t in again['timing'].values())
+  assert again['config'] == json.loads(json.dumps(first['config']))

@@ -85,7 +85,7 @@ def run(config, workdir: str) -> Outcome:
   written = {
       **stages.summarize(config, {name: result.metrics for name, result in results.items()}),
       'history': {name: result.history for name, result in results.items()},
-      'timing': stages.trained_with(timing, earlier.get('config'), recorded),
+      'timing': stages.trained_with(timing, recorded),
       'config': recorded,
   }
   stages.write_json(path, written)

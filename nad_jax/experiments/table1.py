@@ -206,7 +206,7 @@ def kept_attack_timing(earlier: dict, detail: dict) -> dict:
   a kept stage that ran with other evaluation values says so (stages.trained_with)."""
   stage_timing = stages.kept_timing(earlier.get('stage_timing') or {}, detail['stage_timing'])
   config = stages.recorded_config(earlier, detail['config'], stage_timing)
-  stage_timing = stages.trained_with(stage_timing, earlier.get('config'), config)
+  stage_timing = stages.trained_with(stage_timing, config)
   old = earlier.get('timing') or {}
   timing = {}
   for key, now in detail['timing'].items():
