@@ -32,9 +32,8 @@ from nad_jax import train as train_lib
 from nad_jax import validation
 from nad_jax.kernels import onednn
 
-# The config section that trains a stage, where its name differs (FT trains with NAD's;
-# the comparison table's undefended row, 'none', is the backdoored model).
-SECTIONS = {'backdoored': 'backdoor_training', 'none': 'backdoor_training', 'ft': 'nad'}
+# The config section that trains a stage, where its name differs (FT trains with NAD's).
+SECTIONS = {'backdoored': 'backdoor_training', 'ft': 'nad'}
 ConfigError = validation.ConfigError
 METRICS = ('acc', 'acc_nontarget', 'asr', 'ra')
 # The stages a config may load instead of training, and the fields that name the file.
@@ -459,7 +458,8 @@ def train_stage(ctx: Context, name: str, stage_cfg, recipe: train_lib.Recipe, in
   timing = {'compile_s': 0.0, 'img_per_s': []}
   if restored:  # what an earlier run trained, with the values its folder records
     timing['ran_with'] = validation.recorded_values(checkpoints.directory)
-    timing['from_earlier_run'] = done >= stage_cfg.epochs
+    if done >= stage_cfg.epochs:  # finished: this run trains nothing of it
+      timing['from_earlier_run'] = True
   if 0 < done < stage_cfg.epochs:  # the earlier epochs' speeds went with the interrupted run
     timing['resumed_after_epoch'] = done
   if done < stage_cfg.epochs:

@@ -161,8 +161,8 @@ CIFAR_BACKDOOR = ('--config.data.source=folder', '--config.data.path=../shared/d
 CIFAR_FLAGS = CIFAR_BACKDOOR + ('--config.teacher.eval_every=5', '--config.nad.eval_every=5')
 CIFAR_ATTACKS = {
     'badnets': ('badnets', ()), 'blend': ('blend', ()),
-    'trojan': ('trojan', (  # the NAD authors' patch
-        '--config.attack.pattern_path=../shared/data/nad-official/best_square_trigger_cifar10.npz',)),
+    'trojan': ('trojan', ('--config.attack.pattern_path='  # the NAD authors' patch
+                          '../shared/data/nad-official/best_square_trigger_cifar10.npz',)),
     'wanet': ('wanet', ()),
     'sig': ('sig', ('--config.attack.sig_mode=blend_raw',  # the NAD code's SIG
                     '--config.attack.frequency=4.074366543152521')),

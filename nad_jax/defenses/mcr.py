@@ -14,8 +14,9 @@ BatchNorm in training mode. As in the authors' code (and Garipov et al.'s), the
 BatchNorm statistics of a point are not on the curve: they are recomputed on the
 clean subset for each t where the curve is evaluated (the mean over batches of
 each batch's mean and variance; batches of `data.eval_batch_size`, where the
-authors' code uses its training loader's 128). The defense is the model at `mcr.t` (0.3 by
-default, where NAD's Table 1 reads MCR); the whole curve is reported.
+authors' code uses its training loader's 128). The defense is the model at
+`mcr.t` (0.3 by default, where NAD's Table 1 reads MCR); the whole curve is
+reported.
 
 The curve's training recipe (`config.mcr`, nad_jax/defaults.py) is that of the
 authors' code, IBM/model-sanitization, backdoor/backdoor-cifar (README.md "Training
