@@ -166,7 +166,9 @@ CIFAR_ATTACKS = {
     'wanet': ('wanet', ()),
     'sig': ('sig', ('--config.attack.sig_mode=blend_raw',  # the NAD code's SIG
                     '--config.attack.frequency=4.074366543152521')),
-    'cl': ('cl', ()), 'all2all': ('all2all', ())}
+    'cl': ('cl', ()), 'all2all': ('all2all', ()),
+    'refool_heldout': ('refool', ('--config.attack.reflection_source=heldout',  # unselected
+                                  '--config.attack.selection_rounds=0'))}
 CIFAR_SOURCES = {f'cifar_{name}.json': (main_command(
     f'configs/nad_cifar.py:{variant}', f'runs/cifar_{name}', *CIFAR_FLAGS, *extra),
     f'runs/cifar_{name}/results.json') for name, (variant, extra) in CIFAR_ATTACKS.items()}
