@@ -579,7 +579,7 @@ STAGE_SECTIONS = {
 }
 # Fields of a shaping section that do not shape that stage.
 STAGE_IGNORES = {'ft': ('nad.betas', 'nad.p', 'nad.layers'),
-                 'fp': ('nad.betas', 'nad.p', 'nad.layers'),
+                 'fp': ('nad',),  # its fp.* fields hold the values they follow of nad's
                  'mcr': ('nad.betas', 'nad.p', 'nad.layers')}
 
 

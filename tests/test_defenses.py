@@ -177,6 +177,21 @@ def test_the_evaluation_batch_shapes_the_mcr_model(table_run, tmp_path):
   assert evaluated['table']['badnets']['ft'] == saved['table']['badnets']['ft']
 
 
+def test_a_table_checks_only_the_folders_of_its_defenses(table_run, tmp_path):
+  """A table without MCR does not read the curve another table left in its workdir, so the
+  curve's values (here its evaluation batch) do not stop it."""
+  assert table.folders_of(('none', 'ft')) == ['backdoored', 'ft']
+  assert table.folders_of(('none', 'mcr', 'nad')) == ['backdoored', 'teacher', 'nad', 'ft',
+                                                       'mcr']
+  workdir, _ = table_run
+  config = tiny_table_config()
+  config.data.eval_batch_size = 64  # shapes the finished curve in badnets/mcr
+  with pytest.raises(validation.ConfigError, match="stage 'mcr'"):
+    table.attack_configs(config, workdir)
+  config.table.defenses = ('none', 'ft')
+  assert list(table.attack_configs(config, workdir)) == ['badnets']
+
+
 def test_a_curve_trained_again_is_evaluated_again(table_run, tmp_path):
   """The MCR cell is the curve at mcr.t: after the curve's folder is deleted and the curve
   trained anew (another lr), the cell and the recorded curve are the new curve's."""

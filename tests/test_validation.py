@@ -292,3 +292,17 @@ def test_a_folder_stage_does_not_depend_on_the_synthetic_sizes(tmp_path):
   written['fields']['data.train_size'] = small.data.train_size  # as earlier versions wrote
   record.write_text(json.dumps(written))
   validation.check_workdir(large, str(tmp_path), ('backdoored',), 'digest')
+
+
+def test_fp_is_the_same_stage_whether_it_follows_nad_or_sets_its_own(tmp_path):
+  """FP's record holds the values its fields had (followed from nad or set): the same FP
+  run under `nad.epochs=1` (followed) or `fp.epochs=1` (set) is one stage."""
+  followed = defaults.defense_stages(tiny.get_config())
+  followed.nad.epochs = 1
+  validation.record_stage(followed, str(tmp_path / 'fp'), 'fp', 'digest')
+  set_itself = defaults.defense_stages(tiny.get_config())
+  set_itself.fp.epochs = 1
+  validation.check_workdir(set_itself, str(tmp_path), ('fp',), 'digest')
+  set_itself.fp.epochs = 2
+  with pytest.raises(validation.ConfigError, match=r"stage 'fp' .*fp\.epochs 1 -> 2"):
+    validation.check_workdir(set_itself, str(tmp_path), ('fp',), 'digest')

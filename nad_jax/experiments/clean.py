@@ -34,8 +34,9 @@ from nad_jax import validation
 from nad_jax.defenses import finetune
 
 METHODS = ('nad', 'ft', 'fp', 'mcr')
-# The stage folders a cleaning may write under out/checkpoints (FT's is 'ft'; MCR trains FT).
-FOLDERS = ('teacher', 'nad', 'ft', 'fp', 'mcr')
+# The stage folders each method writes under out/checkpoints (MCR's curve ends at FT's model);
+# another method's, left in the same --out, are not its concern.
+FOLDERS = {'nad': ('teacher', 'nad'), 'ft': ('ft',), 'fp': ('fp',), 'mcr': ('ft', 'mcr')}
 MODEL_FILE = 'cleaned.pth'
 # Sections and fields no cleaning reads, and why (`refuse_ignored_fields`).
 UNREAD = {
@@ -169,7 +170,7 @@ def run(config, out: str, method: str = 'nad', source: dict | None = None,
   check_writable(out)
   workdir = os.path.join(out, 'checkpoints')
   ctx = stages.setup(config, workdir, trains)
-  validation.check_workdir(config, workdir, FOLDERS, ctx.data_digest)
+  validation.check_workdir(config, workdir, FOLDERS[method], ctx.data_digest)
   record = stages.is_record(config.student.checkpoint)
   source = source or {'model': config.student.checkpoint, 'data': config.data.to_dict(),
                       'attack': config.attack.name}

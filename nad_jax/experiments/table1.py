@@ -329,6 +329,15 @@ def write_figures(figure_dir: str, ctx, attack: str, out: dict, config) -> list:
 FOLDERS = ('backdoored', 'teacher', 'nad', 'ft', 'fp', 'mcr')  # the stage folders of an attack
 
 
+def folders_of(defenses) -> list[str]:
+  """The stage folders (FOLDERS) an attack's row of `defenses` trains and evaluates; the
+  others' folders, left by another table in the same workdir, are not checked."""
+  needed = {'backdoored'} | set(defenses)
+  needed |= {'ft'} if 'mcr' in defenses else set()  # the curve's end
+  needed |= {'teacher'} if 'nad' in defenses else set()
+  return [name for name in FOLDERS if name in needed]
+
+
 def attack_configs(config, workdir: str, evaluating: bool = False) -> dict:
   """{attack: the config that runs its rows}, each validated and checked against the
   stage folders of `workdir/<attack>` (as validation.check_workdir, `evaluating` passed
@@ -342,7 +351,8 @@ def attack_configs(config, workdir: str, evaluating: bool = False) -> dict:
   for attack, cfg in configs.items():
     validation.validate(cfg)
     validation.refuse_unread_fields(cfg, 'attack')
-    validation.check_workdir(cfg, os.path.join(workdir, attack), FOLDERS, evaluating=evaluating)
+    validation.check_workdir(cfg, os.path.join(workdir, attack),
+                             folders_of(config.table.defenses), evaluating=evaluating)
   return configs
 
 
@@ -425,7 +435,7 @@ def run_one(config, workdir: str) -> dict:
     stages.log(f'=== {attack} ===')
     cfg = configs[attack]
     ctx = stages.setup(cfg, os.path.join(workdir, attack))
-    validation.check_workdir(cfg, ctx.workdir, FOLDERS, ctx.data_digest)
+    validation.check_workdir(cfg, ctx.workdir, folders_of(defenses), ctx.data_digest)
     start = clock()
     out = run_attack(ctx, defenses)
     cells[attack] = out['metrics']
@@ -468,13 +478,10 @@ def evaluation_plan(config, workdir: str) -> dict:
     ConfigError: as `attack_configs`, or a stage without a checkpoint or unfinished
       (stages.evaluation_sources).
   """
-  defenses = tuple(config.table.defenses)
-  needed = {'backdoored'} | {d for d in defenses if d in FOLDERS}
-  needed |= {'ft'} if 'mcr' in defenses else set()
-  needed |= {'teacher'} if 'nad' in defenses else set()
+  folders = folders_of(config.table.defenses)
   return {attack: (cfg, stages.evaluation_sources(
-      cfg, os.path.join(workdir, attack), [n for n in FOLDERS if n in needed],
-      f' of attack {attack!r}')) for attack, cfg in attack_configs(config, workdir, True).items()}
+      cfg, os.path.join(workdir, attack), folders, f' of attack {attack!r}'))
+          for attack, cfg in attack_configs(config, workdir, True).items()}
 
 
 def evaluate_only(config, workdir: str) -> dict:
@@ -518,7 +525,8 @@ def evaluate_only(config, workdir: str) -> dict:
   cells, evaluated, sources = {}, {}, {}
   for attack, (cfg, paths) in evaluation_plan(config, workdir).items():
     ctx = stages.setup(cfg, os.path.join(workdir, attack))
-    validation.check_workdir(cfg, ctx.workdir, FOLDERS, ctx.data_digest, evaluating=True)
+    validation.check_workdir(cfg, ctx.workdir, folders_of(defenses), ctx.data_digest,
+                             evaluating=True)
     loaded = {name: (ctx.checkpoints[name] if name in ctx.checkpoints else stages.load_checkpoint(
         path, ctx.abstract_variables, f'eval_only: stage {name!r} of attack {attack!r}'))
               for name, path in paths.items()}
