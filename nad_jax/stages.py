@@ -794,50 +794,46 @@ def kept_timing(earlier: dict, timing: dict) -> dict:
   return {name: kept(name, entry) for name, entry in timing.items()}
 
 
-# Config sections a rerun applies afresh even where it trains nothing (the table's figures).
-REAPPLIED = ('table',)
-
-
-def recorded_config(earlier: dict, config: dict, timing: dict) -> dict:
-  """The config a results file records: this run's (`config`, as a dict); or, where every
-  stage's figures come from an earlier run (each of `timing`'s entries marked
-  `from_earlier_run`), the `earlier` results file's, since fields that shape no stage
-  (`*.eval_every`, `model.conv`) may have changed and the figures are that run's; the
-  REAPPLIED sections stay this run's."""
-  if timing and all(t.get('from_earlier_run') for t in timing.values()) and 'config' in earlier:
-    return {**earlier['config'], **{k: config[k] for k in REAPPLIED if k in config}}
-  return config
-
-
 # Fields that shape no stage's weights yet belong to how its run computed and evaluated it.
 RUN_FIELDS = ('model.conv', 'data.eval_batch_size')
 
 
+def run_fields(name: str) -> tuple[str, ...]:
+  """RUN_FIELDS and stage `name`'s eval_every field (dotted)."""
+  return RUN_FIELDS + (f'{SECTIONS.get(name, name)}.eval_every',)
+
+
 def run_values(config, name: str, eval_every: int) -> dict:
-  """{dotted field: value} of RUN_FIELDS in `config` and stage `name`'s `eval_every`."""
+  """{dotted field: value} of `run_fields(name)`: RUN_FIELDS in `config`, `eval_every`."""
   return {**{f: validation.lookup(config, f) for f in RUN_FIELDS},
-          f'{SECTIONS.get(name, name)}.eval_every': eval_every}
+          run_fields(name)[-1]: eval_every}
 
 
-def trained_with(timing: dict, config: dict) -> dict:
+def trained_with(timing: dict, config: dict, earlier_config: dict | None = None) -> dict:
   """`timing` where each restored stage ran with other RUN_FIELDS values or eval_every
-  than `config` says: its `ran_with` (what its folder records, train_stage) becomes
-  `trained_with`, those fields and the values its run had; dropped where none differs.
+  than `config` (this run's, which the results file records): its `ran_with` (what its
+  folder records, train_stage) becomes `trained_with`, those fields and the values its run
+  had; dropped where none differs.
 
   check_workdir refuses a restored stage whose shaping fields changed; these may change.
 
   Args:
     timing: {stage: StageResult.timing}.
-    config: the config the results file records (a dict).
+    config: this run's config (a dict).
+    earlier_config: the config the earlier results file records (a dict), for a folder
+      written before folders recorded `ran_with`.
 
   Returns:
     The mapping, entries copied.
   """
-  now = validation.flatten(config)
+  now, before = validation.flatten(config), validation.flatten(earlier_config or {})
   marked = {}
   for name, entry in timing.items():
     entry = dict(entry)
-    differs = {f: v for f, v in entry.pop('ran_with', {}).items() if now.get(f) != v}
+    ran = entry.pop('ran_with', None)
+    if ran == {} and entry.get('from_earlier_run'):  # an older folder: the earlier run's
+      ran = {f: before[f] for f in run_fields(name) if f in before}
+    differs = {f: v for f, v in (ran or {}).items() if now.get(f) != v}
     marked[name] = {**entry, **({'trained_with': differs} if differs else {})}
   return marked
 

@@ -115,18 +115,21 @@ def test_table_rerun_trains_nothing(table_run):
   config = tiny_table_config()
   config.table.figures = False
   first_every = results['config']['nad']['eval_every']
-  config.nad.eval_every = first_every + 1  # shapes no stage: the first run's stays recorded
+  config.nad.eval_every = first_every + 1  # shapes no stage: the stages it ran are kept
   again = table.run(config, workdir)
   assert again['table'] == results['table']
-  for recorded in (again['config'], again['details']['badnets']['config']):
-    assert recorded['nad']['eval_every'] == first_every
-    assert recorded['table']['figures'] is False  # applied again: no figure was drawn
-  # Nothing trained: the first run's timing is kept, and said to be.
+  for recorded in (again['config'], again['details']['badnets']['config']):  # this run's
+    assert recorded['nad']['eval_every'] == first_every + 1
+  # Nothing trained: the first run's timing is kept, and said to be, with the eval_every
+  # the stages that train with nad's schedule ran with.
   assert again['timing'] == {**results['timing'], 'from_earlier_run': True}
   first, kept = results['details']['badnets'], again['details']['badnets']
   marked = lambda timing: {k: {**t, 'from_earlier_run': True} for k, t in timing.items()}
   assert kept['timing'] == marked(first['timing'])
-  assert kept['stage_timing'] == {k: (marked({k: t})[k] if t.get('img_per_s') else t)
+  with_nad = {'nad': {'trained_with': {'nad.eval_every': first_every}},
+              'ft': {'trained_with': {'nad.eval_every': first_every}},
+              'fp': {'trained_with': {'fp.eval_every': first_every}}}  # FP follows nad's
+  assert kept['stage_timing'] == {k: {**t, 'from_earlier_run': True, **with_nad.get(k, {})}
                                   for k, t in first['stage_timing'].items()}
 
 

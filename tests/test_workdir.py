@@ -195,10 +195,11 @@ def test_stages_restored_without_a_results_file_say_what_they_ran_with(finished_
 
 def test_a_stage_of_no_epochs_is_kept_as_the_others(tmp_path):
   """A teacher of 0 epochs (the backdoored model, evaluated) is restored on a rerun like
-  the trained stages: marked, so the rerun that trains nothing keeps the first config."""
+  the trained stages: marked, with the values it ran with."""
   workdir = str(tmp_path / 'run')
   first = nad_runner.run(tiny_config(**{'teacher.epochs': 0}), workdir).results
   again = nad_runner.run(tiny_config(**{'teacher.epochs': 0, 'model.conv': 'xla'}),
                          workdir).results
-  assert all(t['from_earlier_run'] for t in again['timing'].values())
-  assert again['config'] == json.loads(json.dumps(first['config']))
+  assert again['stages'] == first['stages']
+  assert all(t['from_earlier_run'] and t['trained_with'] == {'model.conv': 'auto'}
+             for t in again['timing'].values())

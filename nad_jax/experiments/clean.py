@@ -203,16 +203,15 @@ def run(config, out: str, method: str = 'nad', source: dict | None = None,
   earlier = stages.earlier_results(os.path.join(out, 'results.json'))
   timing = stages.kept_timing(earlier.get('timing') or {},
                               {name: r.timing for name, r in results.items() if r.timing})
-  recorded = stages.recorded_config(earlier, config.to_dict(), timing)
   written = {
       'input': source,
       'method': method,
       'stages': {name: r.metrics for name, r in results.items()},
       'history': {name: r.history for name, r in results.items() if r.timing},
-      'timing': stages.trained_with(timing, recorded),
+      'timing': stages.trained_with(timing, config.to_dict(), earlier.get('config')),
       'info': {k: v for k, v in result.info.items() if k != 'teacher'},
       'files': {k: os.path.relpath(v, out) for k, v in files.items()},
-      'config': recorded,
+      'config': config.to_dict(),
   }
   files['results'] = os.path.join(out, 'results.json')
   files['report'] = os.path.join(out, 'report.md')

@@ -81,12 +81,11 @@ def run(config, workdir: str) -> Outcome:
   earlier = stages.earlier_results(path)
   timing = stages.kept_timing(earlier.get('timing') or {},
                               {name: r.timing for name, r in results.items()})
-  recorded = stages.recorded_config(earlier, config.to_dict(), timing)
   written = {
       **stages.summarize(config, {name: result.metrics for name, result in results.items()}),
       'history': {name: result.history for name, result in results.items()},
-      'timing': stages.trained_with(timing, recorded),
-      'config': recorded,
+      'timing': stages.trained_with(timing, config.to_dict(), earlier.get('config')),
+      'config': config.to_dict(),
   }
   stages.write_json(path, written)
   stages.remove_stale(os.path.join(workdir, 'eval.json'),

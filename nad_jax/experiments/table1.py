@@ -202,11 +202,10 @@ def kept_attack_timing(earlier: dict, detail: dict) -> dict:
   trained nothing now keeps `earlier`'s (that attack's entry of the table file) stage
   timing, each defense whose stages all did keeps its wall-clock timing, and the attack's
   total is kept where every defense was; each kept entry is marked `from_earlier_run`.
-  Where every stage was kept, so is the attack's recorded config (stages.recorded_config);
-  a kept stage that ran with other evaluation values says so (stages.trained_with)."""
-  stage_timing = stages.kept_timing(earlier.get('stage_timing') or {}, detail['stage_timing'])
-  config = stages.recorded_config(earlier, detail['config'], stage_timing)
-  stage_timing = stages.trained_with(stage_timing, config)
+  A kept stage that ran with other evaluation values says so (stages.trained_with)."""
+  stage_timing = stages.trained_with(
+      stages.kept_timing(earlier.get('stage_timing') or {}, detail['stage_timing']),
+      detail['config'], earlier.get('config'))
   old = earlier.get('timing') or {}
   timing = {}
   for key, now in detail['timing'].items():
@@ -216,13 +215,13 @@ def kept_attack_timing(earlier: dict, detail: dict) -> dict:
   if set(old) == set(timing) and all(t.get('from_earlier_run') for k, t in timing.items()
                                      if k != 'total'):
     timing['total'] = {**old['total'], 'from_earlier_run': True}
-  return {**detail, 'timing': timing, 'stage_timing': stage_timing, 'config': config}
+  return {**detail, 'timing': timing, 'stage_timing': stage_timing}
 
 
 def kept_timing(path: str, results: dict, details: list | None = None) -> dict:
   """A table file's content (`results`) keeping what the file at `path` recorded where
   this run trained nothing: each attack's as `kept_attack_timing`, and the table's total
-  'timing' and 'config' where every attack (of `results['details']`, or `details`: every
+  'timing' where every attack (of `results['details']`, or `details`: every
   seed's) was kept whole, for the same attacks, defenses and seeds."""
   earlier = stages.earlier_results(path)
   if 'details' in results:
@@ -233,10 +232,7 @@ def kept_timing(path: str, results: dict, details: list | None = None) -> dict:
   same_table = all(earlier.get(k) == results.get(k) for k in ('attacks', 'defenses', 'seeds'))
   if 'timing' in earlier and same_table and all(
       d['timing'].get('total', {}).get('from_earlier_run') for d in details):
-    kept = {'timing': {**earlier['timing'], 'from_earlier_run': True}}
-    if 'config' in results:
-      kept['config'] = stages.recorded_config(earlier, results['config'], kept)
-    results = {**results, **kept}
+    results = {**results, 'timing': {**earlier['timing'], 'from_earlier_run': True}}
   return results
 
 
