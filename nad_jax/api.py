@@ -81,8 +81,11 @@ def make_config(config: ml_collections.ConfigDict | None = None, *, model: str |
   if config is not None and not isinstance(config, ml_collections.ConfigDict):
     raise validation.ConfigError(f'config: must be a ConfigDict shaped like '
                                  f'defaults.paper_config(), not a {type(config).__name__}')
-  # A deep copy keeps the given config's references (FP follows `nad`'s schedule).
-  config = copy.deepcopy(config or defaults.paper_config())
+  # A deep copy keeps the given config's references (FP follows `nad`'s schedule); a frozen
+  # config has none, and its copy is made to be set.
+  config = (ml_collections.ConfigDict(config)
+            if isinstance(config, ml_collections.FrozenConfigDict)
+            else copy.deepcopy(config or defaults.paper_config()))
   if attack in defaults.ATTACK_VARIANTS:  # the variant's definition, as configs/*.py:ATTACK
     defaults.set_attack(config, attack)
   elif attack is not None:
@@ -270,7 +273,7 @@ def _refuse_unread(options: dict, config, call: str, method: str = 'nad') -> Non
         where = f'{call} with method {method!r}' if call == 'erase' else call
         why = (' (the model is given: nothing is poisoned)'
                if field in validation.poisoning_fields(config.attack) else
-               f" (fp.{field[4:]} is set, so FP does not follow NAD's)"
+               f" (fp.{field[4:]} has its own value, so FP does not follow NAD's)"
                if method == 'fp' and field[4:] in defaults.FP_FOLLOWED else '')
         raise validation.ConfigError(f'{name} {value!r}: {where} does not read it{why}; '
                                      f'{_readers(config, field)}')

@@ -38,6 +38,12 @@ def test_a_wrong_option_names_its_field(options, message):
     nad_jax.make_config(**options)
 
 
+def test_a_frozen_config_is_taken_as_a_copy():
+  frozen = ml_collections.FrozenConfigDict(defaults.paper_config())
+  assert nad_jax.make_config(frozen, nad={'epochs': 3}).nad.epochs == 3
+  assert frozen.nad.epochs == 20
+
+
 def test_a_stage_section_is_an_option():
   config = nad_jax.make_config(teacher={'epochs': 2}, fp={'epochs': 4},
                                config=defaults.defense_stages(defaults.paper_config()))
@@ -103,8 +109,8 @@ def fp_set(**fields):
      "nad.momentum 0.5: erase with method 'fp' does not read it; erase with method 'nad', "
      "'ft' or 'mcr' does"),
     ('erase', dict(method='fp', fp={'epochs': 3}, nad={'epochs': 5}),
-     r"nad.epochs 5: erase with method 'fp' does not read it \(fp.epochs is set, so FP does "
-     "not follow NAD's\); erase with method 'nad', 'ft' or 'mcr' does"),
+     r"nad.epochs 5: erase with method 'fp' does not read it \(fp.epochs has its own value, "
+     r"so FP does not follow NAD's\); erase with method 'nad', 'ft' or 'mcr' does"),
     ('erase', dict(method='fp', learning_rate=0.05, nad={'learning_rate': 0.2}),
      "nad.learning_rate 0.2: erase with method 'fp' does not read it"),
     ('erase', dict(method='fp', config=fp_set(epochs=1), nad={'epochs': 3}),
