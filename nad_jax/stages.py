@@ -32,6 +32,8 @@ from nad_jax import train as train_lib
 from nad_jax import validation
 from nad_jax.kernels import onednn
 
+# A finished stage's speeds, in its folder: a run that restores it reports them.
+STAGE_TIMING = 'timing.json'
 # The config section that trains a stage, where its name differs (FT trains with NAD's).
 SECTIONS = {'backdoored': 'backdoor_training', 'ft': 'nad'}
 ConfigError = validation.ConfigError
@@ -71,9 +73,9 @@ class StageResult(NamedTuple):
       'ce' and, when distilling, 'at' (per layer) for trained epochs, and the
       METRICS (percent) where the epoch was evaluated; the last entry is evaluated.
     timing: {'compile_s', 'img_per_s': per epoch trained in this run, counting every
-      replica's images}; for a stage restored from its folder, 'from_earlier_run' (it was
-      finished: nothing trained now) and 'ran_with' (the run values its folder records,
-      for `trained_with`); 'resumed_after_epoch' where the run resumed the stage, so that
+      replica's images}; for a stage restored from its folder, 'ran_with' (the run values
+      its folder records, for `trained_with`) and, where it was finished (nothing trained
+      now), 'from_earlier_run' with the speeds its folder records (STAGE_TIMING); 'resumed_after_epoch' where the run resumed the stage, so that
       'img_per_s' covers the epochs after it only; {} for a loaded model.
     info: what a defense adds (fine-pruning's channels, MCR's curve, NAD's teacher).
   """
@@ -459,7 +461,8 @@ def train_stage(ctx: Context, name: str, stage_cfg, recipe: train_lib.Recipe, in
   if restored:  # what an earlier run trained, with the values its folder records
     timing['ran_with'] = validation.recorded_values(checkpoints.directory)
     if done >= stage_cfg.epochs:  # finished: this run trains nothing of it
-      timing['from_earlier_run'] = True
+      timing.update(earlier_results(os.path.join(checkpoints.directory, STAGE_TIMING)),
+                    from_earlier_run=True)
   if 0 < done < stage_cfg.epochs:  # the earlier epochs' speeds went with the interrupted run
     timing['resumed_after_epoch'] = done
   if done < stage_cfg.epochs:
@@ -510,6 +513,9 @@ def train_stage(ctx: Context, name: str, stage_cfg, recipe: train_lib.Recipe, in
         if evaluated and checkpoints:
           checkpoints.save(epoch + 1, state, history)
         bar.update(1)
+    if checkpoints:  # finished: its speeds stay with it, for the runs that restore it
+      write_json(os.path.join(checkpoints.directory, STAGE_TIMING),
+                 {k: v for k, v in timing.items() if k != 'ran_with'})
   if checkpoints:
     checkpoints.close()
   return StageResult(state.variables, history, timing)
@@ -785,12 +791,14 @@ def earlier_results(path: str) -> dict:
 
 def kept_timing(earlier: dict, timing: dict) -> dict:
   """`timing` ({stage: StageResult.timing}), where a stage was restored finished (marked
-  `from_earlier_run` by train_stage), given the speeds that `earlier` (the same mapping, as
-  a results file recorded it) has for it, if any."""
+  `from_earlier_run` by train_stage) from a folder older than STAGE_TIMING files, given the
+  speeds that `earlier` (the same mapping, as a results file recorded it) has for it."""
   def kept(name, entry):
+    if not entry.get('from_earlier_run') or entry.get('img_per_s'):
+      return entry
     measured = {k: v for k, v in earlier.get(name, {}).items()
                 if k not in ('from_earlier_run', 'trained_with')}
-    return {**entry, **measured} if entry.get('from_earlier_run') else entry
+    return {**entry, **measured}
   return {name: kept(name, entry) for name, entry in timing.items()}
 
 

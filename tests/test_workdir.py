@@ -179,7 +179,8 @@ def test_other_data_under_the_same_config_is_refused(finished_run, tmp_path):
 
 def test_stages_restored_without_a_results_file_say_what_they_ran_with(finished_run, tmp_path):
   """A run killed after its stages but before results.json: the rerun restores every stage,
-  marks it, and names the values it ran with that the rerun's config does not have."""
+  marks it with the speeds it trained at, and names the values it ran with that the rerun's
+  config does not have."""
   workdir, results = finished_run
   copy = str(tmp_path / 'copy')
   shutil.copytree(workdir, copy)
@@ -188,9 +189,24 @@ def test_stages_restored_without_a_results_file_say_what_they_ran_with(finished_
   assert rerun['stages'] == results['stages']
   assert rerun['config']['data']['eval_batch_size'] == 64
   first = results['config']['data']['eval_batch_size']
-  assert rerun['timing'] == {name: {'compile_s': 0.0, 'img_per_s': [], 'from_earlier_run': True,
+  assert rerun['timing'] == {name: {**results['timing'][name], 'from_earlier_run': True,
                                     'trained_with': {'data.eval_batch_size': first}}
-                             for name in nad_runner.STAGES}
+                             for name in nad_runner.STAGES}  # the speeds: from each folder
+
+
+def test_a_retrained_stage_reports_its_own_speeds(finished_run, tmp_path):
+  """A stage trained again, by a run killed before it wrote results.json, keeps the speeds
+  it was trained at (its folder's), not those the older results.json lists for it."""
+  workdir, results = finished_run
+  copy = str(tmp_path / 'copy')
+  shutil.copytree(workdir, copy)
+  for stage in ('teacher', 'nad'):
+    shutil.rmtree(os.path.join(copy, stage))
+  retrained = nad_runner.run(tiny_config(), copy).results['timing']['teacher']
+  shutil.copyfile(os.path.join(workdir, 'results.json'), os.path.join(copy, 'results.json'))
+  again = nad_runner.run(tiny_config(), copy).results['timing']['teacher']
+  assert again == {**retrained, 'from_earlier_run': True}
+  assert again['img_per_s'] != results['timing']['teacher']['img_per_s']
 
 
 def test_a_stage_of_no_epochs_is_kept_as_the_others(tmp_path):
