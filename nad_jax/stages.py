@@ -34,8 +34,7 @@ from nad_jax.kernels import onednn
 
 # A finished stage's speeds, in its folder: a run that restores it reports them.
 STAGE_TIMING = 'timing.json'
-# The config section that trains a stage, where its name differs (FT trains with NAD's).
-SECTIONS = {'backdoored': 'backdoor_training', 'ft': 'nad'}
+SECTIONS = validation.SECTIONS
 ConfigError = validation.ConfigError
 METRICS = ('acc', 'acc_nontarget', 'asr', 'ra')
 # The stages a config may load instead of training, and the fields that name the file.

@@ -577,6 +577,8 @@ STAGE_SECTIONS = {
     'fp': BACKDOORED + ('nad', 'fp'),
     'mcr': BACKDOORED + ('nad', 'mcr'),  # the curve ends at the FT model
 }
+# The config section that trains a stage, where its name differs (FT trains with NAD's).
+SECTIONS = {'backdoored': 'backdoor_training', 'ft': 'nad'}
 # Fields of a shaping section that do not shape that stage.
 STAGE_IGNORES = {'ft': ('nad.betas', 'nad.p', 'nad.layers'),
                  'fp': ('nad',),  # its fp.* fields hold the values they follow of nad's
@@ -690,8 +692,9 @@ def check_workdir(config, workdir: str, stages, data_digest: str | None = None,
       continue
     try:
       with open(record) as f:
-        recorded = json.load(f)['fields']
-    except (OSError, ValueError, KeyError, TypeError):
+        written = json.load(f)
+      recorded, ran_with = written['fields'], written.get('ran_with') or {}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
       raise ConfigError(f'stage {stage!r}: {record} is unreadable; use another --workdir '
                         'or delete the folder') from None
     current = stage_fields(config, stage, data_digest)
@@ -715,6 +718,16 @@ def check_workdir(config, workdir: str, stages, data_digest: str | None = None,
                                   '. Rerun with the old values, use another --workdir, or '
                                   f'delete {directory} (and the folders of the stages that '
                                   'start from it) to train it again'))
+    saved = ckpt_lib.finished_epochs(directory)
+    epochs = lookup(config, f'{SECTIONS.get(stage, stage)}.epochs')
+    changed = differences(ran_with, {f: lookup(config, f) for f in ran_with})
+    if not evaluating and saved and saved[-1] < epochs and changed:
+      # a stage runs with one set of values, which its record names (results.json's
+      # trained_with, once it is finished and kept)
+      raise ConfigError(
+          f'stage {stage!r} in {directory} stopped at epoch {saved[-1]} of {epochs} and ran '
+          'with other values: ' + '; '.join(changed) + '. Resume it with those, or delete '
+          f'{directory} to train it again')
 
 
 def data_digest(dataset) -> str:

@@ -209,6 +209,20 @@ def test_a_retrained_stage_reports_its_own_speeds(finished_run, tmp_path):
   assert again['img_per_s'] != results['timing']['teacher']['img_per_s']
 
 
+def test_an_unfinished_stage_resumes_with_the_values_it_started_with(finished_run, tmp_path):
+  """A stage runs with one set of evaluation values, which its folder records: resuming an
+  interrupted one with others is refused before anything is written."""
+  workdir, _ = finished_run
+  copy = str(tmp_path / 'copy')
+  shutil.copytree(workdir, copy)
+  shutil.rmtree(os.path.join(copy, 'teacher', '2'))  # as if killed after epoch 1 of 2
+  before = snapshot(copy)
+  with pytest.raises(validation.ConfigError, match=r"^stage 'teacher' in .* stopped at epoch 1 "
+                     r"of 2 and ran with other values: model.conv 'auto' -> 'xla'\. Resume"):
+    nad_runner.run(tiny_config(**{'model.conv': 'xla'}), copy)
+  assert snapshot(copy) == before
+
+
 def test_a_stage_of_no_epochs_is_kept_as_the_others(tmp_path):
   """A teacher of 0 epochs (the backdoored model, evaluated) is restored on a rerun like
   the trained stages: marked, with the values it ran with."""
