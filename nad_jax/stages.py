@@ -402,7 +402,6 @@ def restore_stage(checkpoints: ckpt_lib.StageCheckpoints, name: str, epoch: int,
     restored = checkpoints.restore(epoch, abstract)
   except ckpt_lib.CheckpointError as e:
     raise ConfigError(f'{name}: {e}') from None
-  log(f'[{name}] resumed from epoch {epoch}')
   return restored
 
 
@@ -449,6 +448,8 @@ def train_stage(ctx: Context, name: str, stage_cfg, recipe: train_lib.Recipe, in
   restored = done is not None
   if restored:
     state, history = restore_stage(checkpoints, name, done, state)
+    log(f'[{name}] ' + (f'restored, finished at epoch {done}' if done >= stage_cfg.epochs
+                        else f'resumed from epoch {done}'))
   else:
     first = (start_metrics if start_metrics is not None
              else evaluate_first(ctx, readout(state.variables), name))

@@ -186,7 +186,7 @@ def test_cleans_a_pytorch_model_from_another_folder(inputs, tmp_path):
   again = run_command([model, '--arch', 'tiny', '--data', data, '--attack', 'badnets',
                        '--target-label', TARGET, '--out', 'out', *QUICK, *TEACHER], tmp_path)
   assert again.returncode == 0, again.stderr
-  assert '[nad] resumed from epoch 1' in again.stdout
+  assert '[nad] restored, finished at epoch 1' in again.stdout
   assert json.loads((out / 'results.json').read_text())['stages'] == results['stages']
 
 
