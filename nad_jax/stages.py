@@ -74,8 +74,9 @@ class StageResult(NamedTuple):
     timing: {'compile_s', 'img_per_s': per epoch trained in this run, counting every
       replica's images}; for a stage restored from its folder, 'ran_with' (the run values
       its folder records, for `trained_with`) and, where it was finished (nothing trained
-      now), 'from_earlier_run' with the speeds its folder records (STAGE_TIMING); 'resumed_after_epoch' where the run resumed the stage, so that
-      'img_per_s' covers the epochs after it only; {} for a loaded model.
+      now), 'from_earlier_run' with the speeds its folder records (STAGE_TIMING);
+      'resumed_after_epoch' where the run resumed the stage, so that 'img_per_s' covers
+      the epochs after it only; {} for a loaded model.
     info: what a defense adds (fine-pruning's channels, MCR's curve, NAD's teacher).
   """
   variables: Any
@@ -445,11 +446,17 @@ def train_stage(ctx: Context, name: str, stage_cfg, recipe: train_lib.Recipe, in
   state = train_lib.replicate(state, ctx.mesh)
   checkpoints = open_stage(ctx, name, stage_cfg.eval_every) if ctx.workdir is not None else None
   done = checkpoints.latest_epoch() if checkpoints else None
-  restored = done is not None
-  if restored:
+  timing = {'compile_s': 0.0, 'img_per_s': []}
+  if done is not None:  # what an earlier run trained, with the values its folder records
     state, history = restore_stage(checkpoints, name, done, state)
-    log(f'[{name}] ' + (f'restored, finished at epoch {done}' if done >= stage_cfg.epochs
-                        else f'resumed from epoch {done}'))
+    timing['ran_with'] = validation.recorded_values(checkpoints.directory)
+    if done >= stage_cfg.epochs:  # finished: this run trains nothing of it
+      log(f'[{name}] restored, finished at epoch {done}')
+      timing.update(earlier_results(os.path.join(checkpoints.directory, STAGE_TIMING)),
+                    from_earlier_run=True)
+    else:  # the earlier epochs' speeds went with the interrupted run
+      log(f'[{name}] resumed from epoch {done}')
+      timing['resumed_after_epoch'] = done
   else:
     first = (start_metrics if start_metrics is not None
              else evaluate_first(ctx, readout(state.variables), name))
@@ -457,14 +464,6 @@ def train_stage(ctx: Context, name: str, stage_cfg, recipe: train_lib.Recipe, in
     if stage_cfg.epochs == 0 and checkpoints:
       # A stage that trains nothing keeps its start, so an evaluation-only rerun finds it.
       checkpoints.save(0, state, history)
-  timing = {'compile_s': 0.0, 'img_per_s': []}
-  if restored:  # what an earlier run trained, with the values its folder records
-    timing['ran_with'] = validation.recorded_values(checkpoints.directory)
-    if done >= stage_cfg.epochs:  # finished: this run trains nothing of it
-      timing.update(earlier_results(os.path.join(checkpoints.directory, STAGE_TIMING)),
-                    from_earlier_run=True)
-  if 0 < done < stage_cfg.epochs:  # the earlier epochs' speeds went with the interrupted run
-    timing['resumed_after_epoch'] = done
   if done < stage_cfg.epochs:
     on_device = train_lib.replicate((images, labels, poisoned), ctx.mesh)
     frozen = frozen if frozen is not None else {}
