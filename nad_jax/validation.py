@@ -681,15 +681,14 @@ def check_workdir(config, workdir: str, stages, data_digest: str | None = None,
   """
   for stage in stages:
     directory = os.path.join(workdir, stage)
-    if not os.path.isdir(directory):
+    saved = ckpt_lib.finished_epochs(directory)
+    if not saved:  # nothing trained there yet: this run records its own values
       continue
     record = os.path.join(directory, FINGERPRINT)
     if not os.path.isfile(record):
-      if ckpt_lib.finished_epochs(directory):
-        raise ConfigError(f'stage {stage!r}: {directory} holds checkpoints without a record of '
-                          'the config that trained them; use another --workdir or delete '
-                          'the folder')
-      continue
+      raise ConfigError(f'stage {stage!r}: {directory} holds checkpoints without a record of '
+                        'the config that trained them; use another --workdir or delete '
+                        'the folder')
     try:
       with open(record) as f:
         written = json.load(f)
@@ -718,10 +717,9 @@ def check_workdir(config, workdir: str, stages, data_digest: str | None = None,
                                   '. Rerun with the old values, use another --workdir, or '
                                   f'delete {directory} (and the folders of the stages that '
                                   'start from it) to train it again'))
-    saved = ckpt_lib.finished_epochs(directory)
     epochs = lookup(config, f'{SECTIONS.get(stage, stage)}.epochs')
     changed = differences(ran_with, {f: lookup(config, f) for f in ran_with})
-    if not evaluating and saved and saved[-1] < epochs and changed:
+    if not evaluating and saved[-1] < epochs and changed:
       # a stage runs with one set of values, which its record names (results.json's
       # trained_with, once it is finished and kept)
       raise ConfigError(
@@ -741,11 +739,12 @@ def data_digest(dataset) -> str:
 
 def record_stage(config, directory: str, stage: str, data_digest: str | None = None,
                  run_values: dict | None = None) -> None:
-  """Writes the fields that shape `stage` (and the data's digest) into its folder, once,
-  before it trains, with `run_values` ({dotted field: value} that shape none of its
-  weights but how its run computed and evaluated it: `recorded_values`)."""
+  """Writes the fields that shape `stage` (and the data's digest) into its folder before it
+  trains, with `run_values` ({dotted field: value} that shape none of its weights but how
+  its run computed and evaluated it: `recorded_values`). A record stays once an epoch is
+  saved: a run stopped before that trained nothing, so the next run's values replace it."""
   record = os.path.join(directory, FINGERPRINT)
-  if jax.process_index() != 0 or os.path.isfile(record):
+  if jax.process_index() != 0 or ckpt_lib.finished_epochs(directory):
     return
   os.makedirs(directory, exist_ok=True)
   tmp = record + '.tmp'

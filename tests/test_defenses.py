@@ -379,6 +379,30 @@ def test_fine_pruned_model_keeps_channels_pruned(table_run):
   assert np.all(kernel[info['pruned_channels']] == 0)
 
 
+def test_a_rerun_prunes_the_channels_fp_was_trained_with(table_run, tmp_path, monkeypatch):
+  """FP's ranking hangs on float rounding (convolutions, evaluation batches), so a run that
+  restores the stage prunes what its folder's plan says, not what it would rank."""
+  config = tiny_table_config()
+  config.student.checkpoint = os.path.join(table_run[0], 'badnets', 'backdoored')
+  config.table.defenses = ('none', 'fp')
+  config.table.figures = False
+  workdir = str(tmp_path / 'fp')
+  first = table.run(config, workdir)['details']['badnets']
+  ranked = fine_pruning.prune_plan
+
+  def one_more_pruned(*args, **kwargs):  # as if rounding had moved the criterion's cut
+    plan = ranked(*args, **kwargs)
+    keep = plan['keep'].copy()
+    keep[plan['order'][plan['pruned']]] = 0.0
+    return {**plan, 'pruned': plan['pruned'] + 1, 'keep': keep}
+
+  monkeypatch.setattr(fine_pruning, 'prune_plan', one_more_pruned)
+  again = table.run(config, workdir)['details']['badnets']
+  assert again['fine_pruning'] == first['fine_pruning']
+  assert again['metrics']['fp'] == first['metrics']['fp']
+  assert again['stage_timing']['fp']['from_earlier_run']
+
+
 # ------------------------------------------------------------------------------------- MCR
 
 def test_bezier_end_points_are_the_two_models(tiny_model):

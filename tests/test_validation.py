@@ -9,11 +9,20 @@ import numpy as np
 import pytest
 
 from configs import table1, tiny
-from nad_jax import defaults, validation
+from nad_jax import checkpoint, defaults, validation
 from nad_jax.experiments import table1 as table1_runner
 
 NOT_A_FILE = '/nonexistent/model.pth'
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # an existing folder
+
+
+def mark_trained(directory) -> None:
+  """Makes `directory` hold a finished epoch 1, as orbax marks one: a folder with nothing
+  trained is not checked."""
+  os.makedirs(os.path.join(directory, '1'))
+  open(os.path.join(directory, '1', checkpoint.COMMITTED), 'w').close()
+
+
 # (field, bad value, other fields to set first), one case per rule at least.
 CASES = [
     ('seed', -1, {}), ('seed', 2, {'seeds': (0, 1)}), ('seeds', (1, 1), {}),
@@ -177,6 +186,7 @@ def test_a_record_leaves_out_the_fields_only_other_attacks_read(tmp_path):
   os.makedirs(tmp_path / 'backdoored')
   with open(tmp_path / 'backdoored' / validation.FINGERPRINT, 'w') as f:
     json.dump({'stage': 'backdoored', 'fields': old}, f)
+  mark_trained(tmp_path / 'backdoored')
   validation.check_workdir(config, str(tmp_path), ['backdoored'])
 
   config.attack.name = 'refool'
@@ -284,6 +294,7 @@ def test_a_folder_stage_does_not_depend_on_the_synthetic_sizes(tmp_path):
   assert 'data.train_size' not in validation.stage_fields(small, 'backdoored')
   directory = tmp_path / 'backdoored'
   validation.record_stage(small, str(directory), 'backdoored', 'digest')
+  mark_trained(directory)
   for field, value in validation.stage_fields(small, 'backdoored').items():  # the same run
     assign(large, field, tuple(value) if isinstance(value, list) else value)
   validation.check_workdir(large, str(tmp_path), ('backdoored',), 'digest')
@@ -300,6 +311,7 @@ def test_fp_is_the_same_stage_whether_it_follows_nad_or_sets_its_own(tmp_path):
   followed = defaults.defense_stages(tiny.get_config())
   followed.nad.epochs = 1
   validation.record_stage(followed, str(tmp_path / 'fp'), 'fp', 'digest')
+  mark_trained(tmp_path / 'fp')
   set_itself = defaults.defense_stages(tiny.get_config())
   set_itself.fp.epochs = 1
   validation.check_workdir(set_itself, str(tmp_path), ('fp',), 'digest')

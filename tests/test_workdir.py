@@ -223,6 +223,23 @@ def test_an_unfinished_stage_resumes_with_the_values_it_started_with(finished_ru
   assert snapshot(copy) == before
 
 
+def test_a_stage_stopped_before_its_first_checkpoint_records_the_run_that_trains_it(
+    finished_run, tmp_path):
+  """Nothing of a stage killed before its first checkpoint is kept, so the next run trains
+  it with its own values, and its folder records those."""
+  workdir, _ = finished_run
+  copy = str(tmp_path / 'copy')
+  shutil.copytree(workdir, copy)
+  for stopped in ('1', '2'):  # the teacher, as if killed while compiling
+    shutil.rmtree(os.path.join(copy, 'teacher', stopped))
+  shutil.rmtree(os.path.join(copy, 'nad'))  # it starts from the teacher
+  rerun = nad_runner.run(tiny_config(**{'model.conv': 'xla'}), copy).results
+  assert validation.recorded_values(os.path.join(copy, 'teacher'))['model.conv'] == 'xla'
+  for stage in ('teacher', 'nad'):
+    assert 'trained_with' not in rerun['timing'][stage]
+    assert len(rerun['timing'][stage]['img_per_s']) == 2  # trained again, both epochs
+
+
 def test_a_stage_of_no_epochs_is_kept_as_the_others(tmp_path):
   """A teacher of 0 epochs (the backdoored model, evaluated) is restored on a rerun like
   the trained stages: marked, with the values it ran with."""

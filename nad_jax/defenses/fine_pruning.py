@@ -22,14 +22,23 @@ bring the channels back; the returned variables have those rows zeroed, so the
 plain model computes the pruned network.
 """
 
+import json
+import os
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nad_jax import checkpoint as ckpt_lib
 from nad_jax import stages
 from nad_jax import streams
 from nad_jax import train as train_lib
+
+# The pruning plan in FP's folder: the run that resumes or restores the stage prunes the
+# channels its checkpoints were trained with, whatever its own convolutions and evaluation
+# batches would rank.
+PLAN = 'prune_plan.json'
 
 
 def mask_head(variables, head: str, keep) -> dict:
@@ -114,13 +123,32 @@ def prune_plan(features_rank: np.ndarray, features_hold: np.ndarray, labels_hold
           'keep': keep[max(count, 0)]}
 
 
+def plan_for(ctx: stages.Context, student, clean) -> dict:
+  """`prune_plan` of `student` on the clean subset, with 'head' (the pruned layer's name) and
+  'keep' as a list: the channels are ranked on the subset less a seeded
+  `fp.holdout_fraction`, whose accuracy the criterion reads (`fp.acc_drop` points)."""
+  config = ctx.config
+  images, labels, _ = clean
+  order = streams.rng(config.seed, 'fp_holdout').permutation(len(images))
+  holdout = max(1, int(round(config.fp.holdout_fraction * len(images))))
+  hold, rank = order[:holdout], order[holdout:]
+  if not len(rank):
+    rank = hold
+  batch = config.data.eval_batch_size
+  head, f_rank, _ = head_features(ctx.model, student, images[rank], ctx.normalize, batch)
+  _, f_hold, _ = head_features(ctx.model, student, images[hold], ctx.normalize, batch)
+  params = jax.device_get(student['params'][head])
+  plan = prune_plan(f_rank, f_hold, labels[hold], np.asarray(params['kernel'], np.float32),
+                    np.asarray(params['bias'], np.float32), config.fp.acc_drop)
+  return {**plan, 'head': head, 'keep': plan['keep'].tolist()}
+
+
 def fine_prune(ctx: stages.Context, student, clean, name: str = 'fp') -> stages.StageResult:
   """Prunes `student` on the clean subset, then fine-tunes it with `config.fp`.
 
-  `clean` is (images, labels, mask) of the clean subset. A seeded
-  `fp.holdout_fraction` of it is held out: the channels are ranked on the rest
-  and the accuracy criterion (`fp.acc_drop` points) is read on the held-out
-  part; the fine-tuning uses the whole subset, with NAD's batches.
+  `clean` is (images, labels, mask) of the clean subset: `plan_for` prunes on it, and the
+  fine-tuning uses the whole subset, with NAD's batches.
+
   Args:
     ctx: the stage Context.
     student: the backdoored model's {'params', 'batch_stats'}.
@@ -131,32 +159,31 @@ def fine_prune(ctx: stages.Context, student, clean, name: str = 'fp') -> stages.
     StageResult of the pruned, fine-tuned model (the pruned head rows zeroed, so the
     plain model computes it); history's epoch 0 is the pruned model before
     fine-tuning; info: the head, the channel order, held-out accuracies, the pruned
-    channels. A resumed run prunes again (deterministic) and resumes the fine-tuning.
+    channels. A run that resumes or restores the stage prunes the channels of the plan
+    its folder records (PLAN), not the ones it would rank itself.
 
   Raises:
     ValueError: the model's last Dense layer is not a top-level layer.
   """
-  config = ctx.config
-  cfg = config.fp
-  images, labels, _ = clean
-  order = streams.rng(config.seed, 'fp_holdout').permutation(len(images))
-  holdout = max(1, int(round(cfg.holdout_fraction * len(images))))
-  hold, rank = order[:holdout], order[holdout:]
-  if not len(rank):
-    rank = hold
-  batch = config.data.eval_batch_size
-  head, f_rank, _ = head_features(ctx.model, student, images[rank], ctx.normalize, batch)
-  _, f_hold, _ = head_features(ctx.model, student, images[hold], ctx.normalize, batch)
-  params = jax.device_get(student['params'][head])
-  plan = prune_plan(f_rank, f_hold, labels[hold], np.asarray(params['kernel'], np.float32),
-                    np.asarray(params['bias'], np.float32), cfg.acc_drop)
-  keep = plan.pop('keep')
+  folder = os.path.join(ctx.workdir, name) if ctx.workdir is not None else None
+  kept = folder is not None and ckpt_lib.finished_epochs(folder)
+  if kept and os.path.isfile(os.path.join(folder, PLAN)):  # older folders have none
+    with open(os.path.join(folder, PLAN)) as f:
+      plan = json.load(f)
+    source = f'as its folder records, {PLAN}'
+  else:
+    plan = plan_for(ctx, student, clean)
+    if folder is not None:
+      stages.write_json(os.path.join(folder, PLAN), plan)
+    source = 'held-out acc {:.1f} -> {:.1f}'.format(plan['holdout_acc'][0],
+                                                    plan['holdout_acc'][plan['pruned']])
+  head, keep = plan.pop('head'), np.asarray(plan.pop('keep'), np.float32)
   stages.log(f'[{name}] pruning {plan["pruned"]} of {len(keep)} channels of {head!r} input '
-               f'(held-out acc {plan["holdout_acc"][0]:.1f} -> '
-               f'{plan["holdout_acc"][plan["pruned"]]:.1f})')
+             f'({source})')
   model = PrunedModel(ctx.model, head, keep)
   pruned_ctx = ctx._replace(model=model, evaluate=train_lib.make_evaluate(
-      model, ctx.mesh, ctx.normalize, ctx.attack, config.get('scan_epoch')))
+      model, ctx.mesh, ctx.normalize, ctx.attack, ctx.config.get('scan_epoch')))
+  cfg = ctx.config.fp
   trained = stages.train_stage(pruned_ctx, name, cfg, stages.recipe_for(cfg),
                                mask_head(student, head, keep), *clean, None, stream='nad')
   info = {'head': head, 'channels': len(keep), **plan,
