@@ -45,7 +45,7 @@ class Result(NamedTuple):
 
   variables: {'params', 'batch_stats'} of the trained model, numpy arrays on the host.
   history: one dict per epoch (epoch 0: before training): 'ce' (and 'at', the AT loss
-    per distilled layer, for NAD), and 'acc', 'acc_nontarget', 'asr' in percent.
+    per distilled layer, for NAD), and 'acc', 'acc_nontarget', 'asr', 'ra' in percent.
   """
   variables: dict
   history: list
@@ -424,7 +424,8 @@ def evaluate(dataset: data_lib.Dataset, variables: dict, *, config=None,
     variables: {'params', 'batch_stats'} of the model.
     config, **options: see `make_config`: model, attack, target_label and the other
       attack fields but poison_rate and clean_label, data.eval_batch_size; seed for
-      Refool, whose test triggers draw each image's reflection from the seed.
+      Refool, whose test triggers draw each image's reflection from the seed, one key per
+      evaluation batch (so Refool's asr and ra also depend on eval_batch_size).
 
   Returns:
     {'acc', 'acc_nontarget', 'asr', 'ra'} as floats in [0, 100] (ra: the triggered

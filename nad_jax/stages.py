@@ -256,25 +256,26 @@ def attack_memo(workdir: str | None, attack_cfg, data_digest: str):
     data_digest: `validation.data_digest` of the dataset.
 
   Returns:
-    memo(name, compute) -> np.ndarray, or None without a workdir.
+    memo(name, compute) -> what `compute()` returns (JSON-serialisable: lists, dicts,
+    numbers), or None without a workdir.
   """
   if workdir is None:
     return None
   key = json.loads(json.dumps({'attack': attack_cfg.to_dict(), 'data.digest': data_digest},
                               default=str))
 
-  def memo(name: str, compute) -> np.ndarray:
+  def memo(name: str, compute):
     path = os.path.join(workdir, f'{name}.json')
     try:
       with open(path) as f:
         saved = json.load(f)
       if saved['key'] == key:
         log(f'{name}: kept from {path}')
-        return np.asarray(saved['value'])
+        return saved['value']
     except (OSError, ValueError, KeyError, TypeError):
       pass  # none kept yet, or an unreadable file: choose again
-    value = np.asarray(compute())
-    write_json(path, {'key': key, 'value': value.tolist()})
+    value = compute()
+    write_json(path, {'key': key, 'value': value})
     return value
   return memo
 

@@ -628,9 +628,23 @@ def check_folder(path: str, field: str) -> None:
                                               os.path.abspath(path) else f'{parent} is a file'))
 
 
+def shaping_fields(config, stage: str) -> tuple[str, ...]:
+  """The NOT_SHAPING fields that shape `stage` or its figures in this run: SHAPING_FOR's,
+  and the evaluation's batch where the attack draws its test triggers per image
+  (`attacks.DRAWS_PER_IMAGE`): each evaluation batch draws from its own key, so the batch
+  size changes which reflections Refool's ASR and RA are measured on."""
+  return SHAPING_FOR.get(stage, ()) + (('data.eval_batch_size',) if config.attack.name
+                                       in attacks_lib.DRAWS_PER_IMAGE else ())
+
+
+def evaluated_only(config) -> tuple[str, ...]:
+  """The EVALUATED_ONLY fields an evaluation-only run of `config` may set anew."""
+  return tuple(f for f in EVALUATED_ONLY if f not in shaping_fields(config, 'backdoored'))
+
+
 def ignored_fields(config, stage: str) -> tuple[str, ...]:
   """The fields and sections (dotted) of `stage`'s sections that do not shape it."""
-  not_shaping = tuple(f for f in NOT_SHAPING if f not in SHAPING_FOR.get(stage, ()))
+  not_shaping = tuple(f for f in NOT_SHAPING if f not in shaping_fields(config, stage))
   return (not_shaping + STAGE_IGNORES.get(stage, ()) + other_attacks_fields(config.attack.name)
           + other_sources_fields(config.data.source))
 
@@ -681,14 +695,16 @@ def check_workdir(config, workdir: str, stages, data_digest: str | None = None,
   """
   for stage in stages:
     directory = os.path.join(workdir, stage)
-    saved = ckpt_lib.finished_epochs(directory)
-    if not saved:  # nothing trained there yet: this run records its own values
+    if not os.path.isdir(directory):
       continue
+    saved = ckpt_lib.finished_epochs(directory)
     record = os.path.join(directory, FINGERPRINT)
     if not os.path.isfile(record):
-      raise ConfigError(f'stage {stage!r}: {directory} holds checkpoints without a record of '
-                        'the config that trained them; use another --workdir or delete '
-                        'the folder')
+      if saved:
+        raise ConfigError(f'stage {stage!r}: {directory} holds checkpoints without a record '
+                          'of the config that trained them; use another --workdir or delete '
+                          'the folder')
+      continue
     try:
       with open(record) as f:
         written = json.load(f)
@@ -699,12 +715,12 @@ def check_workdir(config, workdir: str, stages, data_digest: str | None = None,
     current = stage_fields(config, stage, data_digest)
     # An older record may list fields read elsewhere (other attacks' or sources') or
     # since found not to shape the stage.
-    ignored = ignored_fields(config, stage) + (EVALUATED_ONLY if evaluating else ())
+    ignored = ignored_fields(config, stage) + (evaluated_only(config) if evaluating else ())
     recorded = {**{k: v for k, v in ADDED_FIELDS.items() if k in current},
                 **{k: v for k, v in recorded.items() if not is_in(k, ignored)}}
     # SHAPING_FOR fields an older record lacks: the value it ran with is unknown.
     current = {k: v for k, v in current.items() if not is_in(k, ignored)
-               and (k in recorded or k not in SHAPING_FOR.get(stage, ()))}
+               and (k in recorded or k not in shaping_fields(config, stage))}
     if data_digest is None:  # a check before the data is loaded
       recorded = {k: v for k, v in recorded.items() if k != 'data.digest'}
     changed = differences(recorded, current)
@@ -719,7 +735,7 @@ def check_workdir(config, workdir: str, stages, data_digest: str | None = None,
                                   'start from it) to train it again'))
     epochs = lookup(config, f'{SECTIONS.get(stage, stage)}.epochs')
     changed = differences(ran_with, {f: lookup(config, f) for f in ran_with})
-    if not evaluating and saved[-1] < epochs and changed:
+    if not evaluating and saved and saved[-1] < epochs and changed:
       # a stage runs with one set of values, which its record names (results.json's
       # trained_with, once it is finished and kept)
       raise ConfigError(

@@ -529,6 +529,9 @@ def test_refool_selection_runs_when_built_and_is_kept(dataset, tmp_path):
   assert attack.prepare is None and attack.clean_label and len(trained) == 2
   again = build_attack(config, 10, SHAPE, dataset, fit=fit, memo=memo())
   assert len(trained) == 2
+  rounds = attack.info['selection_rounds']  # what results.json reports, kept with the choice
+  assert [r['round'] for r in rounds] == [1, 2] and again.info == attack.info
+  assert all(0 <= r['median_asr'] <= r['best_asr'] <= 100 for r in rounds)
   x = dataset.train_images[:3].astype(np.float32)
   assert trigger(attack, x).shape == (3, *SHAPE)
   np.testing.assert_array_equal(trigger(attack, x), trigger(again, x))
@@ -537,15 +540,16 @@ def test_refool_selection_runs_when_built_and_is_kept(dataset, tmp_path):
 def test_an_attacks_choice_is_kept_for_the_same_config_and_data(tmp_path):
   from nad_jax import stages
   calls = []
-  choose = lambda: calls.append(1) or np.array([3, 1, 2])
+  choose = lambda: calls.append(1) or {'chosen': [3, 1, 2], 'rounds': [{'round': 1}]}
   config = attack_config('refool')
   memo = lambda cfg, digest: stages.attack_memo(str(tmp_path), cfg, digest)
-  first = memo(config, 'a')('refool_selection', choose)
-  again = memo(config, 'a')('refool_selection', choose)
-  assert len(calls) == 1 and first.tolist() == again.tolist() == [3, 1, 2]
-  memo(config, 'b')('refool_selection', choose)  # other data: chosen again
+  first = memo(config, 'a')('refool_selected', choose)
+  again = memo(config, 'a')('refool_selected', choose)
+  assert len(calls) == 1 and first == again == choose()
+  calls.pop()
+  memo(config, 'b')('refool_selected', choose)  # other data: chosen again
   other = attack_config('refool', seed=1)
-  memo(other, 'b')('refool_selection', choose)  # another attack config: chosen again
+  memo(other, 'b')('refool_selected', choose)  # another attack config: chosen again
   assert len(calls) == 3
   assert stages.attack_memo(None, config, 'a') is None  # no workdir, nothing kept
 

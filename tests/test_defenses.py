@@ -401,6 +401,11 @@ def test_a_rerun_prunes_the_channels_fp_was_trained_with(table_run, tmp_path, mo
   assert again['fine_pruning'] == first['fine_pruning']
   assert again['metrics']['fp'] == first['metrics']['fp']
   assert again['stage_timing']['fp']['from_earlier_run']
+  plan = os.path.join(workdir, 'badnets', 'fp', fine_pruning.PLAN)
+  with open(plan, 'w') as f:
+    f.write('{"order": [1, 2')  # cut short
+  with pytest.raises(validation.ConfigError, match=f'^{re.escape(plan)} is unreadable; delete'):
+    table.run(config, workdir)
 
 
 # ------------------------------------------------------------------------------------- MCR

@@ -240,6 +240,20 @@ def test_a_stage_stopped_before_its_first_checkpoint_records_the_run_that_trains
     assert len(rerun['timing'][stage]['img_per_s']) == 2  # trained again, both epochs
 
 
+def test_a_stage_stopped_before_its_first_checkpoint_keeps_its_fields(finished_run, tmp_path):
+  """What a stage prepared before its first checkpoint (a clean-label attack's training
+  set) stays in its folder, so the folder's record still refuses other fields."""
+  workdir, _ = finished_run
+  copy = str(tmp_path / 'copy')
+  shutil.copytree(workdir, copy)
+  for stage in ('teacher', 'nad'):
+    shutil.rmtree(os.path.join(copy, stage))
+  for epoch in checkpoint.finished_epochs(os.path.join(copy, 'backdoored')):
+    shutil.rmtree(os.path.join(copy, 'backdoored', str(epoch)))
+  with pytest.raises(validation.ConfigError, match='attack.target_label 5 -> 3'):
+    nad_runner.run(tiny_config(**{'attack.target_label': 3}), copy)
+
+
 def test_a_stage_of_no_epochs_is_kept_as_the_others(tmp_path):
   """A teacher of 0 epochs (the backdoored model, evaluated) is restored on a rerun like
   the trained stages: marked, with the values it ran with."""
@@ -250,3 +264,30 @@ def test_a_stage_of_no_epochs_is_kept_as_the_others(tmp_path):
   assert again['stages'] == first['stages']
   assert all(t['from_earlier_run'] and t['trained_with'] == {'model.conv': 'auto'}
              for t in again['timing'].values())
+
+
+def test_a_refool_selection_is_reported_and_kept_by_a_rerun(tmp_path):
+  """What Refool's selection measured reaches results.json, and a rerun, which keeps the
+  selection, reports the same rounds."""
+  overrides = {'attack.name': 'refool', 'attack.poison_rate': 0.8, 'attack.reflections': 4,
+               'attack.reflection_candidates': 8, 'attack.selection_rounds': 2,
+               'attack.selection_holdout': 40, 'attack.surrogate.epochs': 1,
+               'attack.surrogate.batch_size': 64}
+  workdir = str(tmp_path / 'run')
+  first = nad_runner.run(tiny_config(**overrides), workdir).results
+  assert [r['round'] for r in first['attack']['selection_rounds']] == [1, 2]
+  again = nad_runner.run(tiny_config(**overrides), workdir).results
+  assert again['attack'] == first['attack']
+  # A refused rerun is refused before the attack's build selects (and writes) anew.
+  before = snapshot(workdir)
+  with pytest.raises(validation.ConfigError, match='attack.reflections 4 -> 5'):
+    nad_runner.run(tiny_config(**{**overrides, 'attack.reflections': 5}), workdir)
+  assert snapshot(workdir) == before
+  # Each evaluation batch draws its reflections from its own key, so the batch size shapes
+  # Refool's figures: neither a rerun nor an evaluation-only run may change it.
+  other_batch = tiny_config(**{**overrides, 'data.eval_batch_size': 64})
+  with pytest.raises(validation.ConfigError, match='data.eval_batch_size 128 -> 64'):
+    nad_runner.run(other_batch, workdir)
+  with pytest.raises(validation.ConfigError, match='data.eval_batch_size 128 -> 64'):
+    nad_runner.evaluate_only(other_batch, workdir)
+  assert snapshot(workdir) == before

@@ -90,6 +90,11 @@ def main_command(config: str, workdir: str, *extra: str) -> str:
   return ' '.join(['python main.py', f'--config={config}', f'--workdir={workdir}', *extra])
 
 
+QUICKSTART_SOURCES = {f'quickstart_{a}.json': (main_command(f'configs/quickstart.py:{a}',
+                                                             f'runs/quickstart_{a}'),
+                                                f'runs/quickstart_{a}/results.json')
+                      for a in QUICKSTART_ORDER}
+
 OFFICIAL_RUNS = {  # result file: (config, workdir)
     'official.json': ('configs/nad_official.py', 'runs/nad_official'),
     'official_finetuned_teacher.json': ('configs/nad_official.py:finetuned_teacher',
@@ -253,12 +258,28 @@ def small_sources() -> dict:
   return sources
 
 
+# Refool's own recipe (natural crops, adversarial selection) cut down to a CIFAR-10 subset:
+# 4 rounds keeping 50 of 400 candidates, scored on 300 held-out images; a 20-epoch backdoor.
+REFOOL_SELECTION = main_command(
+    'configs/nad_cifar.py:refool', 'runs/refool_5k_natural_sel', '--config.data.source=folder',
+    '--config.data.path=runs/cifar10_5k', '--config.backdoor_training.epochs=20',
+    "'--config.backdoor_training.lr_boundaries=(10,15)'",
+    '--config.backdoor_training.eval_every=20', '--config.teacher.epochs=0',
+    '--config.nad.epochs=0', '--config.attack.reflection_candidates=400',
+    '--config.attack.reflections=50', '--config.attack.selection_rounds=4',
+    '--config.attack.selection_holdout=300')
+
+
+def refool_selection_cells(results: dict) -> list:
+  """docs/attacks.md's Refool selection on the CIFAR-10 subset: per round, the surrogate's
+  median / best attack success per reflection; then the backdoored model's acc / ASR."""
+  run = results['refool_5k_natural_selection.json']
+  return ([pair(r, 'median_asr', 'best_asr', 2) for r in run['attack']['selection_rounds']]
+          + [pair(run['stages']['backdoored'], 'acc', 'asr', 2)])
+
+
 BLOCKS = {
-    'quickstart': Block(
-        {f'quickstart_{a}.json': (main_command(f'configs/quickstart.py:{a}',
-                                               f'runs/quickstart_{a}'),
-                                  f'runs/quickstart_{a}/results.json')
-         for a in QUICKSTART_ORDER}, attack_cells('quickstart', QUICKSTART_ORDER, 1)),
+    'quickstart': Block(QUICKSTART_SOURCES, attack_cells('quickstart', QUICKSTART_ORDER, 1)),
     'table1': Block({'table1.json': TABLE1_SOURCE}, table1_cells),
     'cifar': Block({f'cifar_{a}.json': CIFAR_SOURCES[f'cifar_{a}.json'] for a in CIFAR_README},
                    attack_cells('cifar', CIFAR_README, 2)),
@@ -277,6 +298,10 @@ BLOCKS = {
         '--out runs/clean_wrn16_1', 'runs/clean_wrn16_1/results.json')},
         stage_cells(['clean_wrn16_1.json'], ('backdoored', 'teacher', 'nad'))),
     'small_clean': Block(small_sources(), small_cells, cifar_subset),
+    'refool_selection': Block(
+        {'refool_5k_natural_selection.json': (REFOOL_SELECTION,
+                                              'runs/refool_5k_natural_sel/results.json')},
+        refool_selection_cells, cifar_subset),
     # three places quote the same two runs: README (backdoored, teacher, NAD per teacher),
     # docs/reproduction.md's summary (teacher, NAD) and its per-epoch table
     'official': Block(OFFICIAL_SOURCES,

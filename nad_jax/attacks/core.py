@@ -38,6 +38,8 @@ class Attack(NamedTuple):
   test_set: the poisoned test images to evaluate the attack on, or None: the
     evaluation triggers the clean test images whose backdoor label differs from
     their label.
+  info: what building the attack measured that a results file reports (Refool's
+    selection rounds), JSON-serialisable; None: nothing.
   """
   name: str
   trigger: Callable[[jax.Array, jax.Array], jax.Array] | None
@@ -45,6 +47,7 @@ class Attack(NamedTuple):
   clean_label: bool = False
   prepare: Callable[..., tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None
   test_set: PoisonedTest | None = None
+  info: dict | None = None
 
 
 def relabel_fn(mode: str, target_label: int,

@@ -472,8 +472,9 @@ def build(cfg, num_classes: int, image_shape: tuple[int, int, int], dataset=None
     dataset: a `data.Dataset`; needed (its uint8 training images and labels) by the
       'heldout' source and by the selection.
     fit: the engine's trainer (`nad_jax.train.fit`), needed by the selection.
-    memo: `memo(name, compute)` (`attacks.build_attack`): keeps the selected indices, so
-      a resumed, rerun or evaluation-only run does not select again; None: selects.
+    memo: `memo(name, compute)` (`attacks.build_attack`): keeps the selection (its
+      indices and its rounds' scores), so a resumed, rerun or evaluation-only run does not
+      select again; None: selects.
 
   Returns:
     A clean-label Attack whose trigger draws a reflection of its bank per image from
@@ -514,10 +515,13 @@ def build(cfg, num_classes: int, image_shape: tuple[int, int, int], dataset=None
   candidates = to_linear(candidates)
   blend = make_blend(ghost_rate, strength, image_shape)
   bank = candidates
+  info = None
   if rounds:
     choose = lambda: _selected(cfg, num_classes, dataset, heldout, candidates, blend, fit,
                                keep, rounds, seed)
-    bank = candidates[jnp.asarray(memo('refool_selection', choose) if memo else choose())]
+    selected = memo('refool_selected', choose) if memo else choose()
+    bank = candidates[jnp.asarray(selected['chosen'])]
+    info = {'selection_rounds': selected['rounds']}
 
   def trigger(images, key):
     return blend(images, bank, key)
@@ -529,7 +533,7 @@ def build(cfg, num_classes: int, image_shape: tuple[int, int, int], dataset=None
     return images[kept], labels[kept], poisoned[kept]
 
   return Attack('refool', trigger, relabel=None, clean_label=True,
-                prepare=prepare if heldout is not None else None)
+                prepare=prepare if heldout is not None else None, info=info)
 
 
 def _selected(cfg, num_classes: int, dataset, heldout: np.ndarray | None,
@@ -538,7 +542,9 @@ def _selected(cfg, num_classes: int, dataset, heldout: np.ndarray | None,
   """Runs `select` with `success_scorer` on the training set less `heldout`; build's part.
 
   Returns:
-    (keep,) indices of the selected reflections into `candidates`.
+    {'chosen': the `keep` indices of the selected reflections into `candidates`,
+     'rounds': per round, the surrogate's attack success per reflection of R_adv on the
+     held-out images, in percent: {'round' (from 1), 'median_asr', 'best_asr'}}.
   """
   require(keep <= candidates.shape[0], f'attack.reflections {keep} exceeds the '
           f'{candidates.shape[0]} candidate reflections')
@@ -562,12 +568,18 @@ def _selected(cfg, num_classes: int, dataset, heldout: np.ndarray | None,
                          holdout, candidates, target, float(cfg.poison_rate), blend,
                          streams.key(seed, 'refool_selection'))
 
-  def logged(chosen, round_):
+  record = []
+
+  def recorded(chosen, round_):
     s = score(chosen, round_)
+    record.append({'round': round_ + 1,
+                   'median_asr': round(100.0 * float(np.median(s)) / n_holdout, 2),
+                   'best_asr': round(100.0 * float(s.max()) / n_holdout, 2)})
     if jax.process_index() == 0:
       print(f'[refool] selection round {round_ + 1}/{rounds}: {sur.model} ({sur.epochs} '
             f'epochs) on data poisoned by {len(chosen)} reflections; attack success per '
-            f'reflection on {n_holdout} held-out images: median {np.median(s) / n_holdout:.1%}, '
-            f'best {s.max() / n_holdout:.1%}', flush=True)
+            f'reflection on {n_holdout} held-out images: median {record[-1]["median_asr"]:.2f}%, '
+            f'best {record[-1]["best_asr"]:.2f}%', flush=True)
     return s
-  return select(candidates.shape[0], keep, rounds, logged, rng)
+  chosen = select(candidates.shape[0], keep, rounds, recorded, rng)
+  return {'chosen': chosen.tolist(), 'rounds': record}

@@ -143,6 +143,23 @@ def plan_for(ctx: stages.Context, student, clean) -> dict:
   return {**plan, 'head': head, 'keep': plan['keep'].tolist()}
 
 
+def kept_plan(path: str) -> dict:
+  """The plan (`plan_for`'s) a stage folder keeps at `path`.
+
+  Raises:
+    ConfigError: the file is unreadable or lacks a field of the plan.
+  """
+  try:
+    with open(path) as f:
+      plan = json.load(f)
+    if not all(key in plan for key in ('head', 'keep', 'order', 'pruned', 'holdout_acc')):
+      raise ValueError
+  except (OSError, ValueError, TypeError):
+    raise stages.ConfigError(f'{path} is unreadable; delete the folder {os.path.dirname(path)} '
+                             'to prune and fine-tune again') from None
+  return plan
+
+
 def fine_prune(ctx: stages.Context, student, clean, name: str = 'fp') -> stages.StageResult:
   """Prunes `student` on the clean subset, then fine-tunes it with `config.fp`.
 
@@ -168,8 +185,7 @@ def fine_prune(ctx: stages.Context, student, clean, name: str = 'fp') -> stages.
   folder = os.path.join(ctx.workdir, name) if ctx.workdir is not None else None
   kept = folder is not None and ckpt_lib.finished_epochs(folder)
   if kept and os.path.isfile(os.path.join(folder, PLAN)):  # older folders have none
-    with open(os.path.join(folder, PLAN)) as f:
-      plan = json.load(f)
+    plan = kept_plan(os.path.join(folder, PLAN))
     source = f'as its folder records, {PLAN}'
   else:
     plan = plan_for(ctx, student, clean)

@@ -169,6 +169,7 @@ def run(config, out: str, method: str = 'nad', source: dict | None = None,
   refuse_ignored_fields(config, method, trains)
   check_writable(out)
   workdir = os.path.join(out, 'checkpoints')
+  validation.check_workdir(config, workdir, FOLDERS[method])  # before the attack's build writes
   ctx = stages.setup(config, workdir, trains)
   validation.check_workdir(config, workdir, FOLDERS[method], ctx.data_digest)
   record = stages.is_record(config.student.checkpoint)
@@ -210,6 +211,7 @@ def run(config, out: str, method: str = 'nad', source: dict | None = None,
       'history': {name: r.history for name, r in results.items() if r.timing},
       'timing': stages.trained_with(timing, config.to_dict(), earlier.get('config')),
       'info': {k: v for k, v in result.info.items() if k != 'teacher'},
+      **({'attack': ctx.attack.info} if ctx.attack.info else {}),
       'files': {k: os.path.relpath(v, out) for k, v in files.items()},
       'config': config.to_dict(),
   }

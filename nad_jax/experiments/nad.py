@@ -69,6 +69,7 @@ def run(config, workdir: str) -> Outcome:
       trained with other values (validation.check_workdir); nothing is written then.
     FloatingPointError: a stage's loss became non-finite.
   """
+  validation.check_workdir(config, workdir, STAGES)  # before the attack's build writes
   ctx = stages.setup(config, workdir)
   validation.check_workdir(config, workdir, STAGES, ctx.data_digest)
   results = {'backdoored': stages.backdoored(ctx)}
@@ -85,6 +86,7 @@ def run(config, workdir: str) -> Outcome:
       **stages.summarize(config, {name: result.metrics for name, result in results.items()}),
       'history': {name: result.history for name, result in results.items()},
       'timing': stages.trained_with(timing, config.to_dict(), earlier.get('config')),
+      **({'attack': ctx.attack.info} if ctx.attack.info else {}),
       'config': config.to_dict(),
   }
   stages.write_json(path, written)

@@ -149,7 +149,8 @@ def since(start) -> dict:
 
 def run_attack(ctx: stages.Context, defenses) -> dict:
   """Every defense against one attack; returns {'metrics', 'history', 'timing', ...}."""
-  out = {'metrics': {}, 'history': {}, 'timing': {}, 'stage_timing': {}}
+  out = {'metrics': {}, 'history': {}, 'timing': {}, 'stage_timing': {},
+         **({'attack': ctx.attack.info} if ctx.attack.info else {})}
 
   def record(key, result: stages.StageResult, metrics: dict | None = None):
     out['history'][key] = result.history
