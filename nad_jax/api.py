@@ -13,7 +13,7 @@ not read (e.g. `clean_fraction` for `evaluate`) is refused, naming who reads it.
     backdoored = nad_jax.train_backdoored(data, attack='badnets', epochs=5,
                                           learning_rate=0.05)
     erased = nad_jax.erase(data, backdoored.variables, method='nad')
-    print(nad_jax.evaluate(data, erased.variables))  # {'acc': .., 'acc_nontarget': .., 'asr': ..}
+    print(nad_jax.evaluate(data, erased.variables))  # {'acc': .., 'acc_nontarget': .., 'asr': .., 'ra': ..}
 """
 
 import copy

@@ -154,18 +154,21 @@ def clean_count(config, dataset) -> int:
 
 # ------------------------------------------------------------------------------ context
 
-def setup(config, workdir: str | None,
-          stages: tuple[str, ...] = validation.TRAINED_SECTIONS) -> Context:
+def setup(config, workdir: str | None, stages: tuple[str, ...] = validation.TRAINED_SECTIONS,
+          *, folders: tuple[str, ...] = (), evaluating: bool = False) -> Context:
   """Checks the config, loads the data, builds the attack and model: what stages share.
 
   Everything a user can get wrong is checked here, before any stage writes: the
-  config's rules, the data, the attack's poisoned samples, and the student and
-  teacher checkpoints (opened and checked against the model).
+  config's rules, the data, the stage folders of `workdir` it will resume, the attack's
+  poisoned samples, and the student and teacher checkpoints (opened and checked against
+  the model).
 
   Args:
     config: the run's ConfigDict.
     workdir: where stages checkpoint; None: they keep nothing.
     stages: the config sections that will train (`make_context`).
+    folders, evaluating: the stage folders of `workdir` the run resumes or evaluates, and
+      whether it only evaluates (`make_context`).
 
   Raises:
     ConfigError: naming the field, file or folder.
@@ -181,11 +184,12 @@ def setup(config, workdir: str | None,
     raise ConfigError(str(e)) from None
   log(f'loaded {len(dataset.train_images) + len(dataset.test_images)} images in '
       f'{time.perf_counter() - start:.1f} s')
-  return make_context(config, dataset, workdir, stages)
+  return make_context(config, dataset, workdir, stages, folders=folders, evaluating=evaluating)
 
 
 def make_context(config, dataset: data_lib.Dataset, workdir: str | None,
-                 stages: tuple[str, ...] = validation.TRAINED_SECTIONS) -> Context:
+                 stages: tuple[str, ...] = validation.TRAINED_SECTIONS, *,
+                 folders: tuple[str, ...] = (), evaluating: bool = False) -> Context:
   """The Context of a validated config over `dataset` (host arrays).
 
   Args:
@@ -193,10 +197,14 @@ def make_context(config, dataset: data_lib.Dataset, workdir: str | None,
     dataset: the data the stages train and evaluate on.
     workdir: where stages checkpoint; None: they keep nothing (the Python API).
     stages: the config sections that will train, whose batch sizes must fit the data.
+    folders: the stage folders of `workdir` the run resumes or evaluates, checked
+      (`validation.check_workdir`, with the data's digest) before the attack is built.
+    evaluating: the run only evaluates (check_workdir's `evaluating`).
 
   Raises:
-    ConfigError: the rules that need the data, the attack, the checkpoints to load
-      (a BackdoorBench record must agree with the config and data: `check_record`).
+    ConfigError: the rules that need the data, a stage folder trained with other values,
+      the attack, the checkpoints to load (a BackdoorBench record must agree with the
+      config and data: `check_record`). Nothing is written then.
   """
   validation.validate_data(config, dataset.num_classes, len(dataset.train_images),
                            clean_count(config, dataset), dataset.test_labels, stages)
@@ -208,10 +216,13 @@ def make_context(config, dataset: data_lib.Dataset, workdir: str | None,
   for stage, record in records.items():  # before the attack, which may read the record too
     check_record(config, record, image_shape, dataset.num_classes, LOADABLE[stage])
   digest = validation.data_digest(dataset)
+  if workdir is not None:
+    validation.check_workdir(config, workdir, folders, digest, evaluating)
+  memo = AttackMemo(workdir, config.attack, digest) if workdir is not None else None
   try:
     attack = attacks_lib.build_attack(config.attack, dataset.num_classes,
                                       dataset.train_images.shape[1:], dataset, fit=fit_logged,
-                                      memo=attack_memo(workdir, config.attack, digest))
+                                      memo=memo)
   except ValueError as e:
     raise ConfigError(str(e)) from None
   poisoned = per_seed(config, lambda seed: attacks_lib.poison_mask(
@@ -240,44 +251,50 @@ def make_context(config, dataset: data_lib.Dataset, workdir: str | None,
                                      config.data.eval_batch_size, mesh, attack)
   evaluate_fn = train_lib.make_evaluate(model, mesh, normalize, attack, config.get('scan_epoch'),
                                         replicas=replicas(config))
+  if memo is not None:
+    memo.save()
   return Context(config, workdir, model, mesh, normalize, attack, dataset, poisoned, test_set,
                  evaluate_fn, abstract, loaded, digest)
 
 
-def attack_memo(workdir: str | None, attack_cfg, data_digest: str):
+class AttackMemo:
   """The `memo` of `attacks.build_attack`: what an attack's build chose (Refool's selected
   reflections) is kept in `workdir/<name>.json` with the attack config and the data it was
   chosen for, and returned again for the same ones, so a resumed, rerun or evaluation-only
   run does not choose again.
 
-  Args:
-    workdir: the run's folder; None (the Python API): nothing is kept.
-    attack_cfg: `config.attack`.
-    data_digest: `validation.data_digest` of the dataset.
-
-  Returns:
-    memo(name, compute) -> what `compute()` returns (JSON-serialisable: lists, dicts,
-    numbers), or None without a workdir.
+  A new choice is written by `save`, once the run's other checks have passed, so a run
+  refused after the attack's build leaves no file.
   """
-  if workdir is None:
-    return None
-  key = json.loads(json.dumps({'attack': attack_cfg.to_dict(), 'data.digest': data_digest},
-                              default=str))
 
-  def memo(name: str, compute):
-    path = os.path.join(workdir, f'{name}.json')
+  def __init__(self, workdir: str, attack_cfg, data_digest: str):
+    """Args: workdir: the run's folder; attack_cfg: `config.attack`; data_digest:
+    `validation.data_digest` of the dataset."""
+    self.workdir = workdir
+    self.key = json.loads(json.dumps({'attack': attack_cfg.to_dict(),
+                                      'data.digest': data_digest}, default=str))
+    self.chosen = {}  # {path: value} chosen by this build, not yet written
+
+  def __call__(self, name: str, compute):
+    """What `compute()` (JSON-serialisable: lists, dicts, numbers) returned for this
+    attack config and data, kept or computed now."""
+    path = os.path.join(self.workdir, f'{name}.json')
     try:
       with open(path) as f:
         saved = json.load(f)
-      if saved['key'] == key:
+      if saved['key'] == self.key:
         log(f'{name}: kept from {path}')
         return saved['value']
     except (OSError, ValueError, KeyError, TypeError):
       pass  # none kept yet, or an unreadable file: choose again
-    value = compute()
-    write_json(path, {'key': key, 'value': value})
-    return value
-  return memo
+    self.chosen[path] = compute()
+    return self.chosen[path]
+
+  def save(self) -> None:
+    """Writes the choices made since the last `save`."""
+    for path, value in self.chosen.items():
+      write_json(path, {'key': self.key, 'value': value})
+    self.chosen = {}
 
 
 def poisoned_count(poisoned: np.ndarray) -> int:

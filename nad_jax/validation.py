@@ -8,6 +8,7 @@ with, so a rerun never resumes, or reports, a model that another config made.
 """
 
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -366,6 +367,9 @@ RULES: list[Rule] = [
                                                                     'nad'},
          "a non-empty tuple of 'none', 'ft', 'fp', 'mcr', 'nad'", has('table')),
     Rule('table.figures', is_bool, 'True or False', has('table')),
+    Rule('table.figures', lambda v, _: not v or importlib.util.find_spec('matplotlib'),
+         "False where matplotlib is not installed (pip install '.[plots]' draws the figures)",
+         has('table')),
     Rule('table.attention_images', in_range(0, integer=True), 'an integer >= 0', has('table')),
 ]
 

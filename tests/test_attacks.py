@@ -524,8 +524,10 @@ def test_refool_selection_runs_when_built_and_is_kept(dataset, tmp_path):
   config.surrogate.update(epochs=1, batch_size=64)
   trained = []
   fit = lambda *args: trained.append(1) or train.fit(*args)
-  memo = lambda: stages.attack_memo(str(tmp_path), config, 'digest')
-  attack = build_attack(config, 10, SHAPE, dataset, fit=fit, memo=memo())
+  memo = lambda: stages.AttackMemo(str(tmp_path), config, 'digest')
+  first = memo()
+  attack = build_attack(config, 10, SHAPE, dataset, fit=fit, memo=first)
+  first.save()
   assert attack.prepare is None and attack.clean_label and len(trained) == 2
   again = build_attack(config, 10, SHAPE, dataset, fit=fit, memo=memo())
   assert len(trained) == 2
@@ -542,16 +544,20 @@ def test_an_attacks_choice_is_kept_for_the_same_config_and_data(tmp_path):
   calls = []
   choose = lambda: calls.append(1) or {'chosen': [3, 1, 2], 'rounds': [{'round': 1}]}
   config = attack_config('refool')
-  memo = lambda cfg, digest: stages.attack_memo(str(tmp_path), cfg, digest)
+
+  def memo(cfg, digest):  # a run's: it writes its choices once the run's checks pass
+    kept = stages.AttackMemo(str(tmp_path), cfg, digest)
+    return lambda name, compute: (kept(name, compute), kept.save())[0]
   first = memo(config, 'a')('refool_selected', choose)
+  unsaved = stages.AttackMemo(str(tmp_path), attack_config('refool', seed=2), 'a')
+  unsaved('refool_selected', choose)  # a run refused before it saves
   again = memo(config, 'a')('refool_selected', choose)
-  assert len(calls) == 1 and first == again == choose()
+  assert len(calls) == 2 and first == again == choose()
   calls.pop()
   memo(config, 'b')('refool_selected', choose)  # other data: chosen again
   other = attack_config('refool', seed=1)
   memo(other, 'b')('refool_selected', choose)  # another attack config: chosen again
-  assert len(calls) == 3
-  assert stages.attack_memo(None, config, 'a') is None  # no workdir, nothing kept
+  assert len(calls) == 4
 
 
 # --------------------------------------------------------------------------------- WaNet

@@ -318,3 +318,19 @@ def test_fp_is_the_same_stage_whether_it_follows_nad_or_sets_its_own(tmp_path):
   set_itself.fp.epochs = 2
   with pytest.raises(validation.ConfigError, match=r"stage 'fp' .*fp\.epochs 1 -> 2"):
     validation.check_workdir(set_itself, str(tmp_path), ('fp',), 'digest')
+
+
+def test_a_table_with_figures_needs_matplotlib(monkeypatch):
+  """Without the plots extra the table is refused before it trains, not after its first
+  attack."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  config = table1.get_config('badnets')
+  validation.validate(config)
+  find_spec = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, 'find_spec',
+                      lambda name, *args: None if name == 'matplotlib' else find_spec(name, *args))
+  with pytest.raises(validation.ConfigError, match=r"^table.figures True: must be False where "
+                     r"matplotlib is not installed \(pip install '.\[plots\]'"):
+    validation.validate(config)
+  config.table.figures = False
+  validation.validate(config)

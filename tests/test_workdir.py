@@ -283,6 +283,12 @@ def test_a_refool_selection_is_reported_and_kept_by_a_rerun(tmp_path):
   with pytest.raises(validation.ConfigError, match='attack.reflections 4 -> 5'):
     nad_runner.run(tiny_config(**{**overrides, 'attack.reflections': 5}), workdir)
   assert snapshot(workdir) == before
+  # A run refused after the build (here: a layer the model does not sow) keeps no choice.
+  fresh = str(tmp_path / 'refused')
+  with pytest.raises(validation.ConfigError, match=r"nad.layers \['nosuch'\]"):
+    nad_runner.run(tiny_config(**{**overrides, 'nad.layers': ('nosuch',), 'nad.betas': (1.0,)}),
+                   fresh)
+  assert not os.path.exists(fresh)
   # Each evaluation batch draws its reflections from its own key, so the batch size shapes
   # Refool's figures: neither a rerun nor an evaluation-only run may change it.
   other_batch = tiny_config(**{**overrides, 'data.eval_batch_size': 64})

@@ -145,6 +145,12 @@ def bf16_cells(results: dict) -> list:
       pair(stages['nad'], 'acc_nontarget', 'ra', 2))]
 
 
+def mcr_curves_cells(results: dict) -> list:
+  """docs/defenses.md's MCR curve of each attack of the table: acc / ASR at each evaluated t."""
+  return [pair(point, 'acc', 'asr', 1) for detail in results['table1.json']['details'].values()
+          for point in detail['mcr']['curve']]
+
+
 MCR_FULL = main_command('configs/table1.py:badnets', 'runs/table1_mcr_full',
                         '--config.mcr.samples_per_epoch=10000', '--config.mcr.batch_size=128')
 
@@ -309,6 +315,7 @@ BLOCKS = {
     'official_summary': Block(OFFICIAL_SOURCES, stage_cells(OFFICIAL_RUNS, ('teacher', 'nad'))),
     'official_epochs': Block(OFFICIAL_SOURCES, official_epochs_cells),
     'bf16': Block(BF16_SOURCES, bf16_cells),
+    'mcr_curves': Block({'table1.json': TABLE1_SOURCE}, mcr_curves_cells),
     'mcr_recipe': Block({'table1.json': TABLE1_SOURCE,
                          'table1_mcr_full.json': (MCR_FULL, 'runs/table1_mcr_full/table1.json')},
                         mcr_recipe_cells),

@@ -59,7 +59,7 @@ def build_attack(cfg, num_classes: int, image_shape: tuple[int, int, int],
       (TRAIN_A_MODEL: CL's surrogate, Refool's selection); the attacks do not import
       the engine.
     memo: `memo(name, compute)`, which returns what `compute()` (JSON-serialisable) returned
-      for the same attack config and data before (`stages.attack_memo` keeps it in the
+      for the same attack config and data before (`stages.AttackMemo` keeps it in the
       workdir), for attacks whose build makes a costly choice (REMEMBER: Refool's
       selected reflections); None: computed at every build.
 

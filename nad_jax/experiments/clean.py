@@ -169,9 +169,8 @@ def run(config, out: str, method: str = 'nad', source: dict | None = None,
   refuse_ignored_fields(config, method, trains)
   check_writable(out)
   workdir = os.path.join(out, 'checkpoints')
-  validation.check_workdir(config, workdir, FOLDERS[method])  # before the attack's build writes
-  ctx = stages.setup(config, workdir, trains)
-  validation.check_workdir(config, workdir, FOLDERS[method], ctx.data_digest)
+  validation.check_workdir(config, workdir, FOLDERS[method])  # before the data is loaded
+  ctx = stages.setup(config, workdir, trains, folders=FOLDERS[method])
   record = stages.is_record(config.student.checkpoint)
   source = source or {'model': config.student.checkpoint, 'data': config.data.to_dict(),
                       'attack': config.attack.name}

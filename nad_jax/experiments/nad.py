@@ -69,9 +69,8 @@ def run(config, workdir: str) -> Outcome:
       trained with other values (validation.check_workdir); nothing is written then.
     FloatingPointError: a stage's loss became non-finite.
   """
-  validation.check_workdir(config, workdir, STAGES)  # before the attack's build writes
-  ctx = stages.setup(config, workdir)
-  validation.check_workdir(config, workdir, STAGES, ctx.data_digest)
+  validation.check_workdir(config, workdir, STAGES)  # before the data is loaded
+  ctx = stages.setup(config, workdir, folders=STAGES)
   results = {'backdoored': stages.backdoored(ctx)}
   student, student_metrics = results['backdoored'].variables, results['backdoored'].metrics
   results['teacher'] = nad_lib.teacher(ctx, student, student_metrics)
@@ -112,8 +111,7 @@ def evaluate_only(config, workdir: str) -> dict:
   """
   validation.check_workdir(config, workdir, STAGES, evaluating=True)
   sources = stages.evaluation_sources(config, workdir, STAGES)
-  ctx = stages.setup(config, workdir)
-  validation.check_workdir(config, workdir, STAGES, ctx.data_digest, evaluating=True)
+  ctx = stages.setup(config, workdir, folders=STAGES, evaluating=True)
   evaluated = {}
   for name, path in sources.items():
     variables = (ctx.checkpoints[name] if name in ctx.checkpoints else

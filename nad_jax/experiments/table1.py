@@ -431,8 +431,7 @@ def run_one(config, workdir: str) -> dict:
   for attack in config.table.attacks:
     stages.log(f'=== {attack} ===')
     cfg = configs[attack]
-    ctx = stages.setup(cfg, os.path.join(workdir, attack))
-    validation.check_workdir(cfg, ctx.workdir, folders_of(defenses), ctx.data_digest)
+    ctx = stages.setup(cfg, os.path.join(workdir, attack), folders=folders_of(defenses))
     start = clock()
     out = run_attack(ctx, defenses)
     cells[attack] = out['metrics']
@@ -521,9 +520,8 @@ def evaluate_only(config, workdir: str) -> dict:
   defenses = tuple(config.table.defenses)
   cells, evaluated, sources = {}, {}, {}
   for attack, (cfg, paths) in evaluation_plan(config, workdir).items():
-    ctx = stages.setup(cfg, os.path.join(workdir, attack))
-    validation.check_workdir(cfg, ctx.workdir, folders_of(defenses), ctx.data_digest,
-                             evaluating=True)
+    ctx = stages.setup(cfg, os.path.join(workdir, attack), folders=folders_of(defenses),
+                       evaluating=True)
     loaded = {name: (ctx.checkpoints[name] if name in ctx.checkpoints else stages.load_checkpoint(
         path, ctx.abstract_variables, f'eval_only: stage {name!r} of attack {attack!r}'))
               for name, path in paths.items()}
