@@ -22,6 +22,9 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, ROOT)
+from configs import quickstart  # pylint: disable=g-import-not-at-top,wrong-import-position
+
 HERE = os.path.join('docs', 'results')
 QUICKSTART_ORDER = ('badnets', 'trojan', 'blend', 'wanet', 'cl', 'refool', 'sig', 'all2all')
 ABLATIONS = ('fraction_0.01', 'fraction_0.05', 'fraction_0.1', 'fraction_0.2',
@@ -130,6 +133,40 @@ BF16_SOURCES = {
     'official.json': OFFICIAL_SOURCES['official.json'],
     'official_bf16.json': (main_command('configs/nad_official.py', 'runs/nad_official_bf16',
                                         *BF16), 'runs/nad_official_bf16/results.json')}
+
+
+# Seeds 0-2 of the quickstart's attacks whose variant settings were chosen on several seeds,
+# side by side on one machine, with unpoisoned models of the same backdoor recipes (5 or 15
+# epochs).
+SEED_ATTACKS = ('blend', 'refool', 'sig', 'cl')
+SEEDS = '--config.seeds=0,1,2'
+UNPOISONED = ('--config.attack.poison_rate=0', '--config.teacher.epochs=0',
+              '--config.nad.epochs=0', SEEDS)
+LONG_RECIPE = ('--config.backdoor_training.epochs=15',
+               "'--config.backdoor_training.lr_boundaries=(10,13)'")
+SEEDS_ATTACKS_SOURCES = {
+    'seeds_quickstart_unpoisoned.json': (main_command(
+        'configs/quickstart.py', 'runs/seeds_unpoisoned', *UNPOISONED),
+        'runs/seeds_unpoisoned/results.json'),
+    'seeds_quickstart_unpoisoned15.json': (main_command(
+        'configs/quickstart.py', 'runs/seeds_unpoisoned15', *UNPOISONED, *LONG_RECIPE),
+        'runs/seeds_unpoisoned15/results.json'),
+    **{f'seeds_quickstart_{a}.json': (main_command(
+        f'configs/quickstart.py:{a}', f'runs/seeds_{a}', SEEDS),
+        f'runs/seeds_{a}/results.json') for a in SEED_ATTACKS}}
+
+
+def seeds_attacks_cells(results: dict) -> list:
+  """docs/attacks.md's table of seeds: per attack and seed, the unpoisoned model of its
+  recipe, then the backdoored, teacher and NAD stages, acc / ASR."""
+  cells = []
+  for attack in SEED_ATTACKS:
+    long = '15' if attack in quickstart.LONG_RECIPE_VARIANTS else ''
+    unpoisoned = results[f'seeds_quickstart_unpoisoned{long}.json']['per_seed']
+    for seed, stages in results[f'seeds_quickstart_{attack}.json']['per_seed'].items():
+      cells.append(pair(unpoisoned[seed]['backdoored'], 'acc', 'asr', 2))
+      cells += [pair(stages[s], 'acc', 'asr', 2) for s in ('backdoored', 'teacher', 'nad')]
+  return cells
 
 
 def bf16_cells(results: dict) -> list:
@@ -302,6 +339,7 @@ BLOCKS = {
               if v.startswith('layers_') else [])),
             f'runs/ablation_{v}/results.json') for v in ABLATIONS}, ablation_cells),
     'seeds': Block(SEEDS_SOURCES, seeds_cells),
+    'seeds_attacks': Block(SEEDS_ATTACKS_SOURCES, seeds_attacks_cells),
     'clean': Block({'clean_wrn16_1.json': (  # the installed command on the authors' model
         'nad-jax-clean ../shared/data/nad-official/WRN-16-1-S-model_best.pth.tar --arch wrn16_1 '
         '--data ../shared/data/cifar10-jpeg --attack badnets --target-label 5 '

@@ -181,6 +181,7 @@ def fine_prune(ctx: stages.Context, student, clean, name: str = 'fp') -> stages.
 
   Raises:
     ValueError: the model's last Dense layer is not a top-level layer.
+    ConfigError: the plan its folder keeps is unreadable (`kept_plan`).
   """
   folder = os.path.join(ctx.workdir, name) if ctx.workdir is not None else None
   kept = folder is not None and ckpt_lib.finished_epochs(folder)
