@@ -367,7 +367,8 @@ RULES: list[Rule] = [
                                                                     'nad'},
          "a non-empty tuple of 'none', 'ft', 'fp', 'mcr', 'nad'", has('table')),
     Rule('table.figures', is_bool, 'True or False', has('table')),
-    Rule('table.figures', lambda v, _: not v or importlib.util.find_spec('matplotlib'),
+    Rule('table.figures', lambda v, c: not v or c.eval_only
+         or importlib.util.find_spec('matplotlib'),
          "False where matplotlib is not installed (pip install '.[plots]' draws the figures)",
          has('table')),
     Rule('table.attention_images', in_range(0, integer=True), 'an integer >= 0', has('table')),
@@ -730,7 +731,9 @@ def check_workdir(config, workdir: str, stages, data_digest: str | None = None,
     changed = differences(recorded, current)
     if changed:
       raise ConfigError(
-          f'stage {stage!r} in {directory} was trained with other values: '
+          f'stage {stage!r} in {directory} was '
+          + ('trained' if saved else 'started (what it prepared is kept there)')
+          + ' with other values: '
           + '; '.join(changed) + ('. Evaluate it with the values it was trained with, or '
                                   'point --workdir at the run trained with yours'
                                   if evaluating else
@@ -761,8 +764,10 @@ def record_stage(config, directory: str, stage: str, data_digest: str | None = N
                  run_values: dict | None = None) -> None:
   """Writes the fields that shape `stage` (and the data's digest) into its folder before it
   trains, with `run_values` ({dotted field: value} that shape none of its weights but how
-  its run computed and evaluated it: `recorded_values`). A record stays once an epoch is
-  saved: a run stopped before that trained nothing, so the next run's values replace it."""
+  its run computed and evaluated it: `recorded_values`). The run values of a run stopped
+  before its first checkpoint, which trained nothing, are replaced by the next run's; its
+  fields are checked as any folder's (`check_workdir`), since what the stage prepared
+  before (a clean-label attack's training set) is kept there."""
   record = os.path.join(directory, FINGERPRINT)
   if jax.process_index() != 0 or ckpt_lib.finished_epochs(directory):
     return

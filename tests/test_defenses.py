@@ -402,10 +402,15 @@ def test_a_rerun_prunes_the_channels_fp_was_trained_with(table_run, tmp_path, mo
   assert again['metrics']['fp'] == first['metrics']['fp']
   assert again['stage_timing']['fp']['from_earlier_run']
   plan = os.path.join(workdir, 'badnets', 'fp', fine_pruning.PLAN)
-  with open(plan, 'w') as f:
-    f.write('{"order": [1, 2')  # cut short
-  with pytest.raises(validation.ConfigError, match=f'^{re.escape(plan)} is unreadable; delete'):
-    table.run(config, workdir)
+  with open(plan) as f:
+    kept = json.load(f)
+  for damaged in ('{"order": [1, 2', '"head keep order pruned holdout_acc"',
+                  json.dumps({**kept, 'head': 'nosuch'}), json.dumps({**kept, 'keep': [1.0]})):
+    with open(plan, 'w') as f:
+      f.write(damaged)
+    with pytest.raises(validation.ConfigError,
+                       match=f'^{re.escape(plan)} is unreadable or does not fit the model'):
+      table.run(config, workdir)
 
 
 # ------------------------------------------------------------------------------------- MCR

@@ -283,6 +283,17 @@ def test_a_refool_selection_is_reported_and_kept_by_a_rerun(tmp_path):
   with pytest.raises(validation.ConfigError, match='attack.reflections 4 -> 5'):
     nad_runner.run(tiny_config(**{**overrides, 'attack.reflections': 5}), workdir)
   assert snapshot(workdir) == before
+  # A kept selection that is not one (an older format, a damaged file) is one message.
+  copy = str(tmp_path / 'damaged')
+  shutil.copytree(workdir, copy)
+  kept = os.path.join(copy, 'refool_selected.json')
+  with open(kept) as f:
+    damaged = json.load(f)
+  damaged['value'] = damaged['value']['chosen']
+  with open(kept, 'w') as f:
+    json.dump(damaged, f)
+  with pytest.raises(validation.ConfigError, match='refool_selected.json is not a selection'):
+    nad_runner.run(tiny_config(**overrides), copy)
   # A run refused after the build (here: a layer the model does not sow) keeps no choice.
   fresh = str(tmp_path / 'refused')
   with pytest.raises(validation.ConfigError, match=r"nad.layers \['nosuch'\]"):

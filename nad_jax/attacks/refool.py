@@ -520,6 +520,9 @@ def build(cfg, num_classes: int, image_shape: tuple[int, int, int], dataset=None
     choose = lambda: _selected(cfg, num_classes, dataset, heldout, candidates, blend, fit,
                                keep, rounds, seed)
     selected = memo('refool_selected', choose) if memo else choose()
+    require(isinstance(selected, dict) and {'chosen', 'rounds'} <= selected.keys(),
+            "attack.selection_rounds: the workdir's refool_selected.json is not a selection; "
+            'delete it to select again')
     bank = candidates[jnp.asarray(selected['chosen'])]
     info = {'selection_rounds': selected['rounds']}
 

@@ -143,20 +143,33 @@ def plan_for(ctx: stages.Context, student, clean) -> dict:
   return {**plan, 'head': head, 'keep': plan['keep'].tolist()}
 
 
-def kept_plan(path: str) -> dict:
-  """The plan (`plan_for`'s) a stage folder keeps at `path`.
+def kept_plan(folder: str | None, params) -> dict | None:
+  """The plan (`plan_for`'s) that FP's stage folder keeps for its checkpoints.
+
+  Args:
+    folder: FP's stage folder; None: the run keeps no folders.
+    params: the model's params (arrays or shapes), which the plan must fit.
+
+  Returns:
+    The plan; None where the folder holds no finished epoch or no plan (folders older
+    than PLAN).
 
   Raises:
-    ConfigError: the file is unreadable or lacks a field of the plan.
+    ConfigError: the plan is unreadable or does not fit the model.
   """
+  path = os.path.join(folder, PLAN) if folder is not None else None
+  if path is None or not ckpt_lib.finished_epochs(folder) or not os.path.isfile(path):
+    return None
   try:
     with open(path) as f:
       plan = json.load(f)
-    if not all(key in plan for key in ('head', 'keep', 'order', 'pruned', 'holdout_acc')):
-      raise ValueError
-  except (OSError, ValueError, TypeError):
-    raise stages.ConfigError(f'{path} is unreadable; delete the folder {os.path.dirname(path)} '
-                             'to prune and fine-tune again') from None
+    fits = (all(key in plan for key in ('head', 'keep', 'order', 'pruned', 'holdout_acc'))
+            and len(plan['keep']) == np.shape(params[plan['head']]['kernel'])[0])
+  except (OSError, ValueError, TypeError, KeyError, AttributeError):
+    fits = False
+  if not fits:
+    raise stages.ConfigError(f'{path} is unreadable or does not fit the model; delete the '
+                             f'folder {folder} to prune and fine-tune again')
   return plan
 
 
@@ -181,12 +194,11 @@ def fine_prune(ctx: stages.Context, student, clean, name: str = 'fp') -> stages.
 
   Raises:
     ValueError: the model's last Dense layer is not a top-level layer.
-    ConfigError: the plan its folder keeps is unreadable (`kept_plan`).
+    ConfigError: the plan its folder keeps is unreadable or does not fit (`kept_plan`).
   """
   folder = os.path.join(ctx.workdir, name) if ctx.workdir is not None else None
-  kept = folder is not None and ckpt_lib.finished_epochs(folder)
-  if kept and os.path.isfile(os.path.join(folder, PLAN)):  # older folders have none
-    plan = kept_plan(os.path.join(folder, PLAN))
+  plan = kept_plan(folder, student['params'])
+  if plan is not None:
     source = f'as its folder records, {PLAN}'
   else:
     plan = plan_for(ctx, student, clean)

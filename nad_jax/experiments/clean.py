@@ -31,6 +31,7 @@ from nad_jax import figures
 from nad_jax import stages
 from nad_jax import torch_io
 from nad_jax import validation
+from nad_jax.defenses import fine_pruning
 from nad_jax.defenses import finetune
 
 METHODS = ('nad', 'ft', 'fp', 'mcr')
@@ -171,6 +172,8 @@ def run(config, out: str, method: str = 'nad', source: dict | None = None,
   workdir = os.path.join(out, 'checkpoints')
   validation.check_workdir(config, workdir, FOLDERS[method])  # before the data is loaded
   ctx = stages.setup(config, workdir, trains, folders=FOLDERS[method])
+  if method == 'fp':  # an unreadable plan is refused before anything trains
+    fine_pruning.kept_plan(os.path.join(workdir, 'fp'), ctx.abstract_variables['params'])
   record = stages.is_record(config.student.checkpoint)
   source = source or {'model': config.student.checkpoint, 'data': config.data.to_dict(),
                       'attack': config.attack.name}

@@ -432,6 +432,8 @@ def run_one(config, workdir: str) -> dict:
     stages.log(f'=== {attack} ===')
     cfg = configs[attack]
     ctx = stages.setup(cfg, os.path.join(workdir, attack), folders=folders_of(defenses))
+    if 'fp' in defenses:  # an unreadable plan is refused before any defense trains
+      fine_pruning.kept_plan(os.path.join(ctx.workdir, 'fp'), ctx.abstract_variables['params'])
     start = clock()
     out = run_attack(ctx, defenses)
     cells[attack] = out['metrics']
