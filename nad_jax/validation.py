@@ -732,7 +732,7 @@ def check_workdir(config, workdir: str, stages, data_digest: str | None = None,
     if changed:
       raise ConfigError(
           f'stage {stage!r} in {directory} was '
-          + ('trained' if saved else 'started (what it prepared is kept there)')
+          + ('trained' if saved else 'started')
           + ' with other values: '
           + '; '.join(changed) + ('. Evaluate it with the values it was trained with, or '
                                   'point --workdir at the run trained with yours'

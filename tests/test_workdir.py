@@ -250,7 +250,8 @@ def test_a_stage_stopped_before_its_first_checkpoint_keeps_its_fields(finished_r
     shutil.rmtree(os.path.join(copy, stage))
   for epoch in checkpoint.finished_epochs(os.path.join(copy, 'backdoored')):
     shutil.rmtree(os.path.join(copy, 'backdoored', str(epoch)))
-  with pytest.raises(validation.ConfigError, match='attack.target_label 5 -> 3'):
+  with pytest.raises(validation.ConfigError,
+                     match='was started with other values: attack.target_label 5 -> 3'):
     nad_runner.run(tiny_config(**{'attack.target_label': 3}), copy)
 
 
