@@ -41,14 +41,19 @@ KEYWORDS = ('model', 'seed', 'attack', 'target_label', 'poison_rate', 'clean_fra
 
 
 class Result(NamedTuple):
-  """What a training function returns.
+  """What a training function returns: what `main.py` writes to results.json for a stage.
 
   variables: {'params', 'batch_stats'} of the trained model, numpy arrays on the host.
   history: one dict per epoch (epoch 0: before training): 'ce' (and 'at', the AT loss
     per distilled layer, for NAD), and 'acc', 'acc_nontarget', 'asr', 'ra' in percent.
+  info: what the defense adds: NAD's trained teacher ({'teacher': Result}), fine-pruning's
+    channels and plan, MCR's curve ({'t', 'curve'}); {} otherwise.
+  attack: what building the attack measured (Refool's `selection_rounds`); {} otherwise.
   """
   variables: dict
   history: list
+  info: dict = {}
+  attack: dict = {}
 
 
 def make_config(config: ml_collections.ConfigDict | None = None, *, model: str | None = None,
@@ -296,8 +301,11 @@ def _on_devices(ctx: stages.Context, variables: dict) -> dict:
   return train_lib.replicate(variables, ctx.mesh)
 
 
-def _result(result: stages.StageResult) -> Result:
-  return Result(jax.device_get(result.variables), result.history)
+def _result(result: stages.StageResult, ctx: stages.Context) -> Result:
+  """`result` on the host, with its info's StageResults (NAD's teacher) as Results."""
+  info = {key: _result(value, ctx) if isinstance(value, stages.StageResult) else value
+          for key, value in result.info.items()}
+  return Result(jax.device_get(result.variables), result.history, info, ctx.attack.info or {})
 
 
 def train_backdoored(dataset: data_lib.Dataset, *, config=None, epochs: int | None = None,
@@ -313,7 +321,9 @@ def train_backdoored(dataset: data_lib.Dataset, *, config=None, epochs: int | No
       (the official code's: 100 epochs, batch 128, lr 0.1, x0.1 at 50 and 75).
 
   Returns:
-    Result; its history's acc/asr are measured on the test split.
+    Result; its history's acc/asr are measured on the test split; its `attack`, Refool's
+    selection rounds, where it selects. A selection is made once per process for the same
+    attack fields and data: later calls (`erase`, `evaluate`) take it (`stages.AttackMemo`).
 
   Raises:
     ConfigError: a bad option, or one it does not read (clean_fraction, a defense's
@@ -326,7 +336,7 @@ def train_backdoored(dataset: data_lib.Dataset, *, config=None, epochs: int | No
     if value is not None:
       _assign(config.backdoor_training, f'backdoor_training.{field}', value)
   ctx = _context(dataset, config, ('backdoor_training',))
-  return _result(stages.backdoored(ctx))
+  return _result(stages.backdoored(ctx), ctx)
 
 
 def erase(dataset: data_lib.Dataset, variables: dict, *, method: str = 'nad',
@@ -364,7 +374,8 @@ def erase(dataset: data_lib.Dataset, variables: dict, *, method: str = 'nad',
       `teacher.checkpoint` (the one case that trains a teacher); refused otherwise.
 
   Returns:
-    Result of the erased model.
+    Result of the erased model; its `info`: NAD's trained teacher ({'teacher': Result},
+    where one is trained), FP's pruned channels and plan, MCR's curve and t.
 
   Raises:
     ConfigError: a bad option or method, an option that `method` does not read, or a
@@ -411,8 +422,8 @@ def erase(dataset: data_lib.Dataset, variables: dict, *, method: str = 'nad',
   student = _on_devices(ctx, variables)
   clean = stages.clean_data(ctx)
   if method == 'nad' and teacher is not None:
-    return _result(nad_lib.distill(ctx, student, _on_devices(ctx, teacher), clean))
-  return _result(defenses.ERASE[method](ctx, student, clean))
+    return _result(nad_lib.distill(ctx, student, _on_devices(ctx, teacher), clean), ctx)
+  return _result(defenses.ERASE[method](ctx, student, clean), ctx)
 
 
 def evaluate(dataset: data_lib.Dataset, variables: dict, *, config=None,

@@ -218,7 +218,7 @@ def make_context(config, dataset: data_lib.Dataset, workdir: str | None,
   digest = validation.data_digest(dataset)
   if workdir is not None:
     validation.check_workdir(config, workdir, folders, digest, evaluating)
-  memo = AttackMemo(workdir, config.attack, digest) if workdir is not None else None
+  memo = AttackMemo(workdir, config.attack, digest)
   try:
     attack = attacks_lib.build_attack(config.attack, dataset.num_classes,
                                       dataset.train_images.shape[1:], dataset, fit=fit_logged,
@@ -251,33 +251,49 @@ def make_context(config, dataset: data_lib.Dataset, workdir: str | None,
                                      config.data.eval_batch_size, mesh, attack)
   evaluate_fn = train_lib.make_evaluate(model, mesh, normalize, attack, config.get('scan_epoch'),
                                         replicas=replicas(config))
-  if memo is not None:
-    memo.save()
+  memo.save()
   return Context(config, workdir, model, mesh, normalize, attack, dataset, poisoned, test_set,
                  evaluate_fn, abstract, loaded, digest)
 
 
 class AttackMemo:
   """The `memo` of `attacks.build_attack`: what an attack's build chose (Refool's selected
-  reflections) is kept in `workdir/<name>.json` with the attack config and the data it was
-  chosen for, and returned again for the same ones, so a resumed, rerun or evaluation-only
-  run does not choose again.
+  reflections) is kept with the attack config and the data it was chosen for, and returned
+  again for the same ones, so a resumed, rerun or evaluation-only run, or the Python API's
+  next call, does not choose again (Refool's selection trains a model per round).
 
-  A new choice is written by `save`, once the run's other checks have passed, so a run
-  refused after the attack's build leaves no file.
+  With a workdir the choice is kept in `workdir/<name>.json`; without one (the Python API),
+  in this process's memory. A new choice is kept by `save`, once the run's other checks
+  have passed, so a run refused after the attack's build leaves no file.
   """
 
-  def __init__(self, workdir: str, attack_cfg, data_digest: str):
-    """Args: workdir: the run's folder; attack_cfg: `config.attack`; data_digest:
-    `validation.data_digest` of the dataset."""
+  # {(name, key as JSON): value}: the choices of builds without a workdir, in this process.
+  in_process: dict = {}
+
+  def __init__(self, workdir: str | None, attack_cfg, data_digest: str):
+    """Args: workdir: the run's folder, or None to keep choices in this process's memory;
+    attack_cfg: `config.attack`; data_digest: `validation.data_digest` of the dataset."""
     self.workdir = workdir
     self.key = json.loads(json.dumps({'attack': attack_cfg.to_dict(),
                                       'data.digest': data_digest}, default=str))
-    self.chosen = {}  # {path: value} chosen by this build, not yet written
+    self.chosen = {}  # {name: value} chosen by this build, not yet kept
 
   def __call__(self, name: str, compute):
     """What `compute()` (JSON-serialisable: lists, dicts, numbers) returned for this
     attack config and data, kept or computed now."""
+    kept = self._kept(name)
+    if kept is not None:
+      return kept
+    self.chosen[name] = compute()
+    return self.chosen[name]
+
+  def _kept(self, name: str):
+    """The value kept for `name` and this key, or None."""
+    if self.workdir is None:
+      kept = AttackMemo.in_process.get((name, json.dumps(self.key, sort_keys=True)))
+      if kept is not None:
+        log(f'{name}: kept from an earlier call in this process')
+      return kept
     path = os.path.join(self.workdir, f'{name}.json')
     try:
       with open(path) as f:
@@ -287,13 +303,15 @@ class AttackMemo:
         return saved['value']
     except (OSError, ValueError, KeyError, TypeError):
       pass  # none kept yet, or an unreadable file: choose again
-    self.chosen[path] = compute()
-    return self.chosen[path]
+    return None
 
   def save(self) -> None:
-    """Writes the choices made since the last `save`."""
-    for path, value in self.chosen.items():
-      write_json(path, {'key': self.key, 'value': value})
+    """Keeps the choices made since the last `save`."""
+    for name, value in self.chosen.items():
+      if self.workdir is None:
+        AttackMemo.in_process[(name, json.dumps(self.key, sort_keys=True))] = value
+      else:
+        write_json(os.path.join(self.workdir, f'{name}.json'), {'key': self.key, 'value': value})
     self.chosen = {}
 
 

@@ -34,6 +34,9 @@ def test_the_readme_example_on_tiny_data(data, backdoored):
   erased = nad_jax.erase(data, backdoored.variables, method='nad', epochs=1, teacher_epochs=1,
                          **TINY)
   assert len(erased.history[-1]['at']) == 3
+  teacher = erased.info['teacher']  # NAD's trained teacher, as results.json's 'teacher'
+  assert [h['epoch'] for h in teacher.history] == [0, 1] and not erased.attack
+  assert all(isinstance(x, np.ndarray) for x in jax.tree.leaves(teacher.variables))
   assert nad_jax.evaluate(data, erased.variables, model='tiny') == {
       k: erased.history[-1][k] for k in ('acc', 'acc_nontarget', 'asr', 'ra')}
 
@@ -48,6 +51,10 @@ def test_the_baseline_defenses(data, backdoored, method):
                          **TINY)
   assert [h['epoch'] for h in result.history] == [0, 1]
   assert 0 <= result.history[-1]['asr'] <= 100
+  if method == 'fp':  # what FP pruned, as results.json's 'fine_pruning'
+    assert len(result.info['pruned_channels']) == result.info['pruned'] > 0
+  if method == 'mcr':  # the curve and the point chosen on it, as results.json's 'mcr'
+    assert result.info['t'] in [point['t'] for point in result.info['curve']]
 
 
 def test_a_bad_option_names_it(data, backdoored):
@@ -75,6 +82,26 @@ def test_a_bad_option_names_it(data, backdoored):
   config.seeds = (0, 1)
   with pytest.raises(nad_jax.ConfigError, match=r'seeds \(0, 1\): the Python API trains one'):
     nad_jax.erase(data, backdoored.variables, config=config, **TINY)
+
+
+def test_refools_selection_is_reported_and_made_once_per_process(data, capsys):
+  """Refool's adversarial selection trains a surrogate per round: the API reports its rounds
+  and keeps its choice for the next call with the same attack and data, as a workdir does."""
+  config = nad_jax.make_config(model='tiny', attack='refool')
+  config.attack.update(reflections=4, reflection_candidates=12, selection_rounds=2,
+                       selection_holdout=40)
+  config.attack.surrogate.update(epochs=1, batch_size=64)
+  backdoored = nad_jax.train_backdoored(data, config=config, epochs=1, batch_size=64)
+  rounds = backdoored.attack['selection_rounds']
+  assert [r['round'] for r in rounds] == [1, 2]
+  assert capsys.readouterr().out.count('[refool] selection round') == 2
+  metrics = nad_jax.evaluate(data, backdoored.variables, config=config)
+  out = capsys.readouterr().out
+  assert '[refool] selection round' not in out and 'kept from an earlier call' in out
+  assert metrics == {k: backdoored.history[-1][k] for k in metrics}
+  config.attack.seed = 1  # another attack: chosen again
+  nad_jax.evaluate(data, backdoored.variables, config=config)
+  assert capsys.readouterr().out.count('[refool] selection round') == 2
 
 
 def test_evaluate_needs_no_training_batch_to_fit(backdoored):
