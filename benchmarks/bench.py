@@ -338,14 +338,12 @@ def versions():
 
 
 def machine():
-  cpu = platform.processor()
-  try:
-    with open('/proc/cpuinfo') as f:
-      cpu = next(l.split(':', 1)[1].strip() for l in f if l.startswith('model name'))
-  except (OSError, StopIteration):
-    pass
-  return {'host': platform.node(), 'cpu': cpu, 'cores': os.cpu_count(),
-          'platform': platform.platform()}
+  """This machine as a result file records it: `stages.machine()`'s CPU model, features and
+  cores, with the host name and platform."""
+  from nad_jax import stages  # pylint: disable=g-import-not-at-top
+  here = stages.machine()
+  return {'host': platform.node(), 'cpu': here['cpu'], 'cpu_features': here['cpu_features'],
+          'cores': here['cores'], 'platform': platform.platform()}
 
 
 def spawn(args, worker, env_flags):

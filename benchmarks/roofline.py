@@ -30,7 +30,7 @@ import numpy as np  # noqa: E402
 
 import bench  # noqa: E402
 
-from nad_jax import defaults, models  # noqa: E402
+from nad_jax import defaults, models, stages  # noqa: E402
 from nad_jax import train as T  # noqa: E402
 
 # Stage (d) as the official code runs it (benchmarks/README.md).
@@ -92,17 +92,18 @@ def gemm_rates(n: int = 2048) -> dict:
 
 
 def this_machine() -> dict:
-  """What a stage time depends on, as bench.py records it: CPU model, cores, backend and
-  accelerator (the host name is left out: rented machines share theirs)."""
-  accelerator = '' if jax.default_backend() == 'cpu' else jax.devices()[0].device_kind
-  cpu = bench.machine()
-  return {'cpu': cpu['cpu'], 'cores': cpu['cores'], 'backend': jax.default_backend(),
-          'accelerator': accelerator}
+  """What a stage time depends on, as bench.py records it: CPU model and features, cores,
+  backend and accelerator (the host name is left out: rented machines share theirs)."""
+  here = stages.machine()
+  return {key: here[key] for key in ('cpu', 'cpu_features', 'cores', 'backend', 'accelerator')}
 
 
-def stage_rows(path: str) -> list:
+def stage_rows(path: str) -> tuple[list, dict]:
   """The rows of a bench.py result file measured on this machine that time the stage whose
-  FLOPs this script counts (`is_stage`).
+  FLOPs this script counts (`is_stage`), and the file's `meta`.
+
+  A file older than bench.py's record of CPU features is taken on its CPU model, cores,
+  backend and accelerator alone (the printout says so).
 
   Raises:
     SystemExit: one line naming the file, where it is missing, unreadable, from another
@@ -114,12 +115,15 @@ def stage_rows(path: str) -> list:
     meta = result['meta']
     recorded = {'cpu': meta['machine']['cpu'], 'cores': meta['machine']['cores'],
                 'backend': meta['backend'], 'accelerator': meta.get('accelerator', '')}
+    if 'cpu_features' in meta['machine']:
+      recorded['cpu_features'] = meta['machine']['cpu_features']
     rows = [row for row in result['rows'] if isinstance(row, dict) and is_stage(row)]
   except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
     sys.exit(f'error: --stage-json {path}: not a readable bench.py result ({e!r})')
-  here = this_machine()
+  here = {key: value for key, value in this_machine().items() if key in recorded}
   if recorded != here:
-    describe = lambda m: (f"{m['cpu']}, {m['cores']} cores, {m['backend']}"
+    describe = lambda m: (f"{m['cpu']} ({', '.join(m.get('cpu_features', ['features not recorded']))}), "
+                          f"{m['cores']} cores, {m['backend']}"
                           + (f" ({m['accelerator']})" if m['accelerator'] else ''))
     sys.exit(f'error: --stage-json {path} was measured on {describe(recorded)}, not on this '
              f'machine ({describe(here)}); measure the stage here with benchmarks/bench.py '
@@ -128,7 +132,7 @@ def stage_rows(path: str) -> list:
     sys.exit(f'error: --stage-json {path}: no stage row of WRN-16-1 at batch {BATCH}, '
              f'{EPOCHS} epochs and one replica with its wall time (bench.py --parts stage); '
              "pass --stage-json '' for the bound alone")
-  return rows
+  return rows, meta
 
 
 def is_stage(row: dict) -> bool:
@@ -144,7 +148,7 @@ def main(argv=None) -> None:
   parser.add_argument('--stage-json', default='benchmarks/results/stage_wrn16_1.json',
                       help="a bench.py result from this machine; '' for the bound alone")
   args = parser.parse_args(argv)
-  rows = stage_rows(args.stage_json) if args.stage_json else []  # before the long part
+  rows, meta = stage_rows(args.stage_json) if args.stage_json else ([], {})  # before the long part
   model = models.build_model('wrn16_1', 10)
   variables = jax.jit(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
                                          train=False))()
@@ -163,15 +167,23 @@ def main(argv=None) -> None:
   print('float32 GEMM 2048^3 on this machine: '
         + ', '.join(f'{k} {v:.0f} GFLOP/s' for k, v in rates.items()))
   print(f'stage (d) at the GEMM rate ({peak:.0f} GFLOP/s): at least {total / peak / 1e9:.1f} s')
+  if rows:  # stored stage times next to a rate measured now: say where each comes from
+    load = meta.get('load_before', ['?'])[0]
+    print(f'stage (d) times stored in {args.stage_json} (measured {meta.get("date", "?")}, '
+          f'load average {load if isinstance(load, str) else f"{load:.2f}"} before; '
+          + ('same CPU model, features, cores and backend'
+             if 'cpu_features' in meta['machine'] else
+             'same CPU model, cores and backend; CPU features not recorded')
+          + '), against the GEMM rate measured now:')
   for row in rows:
     rate = total / row['wall_s'] / 1e9
-    print(f'{row["framework"]:>8}: {row["wall_s"]:.1f} s measured = {rate:.0f} GFLOP/s '
-          f'({100 * rate / peak:.0f}% of the GEMM rate)')
+    print(f'{row["framework"]:>8}: {row["wall_s"]:.1f} s stored = {rate:.0f} GFLOP/s '
+          f'({100 * rate / peak:.0f}% of the GEMM rate now)')
   torch_rows = [r for r in rows if r['framework'] == 'pytorch']
   if torch_rows:
     target = torch_rows[0]['wall_s'] / 2
     print(f'target (half of PyTorch): {target:.1f} s = {total / target / 1e9:.0f} GFLOP/s '
-          f'({100 * total / target / 1e9 / peak:.0f}% of the GEMM rate)')
+          f'({100 * total / target / 1e9 / peak:.0f}% of the GEMM rate now)')
 
 
 if __name__ == '__main__':

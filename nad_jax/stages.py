@@ -10,6 +10,7 @@ without a workdir (the Python API) a stage keeps no checkpoints. Defenses
 
 import json
 import os
+import platform
 import sys
 import time
 from collections.abc import Callable
@@ -72,7 +73,8 @@ class StageResult(NamedTuple):
       'ce' and, when distilling, 'at' (per layer) for trained epochs, and the
       METRICS (percent) where the epoch was evaluated; the last entry is evaluated.
     timing: {'compile_s', 'img_per_s': per epoch trained in this run, counting every
-      replica's images}; for a stage restored from its folder, 'ran_with' (the run values
+      replica's images, 'wall_s': seconds from compiling to the last epoch's evaluation,
+      'machine': `machine()`} where it trained; for a stage restored from its folder, 'ran_with' (the run values
       its folder records, for `trained_with`) and, where it was finished (nothing trained
       now), 'from_earlier_run' with the speeds its folder records (STAGE_TIMING);
       'resumed_after_epoch' where the run resumed the stage, so that 'img_per_s' covers
@@ -507,7 +509,7 @@ def train_stage(ctx: Context, name: str, stage_cfg, recipe: train_lib.Recipe, in
                                      ctx.config.get('scan_epoch'), loss=loss,
                                      replicas=replicas(ctx.config))
     log(f'[{name}] compiling the training step')
-    start = time.perf_counter()
+    stage_start = start = time.perf_counter()
     compiled = run_epoch.compile(state, frozen, *on_device)
     timing['compile_s'] = round(time.perf_counter() - start, 2)
     log(f'[{name}] compiled in {timing["compile_s"]:.1f} s')
@@ -548,12 +550,42 @@ def train_stage(ctx: Context, name: str, stage_cfg, recipe: train_lib.Recipe, in
         if evaluated and checkpoints:
           checkpoints.save(epoch + 1, state, history)
         bar.update(1)
+    timing.update(wall_s=round(time.perf_counter() - stage_start, 1), machine=machine())
     if checkpoints:  # finished: its speeds stay with it, for the runs that restore it
       write_json(os.path.join(checkpoints.directory, STAGE_TIMING),
                  {k: v for k, v in timing.items() if k != 'ran_with'})
   if checkpoints:
     checkpoints.close()
   return StageResult(state.variables, history, timing)
+
+
+# The CPU features that change a stage's speed here (AVX-512, native bfloat16, AMX): two
+# machines sold under one CPU label ("AMD EPYC") may differ in them.
+CPU_FEATURES = ('avx2', 'avx512f', 'avx512_bf16', 'amx_bf16')
+
+
+def machine() -> dict:
+  """Where this process computes, as results files record it next to a speed.
+
+  Returns:
+    {'cpu': the CPU model (/proc/cpuinfo's 'model name', else platform.processor()),
+     'cpu_features': the CPU_FEATURES it has (Linux; [] elsewhere), 'cores': logical CPU
+     count, 'backend': JAX's default backend, 'devices': its device count,
+     'accelerator': the device kind ('' on CPU)}.
+  """
+  cpu, flags = platform.processor(), set()
+  try:
+    with open('/proc/cpuinfo') as f:
+      first = f.read().split('\n\n')[0]  # the first CPU's block
+    info = dict((key.strip(), value.strip()) for key, value in
+                (line.split(':', 1) for line in first.splitlines() if ':' in line))
+    cpu, flags = info.get('model name', cpu), set(info.get('flags', '').split())
+  except OSError:
+    pass
+  backend = jax.default_backend()
+  return {'cpu': cpu, 'cpu_features': [f for f in CPU_FEATURES if f in flags],
+          'cores': os.cpu_count(), 'backend': backend, 'devices': jax.device_count(),
+          'accelerator': '' if backend == 'cpu' else jax.devices()[0].device_kind}
 
 
 def check_memory(config, name: str, compiled) -> None:

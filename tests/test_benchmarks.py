@@ -50,11 +50,38 @@ def test_roofline_refuses_stage_times_from_another_machine(tmp_path):
   message = str(exit_.value.code)
   assert message.startswith(f'error: --stage-json {other} was measured on Some Other CPU')
   assert '\n' not in message
-  same = tmp_path / 'same.json'
-  same.write_text(json.dumps({'meta': {
-      'machine': {'cpu': here['cpu'], 'cores': here['cores']},
+  # one CPU label, other features (AVX-512 against AVX2 only): another machine
+  features = tmp_path / 'features.json'
+  features.write_text(json.dumps({'meta': {
+      'machine': {'cpu': here['cpu'], 'cpu_features': ['avx2', 'other'], 'cores': here['cores']},
       'backend': here['backend'], 'accelerator': here['accelerator']}, 'rows': rows}))
-  assert roofline.stage_rows(str(same)) == rows
+  with pytest.raises(SystemExit) as exit_:
+    roofline.stage_rows(str(features))
+  assert str(exit_.value.code).startswith(
+      f"error: --stage-json {features} was measured on {here['cpu']} (avx2, other)")
+  for machine in ({'cpu': here['cpu'], 'cores': here['cores']},  # features not recorded
+                  {'cpu': here['cpu'], 'cpu_features': here['cpu_features'],
+                   'cores': here['cores']}):
+    same = tmp_path / 'same.json'
+    meta = {'machine': machine, 'backend': here['backend'], 'accelerator': here['accelerator']}
+    same.write_text(json.dumps({'meta': meta, 'rows': rows}))
+    assert roofline.stage_rows(str(same)) == (rows, meta)
+
+
+def test_roofline_names_the_file_its_stored_stage_times_come_from(tmp_path, capsys):
+  import roofline  # pylint: disable=g-import-not-at-top  (imports JAX)
+  here = roofline.this_machine()
+  path = tmp_path / 'stage.json'
+  path.write_text(json.dumps({'meta': {
+      'machine': {'cpu': here['cpu'], 'cores': here['cores']}, 'date': '2026-01-02 03:04:05',
+      'load_before': [1.5, 1.0, 1.0], 'backend': here['backend'],
+      'accelerator': here['accelerator']},
+      'rows': [{'framework': 'nad-jax', 'part': 'stage', 'wall_s': 100.0}]}))
+  roofline.main(['--stage-json', str(path)])
+  out = capsys.readouterr().out
+  assert (f'stage (d) times stored in {path} (measured 2026-01-02 03:04:05, load average '
+          '1.50 before; same CPU model, cores and backend; CPU features not recorded)') in out
+  assert ' nad-jax: 100.0 s stored = ' in out and '% of the GEMM rate now)' in out
 
 
 

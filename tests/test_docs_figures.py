@@ -3,6 +3,7 @@ that a named command regenerates (docs/results/regenerate.py): every marked bloc
 equal what its result files say, cell for cell."""
 
 import importlib.util
+import json
 import os
 import re
 
@@ -65,9 +66,34 @@ def test_missing_only_runs_the_commands_of_absent_result_files(monkeypatch, tmp_
   module = sources()
   ran = []
   monkeypatch.setattr(module.subprocess, 'run', lambda argv, **_: ran.append(argv))
-  monkeypatch.setattr(module.shutil, 'copyfile', lambda *_: None)
+  monkeypatch.setattr(module, 'copy_measured', lambda *_: None)
   module.regenerate('cifar', set(), missing_only=True)
   assert not ran  # every result file of the block is here
   monkeypatch.setattr(module, 'HERE', str(tmp_path))  # an empty docs/results/
   module.regenerate('cifar', set(), missing_only=True)
   assert len(ran) == len(module.BLOCKS['cifar'].sources)
+
+
+def test_a_result_with_stages_of_an_earlier_run_is_not_copied(monkeypatch, tmp_path):
+  """regenerate.py copies only what its command measured: a workdir left by an earlier run
+  (perhaps of older code) restores its finished stages, which the results mark."""
+  module = sources()
+  monkeypatch.setattr(module, 'ROOT', str(tmp_path))
+  os.makedirs(tmp_path / module.HERE)
+  os.makedirs(tmp_path / 'runs' / 'x')
+  measured = {'timing': {'backdoored': {'img_per_s': [1.0]}, 'nad': {'img_per_s': [2.0]}}}
+  kept = {'details': {'badnets': {'timing': {'teacher': {'from_earlier_run': True}}}},
+          'timing': {'nad': {'img_per_s': [2.0], 'from_earlier_run': True}}}
+  for results in (measured, kept):
+    (tmp_path / 'runs' / 'x' / 'results.json').write_text(json.dumps(results))
+    if results is kept:
+      with pytest.raises(SystemExit) as exit_:
+        module.copy_measured('runs/x/results.json', 'x.json')
+      assert str(exit_.value.code) == (
+          'error: runs/x/results.json: details.badnets.timing.teacher, timing.nad finished '
+          'before this command ran (from_earlier_run), perhaps with older code; delete runs/x '
+          'and run again')
+    else:
+      module.copy_measured('runs/x/results.json', 'x.json')
+  with open(tmp_path / module.HERE / 'x.json') as f:
+    assert json.load(f) == measured  # the refused one was not copied

@@ -66,6 +66,11 @@ def test_fields_that_shape_no_stage_do_not_block_a_rerun(finished_run):
                                       'compilation_cache': ''}), workdir).results
   assert again['stages'] == results['stages']
   assert all(t['from_earlier_run'] for t in again['timing'].values())  # nothing trained
+  for stage, timing in again['timing'].items():  # the first run's, with where it ran
+    first = results['timing'][stage]
+    assert first['wall_s'] > 0 and first['machine'] == stages.machine()
+    assert {k: timing[k] for k in ('img_per_s', 'wall_s', 'machine')} == {
+        k: first[k] for k in ('img_per_s', 'wall_s', 'machine')}
 
 
 def test_new_betas_rerun_nad_on_the_same_backdoored_model_and_teacher(finished_run, tmp_path):

@@ -9,7 +9,9 @@ checks every marked block against its result files.
   python docs/results/regenerate.py            # every block (hours on 2 CPU cores)
   python docs/results/regenerate.py table1     # one block
   python docs/results/regenerate.py --missing cifar   # only the result files not yet here
-Each command runs from the repository root; its result file is copied here.
+Each command runs from the repository root; its result file is copied here, unless it
+reports a stage finished by an earlier run (delete the workdir: its figures may come from
+older code).
 """
 
 import json
@@ -375,7 +377,34 @@ def regenerate(name: str, done: set, missing_only: bool = False) -> None:
     done.add(command)
     print(f'[{name}] {command}', flush=True)
     subprocess.run(shlex.split(command), cwd=ROOT, check=True)
-    shutil.copyfile(os.path.join(ROOT, written), os.path.join(ROOT, HERE, result))
+    copy_measured(written, result)
+
+
+def copy_measured(written: str, result: str) -> None:
+  """Copies the results file `written` (relative to the repository) to docs/results/`result`.
+
+  Raises:
+    SystemExit: one line, where the file reports stages an earlier run finished.
+  """
+  with open(os.path.join(ROOT, written)) as f:
+    earlier = finished_earlier(json.load(f))
+  if earlier:
+    sys.exit(f'error: {written}: {", ".join(earlier)} finished before this command ran '
+             f'(from_earlier_run), perhaps with older code; delete {os.path.dirname(written)} '
+             'and run again')
+  shutil.copyfile(os.path.join(ROOT, written), os.path.join(ROOT, HERE, result))
+
+
+def finished_earlier(results, where: str = '') -> list:
+  """The places in a results file (e.g. 'timing.teacher') whose stage was restored finished
+  from an earlier run (`from_earlier_run`): its figures and speeds were not measured by the
+  command that wrote the file."""
+  if isinstance(results, dict):
+    if results.get('from_earlier_run'):
+      return [where]
+    return [found for key, value in results.items()
+            for found in finished_earlier(value, f'{where}.{key}'.lstrip('.'))]
+  return []
 
 
 def load(name: str) -> dict | None:
