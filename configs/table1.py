@@ -18,8 +18,9 @@ configs/nad_cifar.py:ATTACK with 'cifar', configs/backdoorbench.py:ATTACK with
 'backdoorbench'). The top-level sections are the base config's
 default (BadNets); `table.attack_configs.<attack>` holds the fields where that attack's
 config differs from them (always attack.name and attack.mode), laid over them for its
-rows. A top-level override reaches every attack, unless an attack of the table sets that
-field itself: then main.py refuses it and names the per-attack field to set instead, e.g.
+rows. A top-level override reaches every attack (a field of some attacks alone, like
+Blend's attack.alpha, reaches those), unless an attack of the table sets that field itself:
+then main.py refuses it and names the per-attack field to set instead, e.g.
   --config.table.attack_configs.blend.teacher.batch_size=8
 """
 

@@ -38,8 +38,7 @@ STAGE_TIMING = 'timing.json'
 SECTIONS = validation.SECTIONS
 ConfigError = validation.ConfigError
 METRICS = ('acc', 'acc_nontarget', 'asr', 'ra')
-# The stages a config may load instead of training, and the fields that name the file.
-LOADABLE = {'backdoored': 'student.checkpoint', 'teacher': 'teacher.checkpoint'}
+LOADABLE = validation.LOADABLE
 PREPARED = 'prepared_training_set.npz'
 
 
@@ -62,6 +61,7 @@ class Context(NamedTuple):
   abstract_variables: Any
   checkpoints: dict  # {'backdoored' | 'teacher': variables} from student/teacher.checkpoint
   data_digest: str  # validation.data_digest of `dataset`
+  checkpoint_digests: dict  # {'student.checkpoint' | ...: validation.variables_digest}
 
 
 class StageResult(NamedTuple):
@@ -200,7 +200,8 @@ def make_context(config, dataset: data_lib.Dataset, workdir: str | None,
     workdir: where stages checkpoint; None: they keep nothing (the Python API).
     stages: the config sections that will train, whose batch sizes must fit the data.
     folders: the stage folders of `workdir` the run resumes or evaluates, checked
-      (`validation.check_workdir`, with the data's digest) before the attack is built.
+      (`validation.check_workdir`, with the digests of the data and the loaded models)
+      before the attack is built.
     evaluating: the run only evaluates (check_workdir's `evaluating`).
 
   Raises:
@@ -217,9 +218,27 @@ def make_context(config, dataset: data_lib.Dataset, workdir: str | None,
              if is_record(path)}
   for stage, record in records.items():  # before the attack, which may read the record too
     check_record(config, record, image_shape, dataset.num_classes, LOADABLE[stage])
+  model = models.build_model(config.model.name, dataset.num_classes, config.model.dtype,
+                             config.model.conv)
+  mesh = train_lib.make_mesh()
+  normalize = train_lib.normalizer(config.model.mean, config.model.std)
+  abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, *image_shape)),
+                                               train=False, mutable=True))
+  sown = tuple(abstract.pop('intermediates', {}))
+  unknown = [layer for layer in validation.distill_layers(config) if layer not in sown]
+  if unknown:
+    raise ConfigError(f'nad.layers {unknown} are not sown by {config.model.name}; '
+                      f'choose from {sown}')
+  loaded = {stage: (record_variables(records[stage], abstract, LOADABLE[stage])
+                    if stage in records else load_checkpoint(path, abstract, LOADABLE[stage]))
+            for stage, path in paths.items()}
   digest = validation.data_digest(dataset)
+  # the loaded models by their weights: a file replaced at the same path is another model
+  loaded_digests = {LOADABLE[stage]: validation.variables_digest(variables)
+                    for stage, variables in loaded.items()}
   if workdir is not None:
-    validation.check_workdir(config, workdir, folders, digest, evaluating)
+    validation.check_workdir(config, workdir, folders, digest, evaluating,
+                             checkpoints=loaded_digests)
   memo = AttackMemo(workdir, config.attack, digest)
   try:
     attack = attacks_lib.build_attack(config.attack, dataset.num_classes,
@@ -235,27 +254,13 @@ def make_context(config, dataset: data_lib.Dataset, workdir: str | None,
     candidates = (int(np.sum(np.asarray(attack.relabel(labels)) == labels))
                   if attack.clean_label else len(labels))
     validation.validate_poisoning(config, poisoned_count(poisoned), candidates)
-  model = models.build_model(config.model.name, dataset.num_classes, config.model.dtype,
-                             config.model.conv)
-  mesh = train_lib.make_mesh()
-  normalize = train_lib.normalizer(config.model.mean, config.model.std)
-  abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, *image_shape)),
-                                               train=False, mutable=True))
-  sown = tuple(abstract.pop('intermediates', {}))
-  unknown = [layer for layer in validation.distill_layers(config) if layer not in sown]
-  if unknown:
-    raise ConfigError(f'nad.layers {unknown} are not sown by {config.model.name}; '
-                      f'choose from {sown}')
-  loaded = {stage: (record_variables(records[stage], abstract, LOADABLE[stage])
-                    if stage in records else load_checkpoint(path, abstract, LOADABLE[stage]))
-            for stage, path in paths.items()}
   test_set = train_lib.make_test_set(dataset.test_images, dataset.test_labels,
                                      config.data.eval_batch_size, mesh, attack)
   evaluate_fn = train_lib.make_evaluate(model, mesh, normalize, attack, config.get('scan_epoch'),
                                         replicas=replicas(config))
   memo.save()
   return Context(config, workdir, model, mesh, normalize, attack, dataset, poisoned, test_set,
-                 evaluate_fn, abstract, loaded, digest)
+                 evaluate_fn, abstract, loaded, digest, loaded_digests)
 
 
 class AttackMemo:
@@ -430,7 +435,8 @@ def open_stage(ctx: Context, name: str, eval_every: int) -> ckpt_lib.StageCheckp
   values of its run (`run_values`, with the stage's `eval_every`)."""
   directory = os.path.join(ctx.workdir, name)
   validation.record_stage(ctx.config, directory, name, ctx.data_digest,
-                          run_values(ctx.config, name, eval_every))
+                          run_values(ctx.config, name, eval_every),
+                          checkpoints=ctx.checkpoint_digests)
   return ckpt_lib.StageCheckpoints(directory)
 
 

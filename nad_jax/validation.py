@@ -202,6 +202,9 @@ RULES: list[Rule] = [
     Rule('seed', lambda v, config: v == 0 or not config.get('seeds'),
          "0 (its default) when seeds is set: seeds lists every seed of the run"),
     Rule('runner', one_of(('nad', 'table1')), "'nad' or 'table1'"),
+    Rule('runner', lambda v, c: (v == 'table1') == (c.get('table') is not None),
+         "'table1' where the config has a table section (configs/table1.py), 'nad' where it "
+         'has none'),
     Rule('eval_only', is_bool, 'True or False'),
     # distributed: checked before jax.distributed.initialize, so no row may start a backend
     Rule('distributed.enabled', is_bool, 'True or False'),
@@ -359,8 +362,6 @@ RULES: list[Rule] = [
     Rule('mcr.points', in_range(2, integer=True), 'an integer >= 2', has('mcr')),
     Rule('mcr.samples_per_epoch', in_range(0, integer=True),
          'an integer >= 0 (an epoch repeats the clean subset to this many samples)', has('mcr')),
-    Rule('table', lambda v, _: v is not None, 'a section (configs/table1.py)',
-         lambda c: c.runner == 'table1'),
     Rule('table.attacks', lambda v, c: len(v) >= 1 and set(v) <= set(c.table.attack_configs),
          'a non-empty tuple of names in table.attack_configs', has('table')),
     Rule('table.defenses', lambda v, _: len(v) >= 1 and set(v) <= {'none', 'ft', 'fp', 'mcr',
@@ -469,27 +470,22 @@ def refuse_overrides(config, fields, unread: dict, prefix: str = '') -> None:
         raise ConfigError(f'{prefix}{field} {lookup(config, field)!r}: {why}; leave it out')
 
 
-def refuse_unread_fields(config, section: str, fields=None) -> None:
-  """Refuses a field of `section` that the choice picking what is read does not read (the
-  rows whose `when` is a ReadBy): an attack field the attack ignores
-  (`--config.attack.alpha=0.5` with BadNets), a data field the data source ignores
-  (`--config.data.train_size=100` with an image folder). The run would silently ignore it
-  and still record it.
+def unread_set_fields(config, section: str, fields=None) -> list[tuple[str, Any, Any, ReadBy]]:
+  """The fields of `section` that the choice picking what is read does not read (the rows
+  whose `when` is a ReadBy) and that are set: (field, value, the paper's default, its
+  ReadBy), in RULES order.
 
   Args:
     config: a config shaped like nad_jax/defaults.py paper_config().
     section: 'attack' or 'data'.
     fields: the dotted fields the user set (command-line overrides, keywords), each
-      refused where unread; None: every field of `section` set away from the paper's
+      counted where unread; None: every field of `section` set away from the paper's
       default. A config file's data section sets the synthetic set's sizes, which an
       image folder given on the command line leaves unread: only what the user set
       counts there.
-
-  Raises:
-    ConfigError: naming the field, its value, the choice that does not read it and the
-      choices that do.
   """
   paper = defaults.paper_config()
+  found = []
   for rule in RULES:
     if not (rule.field.startswith(section + '.') and isinstance(rule.when, ReadBy)):
       continue
@@ -499,13 +495,35 @@ def refuse_unread_fields(config, section: str, fields=None) -> None:
       value = lookup(config, rule.field)
     except KeyError:
       continue
-    default, chosen = lookup(paper, rule.field), lookup(config, rule.when.selector)
-    if chosen in rule.when.names or (fields is None and (value is None or same(value, default))):
+    default = lookup(paper, rule.field)
+    if rule.when(config) or (fields is None and (value is None or same(value, default))):
       continue
-    readers = f'only {", ".join(rule.when.names)} {"does" if len(rule.when.names) == 1 else "do"}'
-    raise ConfigError(f'{rule.field} {value!r}: the {chosen} {rule.when.kind} does not read it '
-                      f'({readers}); ' + (f'leave it at {default!r}' if fields is None
-                                          else 'leave it out'))
+    found.append((rule.field, value, default, rule.when))
+  return found
+
+
+def readers(when: ReadBy) -> str:
+  """'only sig does', 'only blend, sig do': the choices that read a field, for a message."""
+  return f'only {", ".join(when.names)} {"does" if len(when.names) == 1 else "do"}'
+
+
+def refuse_unread_fields(config, section: str, fields=None) -> None:
+  """Refuses a field of `section` that the choice picking what is read does not read
+  (`unread_set_fields`): an attack field the attack ignores (`--config.attack.alpha=0.5`
+  with BadNets), a data field the data source ignores (`--config.data.train_size=100` with
+  an image folder). The run would silently ignore it and still record it.
+
+  Args:
+    config, section, fields: as `unread_set_fields`.
+
+  Raises:
+    ConfigError: naming the field, its value, the choice that does not read it and the
+      choices that do.
+  """
+  for field, value, default, when in unread_set_fields(config, section, fields)[:1]:
+    raise ConfigError(f'{field} {value!r}: the {lookup(config, when.selector)} {when.kind} does '
+                      f'not read it ({readers(when)}); '
+                      + (f'leave it at {default!r}' if fields is None else 'leave it out'))
 
 
 # The config sections of the stages that train, and the data each trains on.
@@ -660,16 +678,43 @@ def is_in(field: str, names) -> bool:
   return field.endswith('.eval_every') or lies_in(field, names)
 
 
-def stage_fields(config, stage: str, data_digest: str | None = None) -> dict:
+# The stages a config may load instead of training, and the fields that name the file.
+LOADABLE = {'backdoored': 'student.checkpoint', 'teacher': 'teacher.checkpoint'}
+LOADED_FIELDS = tuple(LOADABLE.values())
+
+
+def stage_fields(config, stage: str, data_digest: str | None = None, *,
+                 checkpoints: dict | None = None) -> dict:
   """{dotted field: JSON value} of the config fields that shape `stage`, plus
-  'data.digest' (of the images and labels themselves) where `data_digest` is given."""
+  'data.digest' (of the images and labels themselves) where `data_digest` is given, and
+  '<field>.digest' (of the weights the file holds) for each checkpoint field of
+  `checkpoints` ({'student.checkpoint': `variables_digest`, ...}) that shapes the stage: a
+  file replaced at the same path is another model."""
   as_dict = config.to_dict()
   fields = flatten({k: as_dict[k] for k in STAGE_SECTIONS[stage] if k in as_dict})
   ignored = ignored_fields(config, stage)
   fields = {k: v for k, v in fields.items() if not is_in(k, ignored)}
   if data_digest:
     fields['data.digest'] = data_digest
+  fields.update({f'{field}.digest': digest for field, digest in (checkpoints or {}).items()
+                 if fields.get(field)})
   return json.loads(json.dumps(fields, default=str))  # tuples -> lists, as read back
+
+
+def variables_digest(variables) -> str:
+  """A short SHA-256 of a model's variables (each array's path, dtype and values)."""
+  digest = hashlib.sha256()
+  for path, leaf in sorted(jax.tree_util.tree_leaves_with_path(variables),
+                           key=lambda item: jax.tree_util.keystr(item[0])):
+    array = np.asarray(jax.device_get(leaf))
+    digest.update(f'{jax.tree_util.keystr(path)} {array.dtype}'.encode())
+    digest.update(np.ascontiguousarray(array).tobytes())
+  return digest.hexdigest()[:16]
+
+
+def is_digest(field: str) -> bool:
+  """Whether a recorded field is a digest `stage_fields` adds (of the data or a checkpoint)."""
+  return field.endswith('.digest')
 
 
 def differences(recorded: dict, current: dict) -> list[str]:
@@ -678,12 +723,16 @@ def differences(recorded: dict, current: dict) -> list[str]:
   changed = [f'{k} {recorded.get(k, "(unset)")!r} -> {current.get(k, "(unset)")!r}'
              for k in sorted(recorded.keys() | current.keys())
              if recorded.get(k, missing) != current.get(k, missing)]
-  return [c.replace('data.digest', 'the data (its images or labels changed; digest)', 1)
-          for c in changed]
+  described = [c.replace('data.digest', 'the data (its images or labels changed; digest)', 1)
+               for c in changed]
+  for field in LOADED_FIELDS:
+    described = [c.replace(f'{field}.digest', f'the model at {field} (its weights changed; '
+                           'digest)', 1) for c in described]
+  return described
 
 
 def check_workdir(config, workdir: str, stages, data_digest: str | None = None,
-                  evaluating: bool = False) -> None:
+                  evaluating: bool = False, *, checkpoints: dict | None = None) -> None:
   """Raises ConfigError where a stage folder of `workdir` was trained with other values.
 
   Args:
@@ -691,6 +740,9 @@ def check_workdir(config, workdir: str, stages, data_digest: str | None = None,
     workdir: the run's folder (it may not exist yet).
     stages: the stage names (keys of STAGE_SECTIONS) this run may resume.
     data_digest: `data_digest` of the run's dataset; None checks the config alone.
+    checkpoints: {checkpoint field: `variables_digest` of the model it loads}; None (before
+      the models are loaded) checks the fields alone. A record older than these digests is
+      taken on its checkpoint paths.
     evaluating: an evaluation-only run, which trains nothing: EVALUATED_ONLY fields may
       differ, and the message does not offer to train the stage again.
 
@@ -717,7 +769,7 @@ def check_workdir(config, workdir: str, stages, data_digest: str | None = None,
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
       raise ConfigError(f'stage {stage!r}: {record} is unreadable; use another --workdir '
                         'or delete the folder') from None
-    current = stage_fields(config, stage, data_digest)
+    current = stage_fields(config, stage, data_digest, checkpoints=checkpoints)
     # An older record may list fields read elsewhere (other attacks' or sources') or
     # since found not to shape the stage.
     ignored = ignored_fields(config, stage) + (evaluated_only(config) if evaluating else ())
@@ -728,6 +780,12 @@ def check_workdir(config, workdir: str, stages, data_digest: str | None = None,
                and (k in recorded or k not in shaping_fields(config, stage))}
     if data_digest is None:  # a check before the data is loaded
       recorded = {k: v for k, v in recorded.items() if k != 'data.digest'}
+    # before the models are loaded, or a record older than their digests
+    checked = [f'{field}.digest' for field in LOADED_FIELDS
+               if checkpoints is not None and f'{field}.digest' in recorded]
+    recorded, current = ({k: v for k, v in fields.items()
+                          if not (is_digest(k) and k != 'data.digest' and k not in checked)}
+                         for fields in (recorded, current))
     changed = differences(recorded, current)
     if changed:
       raise ConfigError(
@@ -761,9 +819,9 @@ def data_digest(dataset) -> str:
 
 
 def record_stage(config, directory: str, stage: str, data_digest: str | None = None,
-                 run_values: dict | None = None) -> None:
-  """Writes the fields that shape `stage` (and the data's digest) into its folder before it
-  trains, with `run_values` ({dotted field: value} that shape none of its weights but how
+                 run_values: dict | None = None, *, checkpoints: dict | None = None) -> None:
+  """Writes the fields that shape `stage` (and the digests of the data and of the models
+  `checkpoints` loads: `stage_fields`) into its folder before it trains, with `run_values` ({dotted field: value} that shape none of its weights but how
   its run computed and evaluated it: `recorded_values`). The run values of a run stopped
   before its first checkpoint, which trained nothing, are replaced by the next run's; its
   fields are checked as any folder's (`check_workdir`), since what the stage prepared
@@ -774,7 +832,8 @@ def record_stage(config, directory: str, stage: str, data_digest: str | None = N
   os.makedirs(directory, exist_ok=True)
   tmp = record + '.tmp'
   with open(tmp, 'w') as f:
-    json.dump({'stage': stage, 'fields': stage_fields(config, stage, data_digest),
+    json.dump({'stage': stage, 'fields': stage_fields(config, stage, data_digest,
+                                                      checkpoints=checkpoints),
                'ran_with': run_values or {}}, f, indent=1, allow_nan=False)
   os.replace(tmp, record)
 

@@ -99,6 +99,16 @@ CASES = [
         '--config=configs/table1.py:blend', "--config.table.defenses=('none','ft')",
         '--config.table.attack_configs.blend.teacher.batch_size=8'],
      "table.attack_configs.blend.teacher.batch_size 8: table.defenses ('none', 'ft') has no"),
+    ("a field of an attack the table does not run", lambda d: [
+        '--config=configs/table1.py:badnets',
+        '--config.table.attack_configs.blend.teacher.batch_size=8'],
+     "table.attack_configs.blend.teacher.batch_size 8: table.attacks ('badnets',) has no "
+     'blend; leave it out'),
+    ('a table with the nad runner', lambda d: [
+        '--config=configs/table1.py:blend', '--config.runner=nad'],
+     "runner 'nad': must be 'table1' where the config has a table section"),
+    ('the table runner without a table', lambda d: ['--config.runner=table1'],
+     "runner 'table1': must be 'table1' where the config has a table section"),
     ('distillation without nad', lambda d: [
         '--config=configs/table1.py:badnets', "--config.table.defenses=('none','ft')",
         '--config.nad.betas=(1.0,2.0,3.0)'], "nad.betas (1.0, 2.0, 3.0): table.defenses"),

@@ -14,7 +14,9 @@ DOCS = ['README.md', os.path.join('benchmarks', 'README.md')] + [
     os.path.join('docs', f) for f in sorted(os.listdir(os.path.join(ROOT, 'docs')))
     if f.endswith('.md')]
 MARKER = re.compile(r'<!-- figures: (\w+)[^>]*-->\n((?:\|.*\n)+)')
-CELL = re.compile(r'\*{0,2}(\d+\.\d+)\*{0,2} / \*{0,2}(\d+\.\d+)')  # bold: outside a criterion
+# Figures: "a / b" anywhere in a cell, or a cell that is one number (bold: outside a criterion).
+PAIR = re.compile(r'\*{0,2}(\d+\.\d+)\*{0,2} / \*{0,2}(\d+\.\d+)')
+NUMBER = re.compile(r'\*{0,2}(\d+\.\d+)\*{0,2}')
 
 
 def sources():
@@ -25,14 +27,24 @@ def sources():
   return module
 
 
+def figures(table: str) -> list:
+  """The figures below a markdown table's header: every "a / b", and every cell that is one
+  number, bold removed, in reading order."""
+  rows = table.splitlines()[2:]  # below the header and its rule
+  cells = [cell.strip() for row in rows for cell in row.strip('|').split('|')]
+  return [figure for cell in cells for figure in (
+      [NUMBER.fullmatch(cell)[1]] if NUMBER.fullmatch(cell) else
+      [f'{a} / {b}' for a, b in PAIR.findall(cell)])]
+
+
 def marked_blocks() -> list:
-  """(doc, block name, the "a / b" cells of the table under its marker)."""
+  """(doc, block name, the figures of the table under its marker)."""
   out = []
   for doc in DOCS:
     with open(os.path.join(ROOT, doc)) as f:
       text = f.read()
     for name, table in MARKER.findall(text):
-      out.append((doc, name, [f'{a} / {b}' for a, b in CELL.findall(table)]))
+      out.append((doc, name, figures(table)))
   return out
 
 

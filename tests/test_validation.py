@@ -26,7 +26,8 @@ def mark_trained(directory) -> None:
 # (field, bad value, other fields to set first), one case per rule at least.
 CASES = [
     ('seed', -1, {}), ('seed', 2, {'seeds': (0, 1)}), ('seeds', (1, 1), {}),
-    ('runner', 'nosuch', {}), ('eval_only', 'yes', {}),
+    ('runner', 'nosuch', {}), ('runner', 'table1', {}),  # no table section
+    ('eval_only', 'yes', {}),
     ('scan_epoch', 'auto', {}), ('compilation_cache', None, {}),
     ('distributed.enabled', 1, {}), ('distributed.enabled', False, {'distributed.process_id': 0}),
     ('distributed.coordinator_address', 'localhost', {}),
@@ -89,7 +90,7 @@ CASES = [
     ('nad.betas', (500.0, -1.0, 1000.0), {}), ('nad.p', 0.0, {}),
     ('fp.holdout_fraction', 1.0, {}), ('fp.acc_drop', -1.0, {}), ('mcr.t', 2.0, {}),
     ('mcr.points', 1, {}), ('mcr.lr_boundaries', (5,), {}),
-    ('mcr.samples_per_epoch', -1, {}), ('table', None, {}), ('table.attacks', ('nosuch',), {}),
+    ('mcr.samples_per_epoch', -1, {}), ('table.attacks', ('nosuch',), {}),
     ('table.attacks', (), {}), ('table.defenses', ('xx',), {}), ('table.figures', 'y', {}),
     ('table.attention_images', -1, {}),
 ]
@@ -131,14 +132,22 @@ def test_a_bad_value_names_its_field_and_what_is_allowed(field, value, setup):
   config = base_config(field)
   for other, other_value in setup.items():
     assign(config, other, other_value)
-  if field == 'table':
-    config.runner = 'table1'
   assign(config, field, value)
   with pytest.raises(validation.ConfigError) as error:
     validation.validate(config)
   message = str(error.value)
   assert message.startswith(f'{field} ') and ': must be ' in message, message
   assert '\n' not in message
+
+
+def test_a_table_runs_with_its_runner():
+  """configs/table1.py's table with runner 'nad' would run its base config's attack alone
+  and record a table that never ran."""
+  config = table1.get_config()
+  config.runner = 'nad'
+  with pytest.raises(validation.ConfigError, match="runner 'nad': must be 'table1' where the "
+                     'config has a table section'):
+    validation.validate(config)
 
 
 def test_data_rules():
@@ -226,13 +235,19 @@ def test_an_unread_field_at_its_default_is_accepted():
   validation.validate(config)
 
 
-def test_a_table_refuses_an_unread_field_per_attack(tmp_path):
-  """In a comparison table a top-level attack field reaches every attack: refused where one
-  of them does not read it, accepted where each does."""
+def test_a_tables_attack_field_reaches_the_attacks_that_read_it(tmp_path):
+  """In a comparison table a top-level attack field reaches the attacks that read it (Blend's
+  alpha in a BadNets and Blend table); the others run and record the paper's default. One
+  that no attack of the table reads is refused."""
   config = table1.get_config('badnets,blend')
   config.attack.alpha = 0.5
-  with pytest.raises(validation.ConfigError,
-                     match='attack.alpha 0.5: the badnets attack does not read it'):
+  configs = table1_runner.attack_configs(config, str(tmp_path))
+  assert configs['blend'].attack.alpha == 0.5 and configs['badnets'].attack.alpha == 0.2
+  config = table1.get_config('badnets,blend')
+  config.attack.warp_k = 3
+  with pytest.raises(validation.ConfigError, match=re.escape(
+      "attack.warp_k 3: no attack of table.attacks ('badnets', 'blend') reads it (only wanet "
+      'does); leave it at 4')):
     table1_runner.attack_configs(config, str(tmp_path))
   config = table1.get_config('blend')
   config.attack.alpha = 0.5

@@ -314,3 +314,28 @@ def test_a_refool_selection_is_reported_and_kept_by_a_rerun(tmp_path):
   with pytest.raises(validation.ConfigError, match='data.eval_batch_size 128 -> 64'):
     nad_runner.evaluate_only(other_batch, workdir)
   assert snapshot(workdir) == before
+
+
+def test_a_model_replaced_at_its_checkpoint_path_is_another_model(finished_run, tmp_path):
+  """Stages trained from `student.checkpoint` record the weights it held, not only its path:
+  a rerun or an evaluation over another model at the same path is refused, before anything
+  is written, as one over other data is."""
+  workdir, _ = finished_run
+  model, run = str(tmp_path / 'model'), str(tmp_path / 'run')
+
+  def put(stage):  # a finished stage folder of the first run, at the same path
+    shutil.rmtree(model, ignore_errors=True)
+    shutil.copytree(os.path.join(workdir, stage), model)
+  put('backdoored')
+  config = tiny_config(**{'student.checkpoint': model})
+  first = nad_runner.run(config, run).results
+  put('teacher')  # another model of the same architecture
+  before = snapshot(run)
+  for evaluating in (False, True):
+    with pytest.raises(validation.ConfigError) as error:
+      (nad_runner.evaluate_only if evaluating else nad_runner.run)(config, run)
+    assert (f"stage 'teacher' in {os.path.join(run, 'teacher')} was trained with other values: "
+            'the model at student.checkpoint (its weights changed; digest)') in str(error.value)
+  assert snapshot(run) == before
+  put('backdoored')  # the model it was trained from: the run is kept
+  assert nad_runner.run(config, run).results['stages'] == first['stages']

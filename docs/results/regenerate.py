@@ -64,6 +64,29 @@ def table1_cells(results: dict) -> list:
   return [pair(row[d], 'asr', 'acc', 2) for row in rows for d in table['defenses']]
 
 
+def table1_nontarget_cells(results: dict) -> list:
+  """docs/defenses.md's acc_nontarget of the comparison, per defense, per attack, then the
+  average."""
+  table = results['table1.json']
+  rows = [table['table'][a] for a in table['attacks']] + [table['average']]
+  return [f'{row[d]["acc_nontarget"]:.2f}' for row in rows for d in table['defenses']]
+
+
+CURVE_EPOCHS = (0, 2, 4, 6, 8, 10, 14, 20)
+
+
+def defense_curves_cells(results: dict) -> list:
+  """docs/defenses.md's curves of the comparison: per attack, FT, FP and NAD acc / ASR after
+  each of CURVE_EPOCHS."""
+  table = results['table1.json']
+  cells = []
+  for attack in table['attacks']:
+    for defense in ('ft', 'fp', 'nad'):
+      history = {row['epoch']: row for row in table['details'][attack]['history'][defense]}
+      cells += [pair(history[epoch], 'acc', 'asr', 1) for epoch in CURVE_EPOCHS]
+  return cells
+
+
 def ablation_cells(results: dict) -> list:
   """docs/defenses.md's ablations: teacher and NAD acc / ASR per variant (the layers_*
   variants share the quickstart run's teacher, so show NAD only)."""
@@ -91,6 +114,15 @@ def stage_cells(files, stages) -> Callable[[dict], list]:
                           for f in files for s in stages]
 
 
+def clean_cells(results: dict) -> list:
+  """docs/clean.md's run of nad-jax-clean: per model (before, teacher, after), acc / ASR,
+  acc_nontarget and RA."""
+  stages = results['clean_wrn16_1.json']['stages']
+  return [cell for s in ('backdoored', 'teacher', 'nad') for cell in (
+      pair(stages[s], 'acc', 'asr', 2), f'{stages[s]["acc_nontarget"]:.2f}',
+      f'{stages[s]["ra"]:.2f}')]
+
+
 def main_command(config: str, workdir: str, *extra: str) -> str:
   return ' '.join(['python main.py', f'--config={config}', f'--workdir={workdir}', *extra])
 
@@ -110,14 +142,25 @@ OFFICIAL_SOURCES = {result: (main_command(config, workdir), f'{workdir}/results.
 
 def official_epochs_cells(results: dict) -> list:
   """docs/reproduction.md's per-epoch table: per epoch (0: the backdoored model), NAD with the
-  authors' teacher, then the teacher fine-tuned here (while it trains) and NAD with it."""
+  authors' teacher, then the teacher fine-tuned here (while it trains) and NAD with it: acc /
+  ASR, ce, and for NAD the sum of beta x AT loss over the distilled groups."""
   own = results['official.json']['history']['nad']
   teacher = results['official_finetuned_teacher.json']['history']['teacher']
   nad = results['official_finetuned_teacher.json']['history']['nad']
+  betas = {f: results[f]['config']['nad']['betas'] for f in OFFICIAL_RUNS}
+
+  def losses(row, file=None):  # ce, and for NAD the sum of beta x AT loss
+    if 'ce' not in row:  # epoch 0: nothing trained yet
+      return []
+    at = [] if file is None else [f'{sum(b * a for b, a in zip(betas[file], row["at"])):.4f}']
+    return [f'{row["ce"]:.4f}', *at]
   cells = []
   for epoch, row in enumerate(own):
-    columns = [row] + ([teacher[epoch]] if epoch < len(teacher) else []) + [nad[epoch]]
-    cells += [pair(c, 'acc', 'asr', 2) for c in columns]
+    cells += [pair(row, 'acc', 'asr', 2), *losses(row, 'official.json')]
+    if epoch < len(teacher):
+      cells += [pair(teacher[epoch], 'acc', 'asr', 2), *losses(teacher[epoch])]
+    cells += [pair(nad[epoch], 'acc', 'asr', 2),
+              *losses(nad[epoch], 'official_finetuned_teacher.json')]
   return cells
 
 
@@ -273,13 +316,22 @@ def cifar_subset(source: str = '../shared/data/cifar10-jpeg', target: str = 'run
   os.symlink(os.path.realpath(os.path.join(source, 'test')), os.path.join(target, 'test'))
 
 
+def nad_lr_steps(config: dict, clean_images: int = 250) -> float:
+  """The sum of NAD's learning rate over its SGD steps (with `clean_images` clean images)."""
+  nad = config['nad']
+  steps = clean_images // nad['batch_size']
+  return sum(nad['learning_rate'] * 0.1 ** sum(epoch >= b for b in nad['lr_boundaries']) * steps
+             for epoch in range(nad['epochs']))
+
+
 def small_cells(results: dict) -> list:
   """docs/clean.md's small-clean-set table: the backdoored model on each dataset, then per
-  recipe and dataset the teacher's and NAD's acc / ASR."""
+  recipe NAD's lr x steps and per dataset the teacher's and NAD's acc / ASR."""
   first = next(iter(SMALL_RECIPES))
   cells = [pair(results[f'small_{data}_{first}.json']['stages']['backdoored'], 'acc', 'asr', 2)
            for data in SMALL_DATA]
   for recipe in SMALL_RECIPES:
+    cells.append(f'{nad_lr_steps(results[f"small_cifar5k_{recipe}.json"]["config"]):.1f}')
     for data in SMALL_DATA:
       stages = results[f'small_{data}_{recipe}.json']['stages']
       cells += [pair(stages[s], 'acc', 'asr', 2) for s in ('teacher', 'nad')]
@@ -330,6 +382,8 @@ def refool_selection_cells(results: dict) -> list:
 BLOCKS = {
     'quickstart': Block(QUICKSTART_SOURCES, attack_cells('quickstart', QUICKSTART_ORDER, 1)),
     'table1': Block({'table1.json': TABLE1_SOURCE}, table1_cells),
+    'table1_nontarget': Block({'table1.json': TABLE1_SOURCE}, table1_nontarget_cells),
+    'defense_curves': Block({'table1.json': TABLE1_SOURCE}, defense_curves_cells),
     'cifar': Block({f'cifar_{a}.json': CIFAR_SOURCES[f'cifar_{a}.json'] for a in CIFAR_README},
                    attack_cells('cifar', CIFAR_README, 2)),
     'cifar_epochs': Block({**CIFAR_UNPOISONED, **CIFAR_SOURCES}, cifar_epochs_cells),
@@ -345,8 +399,7 @@ BLOCKS = {
     'clean': Block({'clean_wrn16_1.json': (  # the installed command on the authors' model
         'nad-jax-clean ../shared/data/nad-official/WRN-16-1-S-model_best.pth.tar --arch wrn16_1 '
         '--data ../shared/data/cifar10-jpeg --attack badnets --target-label 5 '
-        '--out runs/clean_wrn16_1', 'runs/clean_wrn16_1/results.json')},
-        stage_cells(['clean_wrn16_1.json'], ('backdoored', 'teacher', 'nad'))),
+        '--out runs/clean_wrn16_1', 'runs/clean_wrn16_1/results.json')}, clean_cells),
     'small_clean': Block(small_sources(), small_cells, cifar_subset),
     'refool_selection': Block(
         {'refool_5k_natural_selection.json': (REFOOL_SELECTION,

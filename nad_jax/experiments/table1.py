@@ -114,11 +114,15 @@ def check_overrides(config, fields) -> None:
   Raises:
     ConfigError: a top-level field that an attack of the table sets itself, naming
       the per-attack fields to set instead; a field (top-level or an attack's own) of a
-      defense the table does not run (`unread_by_defenses`), or one the run does not read
-      (validation.unread_fields).
+      defense the table does not run (`unread_by_defenses`), of an attack it does not run,
+      or one the run does not read (validation.unread_fields).
   """
   unread = unread_by_defenses(config)
-  validation.refuse_overrides(config, fields, {**unread, **validation.unread_fields(config)})
+  absent = {f'table.attack_configs.{attack}': f'table.attacks {tuple(config.table.attacks)} '
+            f'has no {attack}' for attack in config.table.attack_configs
+            if attack not in config.table.attacks}
+  validation.refuse_overrides(config, fields,
+                              {**unread, **absent, **validation.unread_fields(config)})
   for attack in config.table.attacks:  # an attack's own fields, with its own mode
     prefix = f'table.attack_configs.{attack}.'
     cfg = attack_config(config, attack)
@@ -338,13 +342,27 @@ def folders_of(defenses) -> list[str]:
 def attack_configs(config, workdir: str, evaluating: bool = False) -> dict:
   """{attack: the config that runs its rows}, each validated and checked against the
   stage folders of `workdir/<attack>` (as validation.check_workdir, `evaluating` passed
-  on), before anything trains or is evaluated.
+  on), before anything trains or is evaluated. A top-level attack field that only some
+  attacks read reaches those; the others keep the paper's default (they read no such field).
 
   Raises:
     ConfigError: naming the field (of the table or of one attack's config) or the folder.
   """
   validation.validate(config)
   configs = {attack: attack_config(config, attack) for attack in config.table.attacks}
+  # A top-level attack field reaches the attacks of the table that read it (Blend's alpha
+  # in a BadNets and Blend table); each other attack runs, and records, the paper's default.
+  unread = {attack: validation.unread_set_fields(cfg, 'attack')
+            for attack, cfg in configs.items()}
+  for field, value, default, when in next(iter(unread.values())):
+    if all(field in (f for f, *_ in found) for found in unread.values()):
+      raise validation.ConfigError(
+          f'{field} {value!r}: no attack of table.attacks {tuple(config.table.attacks)} reads '
+          f'it ({validation.readers(when)}); leave it at {default!r}')
+  for attack, found in unread.items():
+    for field, _, default, _ in found:
+      parent, leaf = field.rsplit('.', 1)
+      validation.lookup(configs[attack], parent)[leaf] = default
   for attack, cfg in configs.items():
     validation.validate(cfg)
     validation.refuse_unread_fields(cfg, 'attack')
