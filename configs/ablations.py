@@ -2,7 +2,9 @@
 
   fraction_0.01, fraction_0.05 (the paper's default: exactly configs/quickstart.py),
   fraction_0.1, fraction_0.2: the share of the training set the defender holds as clean
-      data; a clean subset that cannot fill two batches trains teacher and NAD at batch 16;
+      data; fraction_0.01's 50 clean images cannot fill two batches of 64, so that variant
+      trains teacher and NAD at batch 16 (the variant sets it for the quickstart's 5,000
+      images; a --config.data.train_size override does not change it);
   teacher_finetune (the paper's: the backdoored model fine-tuned on the clean subset),
   teacher_scratch (an independently trained clean model: a fresh network trained on
       the clean subset only, 20 epochs);

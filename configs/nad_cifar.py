@@ -13,7 +13,4 @@ from nad_jax import defaults
 
 def get_config(arg=None):
   config = defaults.paper_config()
-  config = defaults.set_attack(config, arg, 'configs/nad_cifar.py')
-  if arg == 'cl':
-    config.attack.surrogate.update(defaults.WRN_SURROGATE)
-  return config
+  return defaults.set_attack(config, arg, 'configs/nad_cifar.py')

@@ -36,10 +36,6 @@ def get_config(arg=None):
     # keeps 91%, NAD 17%); a 75-step teacher at the paper's lr removed it in seeds 0-3, and
     # NAD followed (measured at cdea5c4: docs/attacks.md).
     config.teacher.batch_size = 16
-  if arg == 'cl':
-    # PGD against the tiny surrogate transfers weakly to WRN-16-1 (ASR 78-90 over seeds 0-2);
-    # against the victim's own architecture, as in configs/nad_cifar.py, it transfers better.
-    config.attack.surrogate.update(defaults.WRN_SURROGATE)
   if arg == 'refool':
     # Synthetic images are themselves blends of two textures, so a reflection must be strong
     # to stand out (0.05-0.45 and 0.2-0.5: ASR 80-87%), and it lives in features that clean

@@ -84,6 +84,9 @@ def get_config(arg=None):
     attacks = variants
   else:
     attacks = tuple(tokens) or DEFAULT_ATTACKS
+  repeated = sorted({attack for attack in attacks if attacks.count(attack) > 1})
+  if repeated:
+    raise ValueError(f'configs/table1.py names {", ".join(repeated)} twice in {arg!r}')
   for attack in attacks:
     if attack not in variants:
       raise ValueError(f'configs/table1.py has no attack {attack!r}'

@@ -106,6 +106,10 @@ def make_config(config: ml_collections.ConfigDict | None = None, *, model: str |
     if section not in config or not isinstance(config[section], ml_collections.ConfigDict):
       if section in KEYWORDS:  # a keyword of another function of this module
         raise validation.ConfigError(f'option {section!r} does not apply to this call')
+      if section in config:  # a top-level field, e.g. seeds
+        raise validation.ConfigError(
+            f'option {section!r}: a field of the config, not a keyword; set config.{section} '
+            'in the ConfigDict given as config=')
       raise validation.ConfigError(f'unknown option {section!r}'
                                    f'{_suggest(section, KEYWORDS + tuple(config))}')
     if not isinstance(fields, dict):

@@ -34,7 +34,8 @@ class ConfigError(ValueError):
 class Rule(NamedTuple):
   """One row of the table: `field` (dotted) must satisfy `ok(value, config)`.
 
-  `allowed` says what is allowed; `{devices}` in it is the device count. `when(config)`
+  `allowed` says what is allowed; `{devices}` in it is the device count, `{layers}` the
+  layers NAD distils. `when(config)`
   says whether the row applies (default: always, where the config has the field).
   """
   field: str
@@ -350,7 +351,7 @@ RULES: list[Rule] = [
                                 and all(isinstance(x, str) for x in v)),
          'None (the model\'s low/middle/high groups) or a tuple of sown layer names'),
     Rule('nad.betas', betas_fit_layers,
-         'one number >= 0 per distilled layer (nad.layers, or the model\'s three groups)'),
+         'one number >= 0 per distilled layer ({layers})'),
     Rule('nad.p', in_range(0, low_open=True), 'a number > 0'),
     # the comparison runner (configs/table1.py)
     *sgd_rows('fp', has('fp')),
@@ -407,7 +408,10 @@ def validate(config, section: str = '') -> None:
     except KeyError:
       continue
     if applies and not rule.ok(value, config):
-      allowed = rule.allowed.format(devices=jax.device_count())
+      allowed = rule.allowed.format(devices=jax.device_count(), layers=(
+          f'nad.layers {tuple(config.nad.layers)}' if config.nad.get('layers') else
+          f"{config.model.name}'s groups {distill_layers(config)}; or set nad.layers")
+          if '{layers}' in rule.allowed else '')
       raise ConfigError(f'{rule.field} {value!r}: must be {allowed}')
   if section in ('', 'attack') and config.get('table') is None:  # a table: per attack
     refuse_unread_fields(config, 'attack')

@@ -32,6 +32,8 @@ def test_make_config_keeps_the_given_configs_references():
     (dict(betas=(1.0, 1.0, 1.0)), "option 'betas' does not apply to this call"),
     (dict(epoch=3), "unknown option 'epoch'; did you mean 'epochs'"),
     (dict(nad={'epoch': 3}), "unknown option nad.epoch; did you mean 'epochs'"),
+    (dict(seeds=(0, 1)), "option 'seeds': a field of the config, not a keyword; set "
+                         'config.seeds in the ConfigDict given as config='),
 ])
 def test_a_wrong_option_names_its_field(options, message):
   with pytest.raises(nad_jax.ConfigError, match=message):

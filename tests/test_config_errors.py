@@ -77,6 +77,8 @@ CASES = [
      'configs/ablations.py'),
     ('table all not alone', lambda d: ['--config=configs/table1.py:all,badnets'],
      "'all' stands alone"),
+    ('table attack twice', lambda d: ['--config=configs/table1.py:badnets,blend,badnets'],
+     "configs/table1.py names badnets twice in 'badnets,blend,badnets'"),
     ('table override an attack sets', lambda d: [
         '--config=configs/table1.py', '--config.teacher.batch_size=8'],
      '--config.table.attack_configs.blend.teacher.batch_size=8'),

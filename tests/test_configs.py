@@ -10,6 +10,8 @@ import json
 import os
 
 import pytest
+
+import nad_jax
 from configs import ablations, backdoorbench, nad_cifar, nad_official, quickstart, table1, tiny
 from nad_jax import defaults, validation
 from nad_jax.experiments import table1 as table
@@ -45,6 +47,14 @@ def test_a_table_row_runs_what_its_base_config_runs(variant):
   assert shaping(ran, True) == shaping(base, True)
   ran = table.attack_config(table1.get_config('cifar,all'), variant)
   assert shaping(ran, False) == shaping(with_defenses(nad_cifar.get_config(variant)), False)
+
+
+@pytest.mark.parametrize('variant', defaults.ATTACK_VARIANTS)
+def test_the_apis_attack_variant_is_the_configs(variant):
+  """The Python API's attack=X selects the attack of configs/nad_cifar.py:X (CL's surrogate
+  included), whose base is the API's paper config."""
+  assert (nad_jax.make_config(attack=variant).attack.to_dict()
+          == nad_cifar.get_config(variant).attack.to_dict())
 
 
 @pytest.mark.parametrize('variant', backdoorbench.VARIANTS)

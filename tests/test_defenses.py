@@ -249,6 +249,7 @@ def test_table_over_seeds_gathers_runs_of_single_seeds(table_run, tmp_path):
                                for k in ('backdoored', 'ft')},
                             'total': kept['timing']['total']}
   assert 'from_earlier_run' not in kept['timing']['total']
+  assert kept['timing']['total']['trained_nothing']  # this run's: it restored and evaluated
   assert per_seed[0]['table']['badnets'] == {d: single['table']['badnets'][d]
                                              for d in ('none', 'ft')}
   with open(tmp_path / 'table1.json') as f:
@@ -283,7 +284,10 @@ def test_a_table_of_other_seeds_measures_its_own_total(tmp_path):
                                   'timing': {'wall_s': wall}}
   path.write_text(json.dumps(table_of([0, 1], 34.3)))
   reran = [{'timing': {'total': {'wall_s': 9.0, 'from_earlier_run': True}}}]  # nothing trained
-  assert table.kept_timing(str(path), table_of([1], 2.0), reran)['timing'] == {'wall_s': 2.0}
+  assert table.kept_timing(str(path), table_of([1], 2.0), reran)['timing'] == {
+      'wall_s': 2.0, 'trained_nothing': True}
+  trained = [{'timing': {'total': {'wall_s': 9.0}}}]
+  assert table.kept_timing(str(path), table_of([1], 2.0), trained)['timing'] == {'wall_s': 2.0}
   assert table.kept_timing(str(path), table_of([0, 1], 2.0), reran)['timing'] == {
       'wall_s': 34.3, 'from_earlier_run': True}
 

@@ -207,7 +207,9 @@ def kept_attack_timing(earlier: dict, detail: dict) -> dict:
   trained nothing now keeps `earlier`'s (that attack's entry of the table file) stage
   timing, each defense whose stages all did keeps its wall-clock timing, and the attack's
   total is kept where every defense was; each kept entry is marked `from_earlier_run`.
-  A kept stage that ran with other evaluation values says so (stages.trained_with)."""
+  Where nothing trained but the earlier run timed other defenses, the total is this run's,
+  marked `trained_nothing`. A kept stage that ran with other evaluation values says so
+  (stages.trained_with)."""
   stage_timing = stages.trained_with(
       stages.kept_timing(earlier.get('stage_timing') or {}, detail['stage_timing']),
       detail['config'], earlier.get('config'))
@@ -217,9 +219,11 @@ def kept_attack_timing(earlier: dict, detail: dict) -> dict:
     behind = [stage_timing[s] for s in TIMED_STAGES.get(key, ()) if s in stage_timing]
     kept = key in old and bool(behind) and all(t.get('from_earlier_run') for t in behind)
     timing[key] = {**old[key], 'from_earlier_run': True} if kept else now
-  if set(old) == set(timing) and all(t.get('from_earlier_run') for k, t in timing.items()
-                                     if k != 'total'):
-    timing['total'] = {**old['total'], 'from_earlier_run': True}
+  if all(t.get('from_earlier_run') for k, t in timing.items() if k != 'total'):
+    # nothing trained: the earlier total where it timed the same defenses, else this run's,
+    # which only restored and evaluated
+    timing['total'] = ({**old['total'], 'from_earlier_run': True} if set(old) == set(timing)
+                       else {**timing['total'], 'trained_nothing': True})
   return {**detail, 'timing': timing, 'stage_timing': stage_timing}
 
 
@@ -227,7 +231,8 @@ def kept_timing(path: str, results: dict, details: list | None = None) -> dict:
   """A table file's content (`results`) keeping what the file at `path` recorded where
   this run trained nothing: each attack's as `kept_attack_timing`, and the table's total
   'timing' where every attack (of `results['details']`, or `details`: every
-  seed's) was kept whole, for the same attacks, defenses and seeds."""
+  seed's) was kept whole, for the same attacks, defenses and seeds; where nothing trained
+  but the table differs, this run's total, marked `trained_nothing`."""
   earlier = stages.earlier_results(path)
   if 'details' in results:
     results = {**results, 'details': {
@@ -235,9 +240,11 @@ def kept_timing(path: str, results: dict, details: list | None = None) -> dict:
         for attack, detail in results['details'].items()}}
     details = list(results['details'].values())
   same_table = all(earlier.get(k) == results.get(k) for k in ('attacks', 'defenses', 'seeds'))
-  if 'timing' in earlier and same_table and all(
-      d['timing'].get('total', {}).get('from_earlier_run') for d in details):
-    results = {**results, 'timing': {**earlier['timing'], 'from_earlier_run': True}}
+  totals = [d['timing'].get('total', {}) for d in details]
+  if all(t.get('from_earlier_run') or t.get('trained_nothing') for t in totals):
+    kept = 'timing' in earlier and same_table and all(t.get('from_earlier_run') for t in totals)
+    results = {**results, 'timing': {**earlier['timing'], 'from_earlier_run': True} if kept
+               else {**results['timing'], 'trained_nothing': True}}
   return results
 
 
@@ -482,7 +489,9 @@ def run_one(config, workdir: str) -> dict:
   timing = results['timing']
   stages.log(f'total: {timing["wall_s"]:.0f} s wall, {timing["cpu_s"]:.0f} s CPU'
              + (' (the first run\'s: every stage was finished)'
-                if timing.get('from_earlier_run') else ''))
+                if timing.get('from_earlier_run') else
+                ' (nothing trained: restored and evaluated)' if timing.get('trained_nothing')
+                else ''))
   return results
 
 
