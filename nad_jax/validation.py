@@ -685,6 +685,8 @@ def is_in(field: str, names) -> bool:
 # The stages a config may load instead of training, and the fields that name the file.
 LOADABLE = {'backdoored': 'student.checkpoint', 'teacher': 'teacher.checkpoint'}
 LOADED_FIELDS = tuple(LOADABLE.values())
+# The digests of the models they load, recorded by `stage_fields`.
+CHECKPOINT_DIGESTS = tuple(f'{field}.digest' for field in LOADED_FIELDS)
 
 
 def stage_fields(config, stage: str, data_digest: str | None = None, *,
@@ -714,11 +716,6 @@ def variables_digest(variables) -> str:
     digest.update(f'{jax.tree_util.keystr(path)} {array.dtype}'.encode())
     digest.update(np.ascontiguousarray(array).tobytes())
   return digest.hexdigest()[:16]
-
-
-def is_digest(field: str) -> bool:
-  """Whether a recorded field is a digest `stage_fields` adds (of the data or a checkpoint)."""
-  return field.endswith('.digest')
 
 
 def differences(recorded: dict, current: dict) -> list[str]:
@@ -785,10 +782,9 @@ def check_workdir(config, workdir: str, stages, data_digest: str | None = None,
     if data_digest is None:  # a check before the data is loaded
       recorded = {k: v for k, v in recorded.items() if k != 'data.digest'}
     # before the models are loaded, or a record older than their digests
-    checked = [f'{field}.digest' for field in LOADED_FIELDS
-               if checkpoints is not None and f'{field}.digest' in recorded]
+    checked = [k for k in CHECKPOINT_DIGESTS if checkpoints is not None and k in recorded]
     recorded, current = ({k: v for k, v in fields.items()
-                          if not (is_digest(k) and k != 'data.digest' and k not in checked)}
+                          if k not in CHECKPOINT_DIGESTS or k in checked}
                          for fields in (recorded, current))
     changed = differences(recorded, current)
     if changed:
