@@ -46,8 +46,9 @@ class Result(NamedTuple):
   variables: {'params', 'batch_stats'} of the trained model, numpy arrays on the host.
   history: one dict per epoch (epoch 0: before training): 'ce' (and 'at', the AT loss
     per distilled layer, for NAD), and 'acc', 'acc_nontarget', 'asr', 'ra' in percent.
-  info: what the defense adds: NAD's trained teacher ({'teacher': Result}), fine-pruning's
-    channels and plan, MCR's curve ({'t', 'curve'}); {} otherwise.
+  info: what the defense adds: NAD's teacher ({'teacher': Result}: trained, or loaded from
+    teacher.checkpoint and evaluated), fine-pruning's channels and plan, MCR's curve
+    ({'t', 'curve'}); {} otherwise.
   attack: what building the attack measured (Refool's `selection_rounds`); {} otherwise.
   """
   variables: dict
@@ -68,8 +69,10 @@ def make_config(config: ml_collections.ConfigDict | None = None, *, model: str |
     model: `model.name`, e.g. 'wrn16_1', 'preact_resnet18', 'tiny'.
     seed: `seed`, from which every random choice is derived.
     attack: an attack variant (defaults.ATTACK_VARIANTS: 'badnets', 'all2all', 'blend',
-      'sig', ...; a clean-label one poisons 80% of the target class, as
-      `configs/*.py:ATTACK` does), or another `attack.name` ('files'; nad_jax/attacks).
+      'sig', ...), which sets its fields over `config`'s as `configs/*.py:ATTACK` does
+      (name, mode; a clean-label one poisons 80% of the target class; CL's surrogate is
+      WRN-16-1: defaults.set_attack), or another `attack.name` ('files'; nad_jax/attacks).
+      Other attack fields: set them on the returned config.
     target_label: `attack.target_label`.
     poison_rate: `attack.poison_rate`, a fraction.
     clean_fraction: `data.clean_fraction`, the defender's share of the training set.
@@ -290,6 +293,11 @@ def _refuse_unread(options: dict, config, call: str, method: str = 'nad') -> Non
 
 def _context(dataset: data_lib.Dataset, config, trained: tuple[str, ...]) -> stages.Context:
   stages.validate(config)
+  if config.student.checkpoint:  # train_backdoored would return it; erase would ignore it
+    raise validation.ConfigError(
+        f'student.checkpoint {config.student.checkpoint!r}: the Python API takes the '
+        'backdoored model as variables (train_backdoored returns them; a PyTorch file loads '
+        'with torch_io.load); set student.checkpoint to None')
   if stages.replicas(config):
     raise validation.ConfigError(f'seeds {tuple(config.seeds)}: the Python API trains one seed '
                                  'per call; set seed=, or run main.py with --config.seeds')
@@ -378,8 +386,9 @@ def erase(dataset: data_lib.Dataset, variables: dict, *, method: str = 'nad',
       `teacher.checkpoint` (the one case that trains a teacher); refused otherwise.
 
   Returns:
-    Result of the erased model; its `info`: NAD's trained teacher ({'teacher': Result},
-    where one is trained), FP's pruned channels and plan, MCR's curve and t.
+    Result of the erased model; its `info`: NAD's teacher ({'teacher': Result}, trained or
+    loaded from teacher.checkpoint; none where teacher= is given), FP's pruned channels and
+    plan, MCR's curve and t.
 
   Raises:
     ConfigError: a bad option or method, an option that `method` does not read, or a

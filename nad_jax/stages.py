@@ -8,6 +8,7 @@ without a workdir (the Python API) a stage keeps no checkpoints. Defenses
 (`nad_jax.defenses`) and runners (`nad_jax.experiments`) are built from these.
 """
 
+import copy
 import json
 import os
 import platform
@@ -61,7 +62,7 @@ class Context(NamedTuple):
   abstract_variables: Any
   checkpoints: dict  # {'backdoored' | 'teacher': variables} from student/teacher.checkpoint
   data_digest: str  # validation.data_digest of `dataset`
-  checkpoint_digests: dict  # {'student.checkpoint' | ...: validation.variables_digest}
+  contents: dict  # {path field: digest of the model or files it names} (stage_fields)
 
 
 class StageResult(NamedTuple):
@@ -233,13 +234,14 @@ def make_context(config, dataset: data_lib.Dataset, workdir: str | None,
                     if stage in records else load_checkpoint(path, abstract, LOADABLE[stage]))
             for stage, path in paths.items()}
   digest = validation.data_digest(dataset)
-  # the loaded models by their weights: a file replaced at the same path is another model
-  loaded_digests = {LOADABLE[stage]: validation.variables_digest(variables)
-                    for stage, variables in loaded.items()}
+  # the loaded models by their weights, the attack's files by their bytes: another model or
+  # file at the same path is another run
+  contents = {**{LOADABLE[stage]: validation.variables_digest(variables)
+                 for stage, variables in loaded.items()},
+              **validation.attack_file_digests(config)}
   if workdir is not None:
-    validation.check_workdir(config, workdir, folders, digest, evaluating,
-                             checkpoints=loaded_digests)
-  memo = AttackMemo(workdir, config.attack, digest)
+    validation.check_workdir(config, workdir, folders, digest, evaluating, contents=contents)
+  memo = AttackMemo(workdir, config.attack, digest, contents)
   try:
     attack = attacks_lib.build_attack(config.attack, dataset.num_classes,
                                       dataset.train_images.shape[1:], dataset, fit=fit_logged,
@@ -260,7 +262,7 @@ def make_context(config, dataset: data_lib.Dataset, workdir: str | None,
                                         replicas=replicas(config))
   memo.save()
   return Context(config, workdir, model, mesh, normalize, attack, dataset, poisoned, test_set,
-                 evaluate_fn, abstract, loaded, digest, loaded_digests)
+                 evaluate_fn, abstract, loaded, digest, contents)
 
 
 class AttackMemo:
@@ -277,12 +279,16 @@ class AttackMemo:
   # {(name, key as JSON): value}: the choices of builds without a workdir, in this process.
   in_process: dict = {}
 
-  def __init__(self, workdir: str | None, attack_cfg, data_digest: str):
+  def __init__(self, workdir: str | None, attack_cfg, data_digest: str,
+               contents: dict | None = None):
     """Args: workdir: the run's folder, or None to keep choices in this process's memory;
-    attack_cfg: `config.attack`; data_digest: `validation.data_digest` of the dataset."""
+    attack_cfg: `config.attack`; data_digest: `validation.data_digest` of the dataset;
+    contents: the digests of the files the attack's path fields name
+    (`validation.attack_file_digests`), so that other files at the same path choose again."""
     self.workdir = workdir
-    self.key = json.loads(json.dumps({'attack': attack_cfg.to_dict(),
-                                      'data.digest': data_digest}, default=str))
+    files = {f: d for f, d in (contents or {}).items() if f in validation.ATTACK_FILE_FIELDS}
+    self.key = json.loads(json.dumps({'attack': attack_cfg.to_dict(), 'data.digest': data_digest,
+                                      **({'files': files} if files else {})}, default=str))
     self.chosen = {}  # {name: value} chosen by this build, not yet kept
 
   def __call__(self, name: str, compute):
@@ -300,7 +306,7 @@ class AttackMemo:
       kept = AttackMemo.in_process.get((name, json.dumps(self.key, sort_keys=True)))
       if kept is not None:
         log(f'{name}: kept from an earlier call in this process')
-      return kept
+      return copy.deepcopy(kept)  # the caller's to change
     path = os.path.join(self.workdir, f'{name}.json')
     try:
       with open(path) as f:
@@ -316,7 +322,7 @@ class AttackMemo:
     """Keeps the choices made since the last `save`."""
     for name, value in self.chosen.items():
       if self.workdir is None:
-        AttackMemo.in_process[(name, json.dumps(self.key, sort_keys=True))] = value
+        AttackMemo.in_process[(name, json.dumps(self.key, sort_keys=True))] = copy.deepcopy(value)
       else:
         write_json(os.path.join(self.workdir, f'{name}.json'), {'key': self.key, 'value': value})
     self.chosen = {}
@@ -436,7 +442,7 @@ def open_stage(ctx: Context, name: str, eval_every: int) -> ckpt_lib.StageCheckp
   directory = os.path.join(ctx.workdir, name)
   validation.record_stage(ctx.config, directory, name, ctx.data_digest,
                           run_values(ctx.config, name, eval_every),
-                          checkpoints=ctx.checkpoint_digests)
+                          contents=ctx.contents)
   return ckpt_lib.StageCheckpoints(directory)
 
 

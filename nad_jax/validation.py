@@ -363,8 +363,9 @@ RULES: list[Rule] = [
     Rule('mcr.points', in_range(2, integer=True), 'an integer >= 2', has('mcr')),
     Rule('mcr.samples_per_epoch', in_range(0, integer=True),
          'an integer >= 0 (an epoch repeats the clean subset to this many samples)', has('mcr')),
-    Rule('table.attacks', lambda v, c: len(v) >= 1 and set(v) <= set(c.table.attack_configs),
-         'a non-empty tuple of names in table.attack_configs', has('table')),
+    Rule('table.attacks', lambda v, c: len(v) >= 1 and set(v) <= set(c.table.attack_configs)
+         and len(set(v)) == len(v),
+         'a non-empty tuple of distinct names in table.attack_configs', has('table')),
     Rule('table.defenses', lambda v, _: len(v) >= 1 and set(v) <= {'none', 'ft', 'fp', 'mcr',
                                                                     'nad'},
          "a non-empty tuple of 'none', 'ft', 'fp', 'mcr', 'nad'", has('table')),
@@ -685,24 +686,46 @@ def is_in(field: str, names) -> bool:
 # The stages a config may load instead of training, and the fields that name the file.
 LOADABLE = {'backdoored': 'student.checkpoint', 'teacher': 'teacher.checkpoint'}
 LOADED_FIELDS = tuple(LOADABLE.values())
-# The digests of the models they load, recorded by `stage_fields`.
-CHECKPOINT_DIGESTS = tuple(f'{field}.digest' for field in LOADED_FIELDS)
+# The attack's files (a trigger pattern, a folder of reflections, a poisoned test set).
+ATTACK_FILE_FIELDS = ('attack.pattern_path', 'attack.path')
+# The digests `stage_fields` records of what those name: the loaded models, the files.
+CONTENT_DIGESTS = tuple(f'{field}.digest' for field in LOADED_FIELDS + ATTACK_FILE_FIELDS)
+
+
+def files_digest(path: str) -> str:
+  """A short SHA-256 of the file at `path`, or of every file under the folder at `path`
+  (their relative paths and bytes, in name order)."""
+  digest = hashlib.sha256()
+  files = ([path] if os.path.isfile(path) else
+           sorted(os.path.join(root, name) for root, _, names in os.walk(path) for name in names))
+  for name in files:
+    digest.update(os.path.relpath(name, path).encode())
+    with open(name, 'rb') as f:
+      digest.update(f.read())
+  return digest.hexdigest()[:16]
+
+
+def attack_file_digests(config) -> dict:
+  """{field: `files_digest`} of each ATTACK_FILE_FIELDS path the attack reads."""
+  return {field: files_digest(lookup(config, field)) for field in ATTACK_FILE_FIELDS
+          if config.attack.get(field.split('.')[1]) and not any(
+              f == field for f, *_ in unread_set_fields(config, 'attack', (field,)))}
 
 
 def stage_fields(config, stage: str, data_digest: str | None = None, *,
-                 checkpoints: dict | None = None) -> dict:
+                 contents: dict | None = None) -> dict:
   """{dotted field: JSON value} of the config fields that shape `stage`, plus
   'data.digest' (of the images and labels themselves) where `data_digest` is given, and
-  '<field>.digest' (of the weights the file holds) for each checkpoint field of
-  `checkpoints` ({'student.checkpoint': `variables_digest`, ...}) that shapes the stage: a
-  file replaced at the same path is another model."""
+  '<field>.digest' for each path field of `contents` ({'student.checkpoint':
+  `variables_digest` of the model it loads, 'attack.pattern_path': `files_digest`, ...})
+  that shapes the stage: another model or file at the same path is another run."""
   as_dict = config.to_dict()
   fields = flatten({k: as_dict[k] for k in STAGE_SECTIONS[stage] if k in as_dict})
   ignored = ignored_fields(config, stage)
   fields = {k: v for k, v in fields.items() if not is_in(k, ignored)}
   if data_digest:
     fields['data.digest'] = data_digest
-  fields.update({f'{field}.digest': digest for field, digest in (checkpoints or {}).items()
+  fields.update({f'{field}.digest': digest for field, digest in (contents or {}).items()
                  if fields.get(field)})
   return json.loads(json.dumps(fields, default=str))  # tuples -> lists, as read back
 
@@ -729,11 +752,14 @@ def differences(recorded: dict, current: dict) -> list[str]:
   for field in LOADED_FIELDS:
     described = [c.replace(f'{field}.digest', f'the model at {field} (its weights changed; '
                            'digest)', 1) for c in described]
+  for field in ATTACK_FILE_FIELDS:
+    described = [c.replace(f'{field}.digest', f'the files at {field} (their content changed; '
+                           'digest)', 1) for c in described]
   return described
 
 
 def check_workdir(config, workdir: str, stages, data_digest: str | None = None,
-                  evaluating: bool = False, *, checkpoints: dict | None = None) -> None:
+                  evaluating: bool = False, *, contents: dict | None = None) -> None:
   """Raises ConfigError where a stage folder of `workdir` was trained with other values.
 
   Args:
@@ -741,9 +767,10 @@ def check_workdir(config, workdir: str, stages, data_digest: str | None = None,
     workdir: the run's folder (it may not exist yet).
     stages: the stage names (keys of STAGE_SECTIONS) this run may resume.
     data_digest: `data_digest` of the run's dataset; None checks the config alone.
-    checkpoints: {checkpoint field: `variables_digest` of the model it loads}; None (before
-      the models are loaded) checks the fields alone. A record older than these digests is
-      taken on its checkpoint paths.
+    contents: `stage_fields`' digests of what path fields name (the loaded models, the
+      attack's files); None (before the models are loaded) checks the fields alone. A
+      record without these digests (written before nad-jax recorded them) is taken on its
+      paths.
     evaluating: an evaluation-only run, which trains nothing: EVALUATED_ONLY fields may
       differ, and the message does not offer to train the stage again.
 
@@ -770,7 +797,7 @@ def check_workdir(config, workdir: str, stages, data_digest: str | None = None,
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
       raise ConfigError(f'stage {stage!r}: {record} is unreadable; use another --workdir '
                         'or delete the folder') from None
-    current = stage_fields(config, stage, data_digest, checkpoints=checkpoints)
+    current = stage_fields(config, stage, data_digest, contents=contents)
     # An older record may list fields read elsewhere (other attacks' or sources') or
     # since found not to shape the stage.
     ignored = ignored_fields(config, stage) + (evaluated_only(config) if evaluating else ())
@@ -782,9 +809,9 @@ def check_workdir(config, workdir: str, stages, data_digest: str | None = None,
     if data_digest is None:  # a check before the data is loaded
       recorded = {k: v for k, v in recorded.items() if k != 'data.digest'}
     # before the models are loaded, or a record older than their digests
-    checked = [k for k in CHECKPOINT_DIGESTS if checkpoints is not None and k in recorded]
+    checked = [k for k in CONTENT_DIGESTS if contents is not None and k in recorded]
     recorded, current = ({k: v for k, v in fields.items()
-                          if k not in CHECKPOINT_DIGESTS or k in checked}
+                          if k not in CONTENT_DIGESTS or k in checked}
                          for fields in (recorded, current))
     changed = differences(recorded, current)
     if changed:
@@ -819,9 +846,9 @@ def data_digest(dataset) -> str:
 
 
 def record_stage(config, directory: str, stage: str, data_digest: str | None = None,
-                 run_values: dict | None = None, *, checkpoints: dict | None = None) -> None:
-  """Writes the fields that shape `stage` (and the digests of the data and of the models
-  `checkpoints` loads: `stage_fields`) into its folder before it trains, with `run_values` ({dotted field: value} that shape none of its weights but how
+                 run_values: dict | None = None, *, contents: dict | None = None) -> None:
+  """Writes the fields that shape `stage` (and the digests of the data and of what its path
+  fields name, `contents`: `stage_fields`) into its folder before it trains, with `run_values` ({dotted field: value} that shape none of its weights but how
   its run computed and evaluated it: `recorded_values`). The run values of a run stopped
   before its first checkpoint, which trained nothing, are replaced by the next run's; its
   fields are checked as any folder's (`check_workdir`), since what the stage prepared
@@ -833,7 +860,7 @@ def record_stage(config, directory: str, stage: str, data_digest: str | None = N
   tmp = record + '.tmp'
   with open(tmp, 'w') as f:
     json.dump({'stage': stage, 'fields': stage_fields(config, stage, data_digest,
-                                                      checkpoints=checkpoints),
+                                                      contents=contents),
                'ran_with': run_values or {}}, f, indent=1, allow_nan=False)
   os.replace(tmp, record)
 

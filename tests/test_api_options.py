@@ -1,12 +1,17 @@
 """The Python API's options, without training: what make_config and load_data accept, and
 the one ConfigError, naming the field, that each wrong option gets."""
 
+import os
+import re
+
 import jax
 import ml_collections
 import pytest
 
 import nad_jax
 from nad_jax import defaults, models, stages
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_make_config_keeps_the_given_configs_references():
@@ -193,6 +198,21 @@ def test_what_no_call_reads_is_refused_with_its_reason():
   with pytest.raises(nad_jax.ConfigError, match='poison_rate 0.3: the backdoored model is '
                      'loaded from student.checkpoint'):
     nad_jax.train_backdoored(None, config=config, poison_rate=0.3)
+
+
+def test_the_api_takes_models_as_variables_not_as_student_checkpoint():
+  """train_backdoored would return the loaded model untrained; erase and evaluate would
+  use `variables` and ignore the file."""
+  data = nad_jax.load_data('synthetic', train_size=64, test_size=32)
+  config = defaults.paper_config()
+  config.student.checkpoint = ROOT  # an existing path
+  calls = [lambda: nad_jax.train_backdoored(data, config=config, epochs=3),
+           lambda: nad_jax.evaluate(data, {}, config=config),
+           lambda: nad_jax.erase(data, {}, config=config, clean_fraction=0.5)]
+  for call in calls:
+    with pytest.raises(nad_jax.ConfigError, match=re.escape(
+        f"student.checkpoint {ROOT!r}: the Python API takes the backdoored model as variables")):
+      call()
 
 
 def test_load_data_names_a_missing_folder(tmp_path):

@@ -545,8 +545,9 @@ def test_an_attacks_choice_is_kept_for_the_same_config_and_data(tmp_path):
   choose = lambda: calls.append(1) or {'chosen': [3, 1, 2], 'rounds': [{'round': 1}]}
   config = attack_config('refool')
 
-  def memo(cfg, digest):  # a run's: it writes its choices once the run's checks pass
-    kept = stages.AttackMemo(str(tmp_path), cfg, digest)
+  def memo(cfg, digest, contents=None, workdir=str(tmp_path)):
+    # a run's: it writes its choices once the run's checks pass
+    kept = stages.AttackMemo(workdir, cfg, digest, contents)
     return lambda name, compute: (kept(name, compute), kept.save())[0]
   first = memo(config, 'a')('refool_selected', choose)
   unsaved = stages.AttackMemo(str(tmp_path), attack_config('refool', seed=2), 'a')
@@ -558,6 +559,15 @@ def test_an_attacks_choice_is_kept_for_the_same_config_and_data(tmp_path):
   other = attack_config('refool', seed=1)
   memo(other, 'b')('refool_selected', choose)  # another attack config: chosen again
   assert len(calls) == 4
+  for workdir in (str(tmp_path), None):  # a run's folder; the API's process
+    files = lambda digest: {'attack.pattern_path': digest}
+    memo(other, 'b', files('x'), workdir)('refool_selected', choose)
+    memo(other, 'b', files('x'), workdir)('refool_selected', choose)  # kept
+    memo(other, 'b', files('y'), workdir)('refool_selected', choose)  # other files there
+  assert len(calls) == 8
+  kept = memo(other, 'b', files('y'), None)('refool_selected', choose)
+  kept['chosen'].append(7)  # the caller's copy
+  assert memo(other, 'b', files('y'), None)('refool_selected', choose) == choose()
 
 
 # --------------------------------------------------------------------------------- WaNet

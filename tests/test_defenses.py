@@ -161,6 +161,10 @@ def test_table_eval_only_evaluates_the_curve_at_another_t(table_run, tmp_path):
   point = next(c for c in saved['details']['badnets']['mcr']['curve'] if c['t'] == 0.5)
   assert evaluated['table']['badnets']['mcr'] == {k: point[k] for k in stages.METRICS}
   assert evaluated['config']['mcr']['t'] == 0.5  # table1_eval.json says which point
+  ran = saved['details']['badnets']['config']  # each attack's evaluation config, as it ran
+  as_json = json.loads(json.dumps(evaluated['attack_configs']['badnets']))
+  assert as_json == {**ran, 'eval_only': True, 'mcr': {**ran['mcr'], 't': 0.5},
+                     'compilation_cache': config.compilation_cache}
 
 
 def test_the_evaluation_batch_shapes_the_mcr_model(table_run, tmp_path):

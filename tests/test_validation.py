@@ -91,7 +91,8 @@ CASES = [
     ('fp.holdout_fraction', 1.0, {}), ('fp.acc_drop', -1.0, {}), ('mcr.t', 2.0, {}),
     ('mcr.points', 1, {}), ('mcr.lr_boundaries', (5,), {}),
     ('mcr.samples_per_epoch', -1, {}), ('table.attacks', ('nosuch',), {}),
-    ('table.attacks', (), {}), ('table.defenses', ('xx',), {}), ('table.figures', 'y', {}),
+    ('table.attacks', (), {}), ('table.attacks', ('badnets', 'badnets'), {}),
+    ('table.defenses', ('xx',), {}), ('table.figures', 'y', {}),
     ('table.attention_images', -1, {}),
 ]
 STAGE_FIELDS = [('epochs', -1), ('batch_size', 0), ('learning_rate', 0.0),

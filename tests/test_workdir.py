@@ -2,8 +2,10 @@
 
 import json
 import os
+import re
 import shutil
 
+import numpy as np
 import pytest
 
 from configs import tiny
@@ -339,3 +341,25 @@ def test_a_model_replaced_at_its_checkpoint_path_is_another_model(finished_run, 
   assert snapshot(run) == before
   put('backdoored')  # the model it was trained from: the run is kept
   assert nad_runner.run(config, run).results['stages'] == first['stages']
+
+
+def test_a_trigger_file_replaced_at_its_path_is_another_run(tmp_path):
+  """The attack's files count by their bytes, as the data and the loaded models do."""
+  from PIL import Image
+  pattern, run = str(tmp_path / 'trigger.png'), str(tmp_path / 'run')
+
+  def draw(seed):
+    image = np.random.default_rng(seed).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    Image.fromarray(image).save(pattern)
+  draw(0)
+  config = tiny_config(**{'attack.name': 'blend', 'attack.pattern_path': pattern})
+  first = nad_runner.run(config, run).results
+  draw(1)
+  before = snapshot(run)
+  with pytest.raises(validation.ConfigError, match=re.escape(
+      f"stage 'backdoored' in {os.path.join(run, 'backdoored')} was trained with other "
+      'values: the files at attack.pattern_path (their content changed; digest)')):
+    nad_runner.evaluate_only(config, run)
+  assert snapshot(run) == before
+  draw(0)
+  assert nad_runner.evaluate_only(config, run)['stages'] == first['stages']

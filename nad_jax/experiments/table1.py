@@ -21,6 +21,7 @@ import copy
 import csv
 import io
 import os
+import shlex
 import time
 
 import jax
@@ -136,8 +137,9 @@ def check_overrides(config, fields) -> None:
       raise validation.ConfigError(
           f'{field} {value!r}: set per attack by {", ".join(attacks)} '
           f'(table.attack_configs.<attack>.{field}), so a top-level value would not reach '
-          'them; set it per attack: ' + ' '.join(
-              f'--config.table.attack_configs.{a}.{field}={value!r}' for a in attacks))
+          f'{"them" if len(attacks) > 1 else "it"}; set it per attack: ' + ' '.join(
+              shlex.quote(f'--config.table.attack_configs.{a}.{field}={value!r}')
+              for a in attacks))
 
 
 def clock():
@@ -523,8 +525,9 @@ def evaluate_only(config, workdir: str) -> dict:
   Returns:
     The content of table1_eval.json: 'table' ({attack: {defense: METRICS}}, as in
     table1.json), 'average', 'stages' ({attack: {stage folder: METRICS}}, the teacher
-    included), 'checkpoints' ({attack: {stage: path}}) and 'config' (the evaluation's:
-    mcr.t, mcr.points and data.eval_batch_size may differ from the training run's).
+    included), 'checkpoints' ({attack: {stage: path}}), 'attack_configs' ({attack: the
+    config its rows were evaluated with}) and 'config' (the evaluation's: mcr.t, mcr.points
+    and data.eval_batch_size may differ from the training run's).
 
   Raises:
     ConfigError: a bad config, a stage folder trained with other values, or a stage
@@ -547,7 +550,7 @@ def evaluate_only(config, workdir: str) -> dict:
                         results['std']))
     return results
   defenses = tuple(config.table.defenses)
-  cells, evaluated, sources = {}, {}, {}
+  cells, evaluated, sources, configs = {}, {}, {}, {}
   for attack, (cfg, paths) in evaluation_plan(config, workdir).items():
     ctx = stages.setup(cfg, os.path.join(workdir, attack), folders=folders_of(defenses),
                        evaluating=True)
@@ -563,10 +566,10 @@ def evaluate_only(config, workdir: str) -> dict:
                               models['ft'].variables, stages.clean_data(ctx)[0])
       metrics['mcr'] = {k: stages.evaluate(ctx, point)[k] for k in METRICS}
     cells[attack] = {d: metrics['backdoored' if d == 'none' else d] for d in defenses}
-    evaluated[attack], sources[attack] = metrics, paths
+    evaluated[attack], sources[attack], configs[attack] = metrics, paths, cfg.to_dict()
   avg = average(cells, defenses)
   results = {'table': cells, 'average': avg, 'stages': evaluated, 'checkpoints': sources,
-             'config': config.to_dict()}
+             'attack_configs': configs, 'config': config.to_dict()}
   stages.write_json(os.path.join(workdir, 'table1_eval.json'), results)
   stages.log(markdown(cells, avg, defenses))
   return results
