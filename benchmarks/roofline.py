@@ -122,8 +122,8 @@ def stage_rows(path: str) -> tuple[list, dict]:
     sys.exit(f'error: --stage-json {path}: not a readable bench.py result ({e!r})')
   here = {key: value for key, value in this_machine().items() if key in recorded}
   if recorded != here:
-    describe = lambda m: (f"{m['cpu']} ({', '.join(m.get('cpu_features', ['features not recorded']))}), "
-                          f"{m['cores']} cores, {m['backend']}"
+    features = lambda m: ', '.join(m.get('cpu_features', ['features not recorded']))
+    describe = lambda m: (f"{m['cpu']} ({features(m)}), {m['cores']} cores, {m['backend']}"
                           + (f" ({m['accelerator']})" if m['accelerator'] else ''))
     sys.exit(f'error: --stage-json {path} was measured on {describe(recorded)}, not on this '
              f'machine ({describe(here)}); measure the stage here with benchmarks/bench.py '

@@ -75,11 +75,11 @@ class StageResult(NamedTuple):
       METRICS (percent) where the epoch was evaluated; the last entry is evaluated.
     timing: {'compile_s', 'img_per_s': per epoch trained in this run, counting every
       replica's images, 'wall_s': seconds from compiling to the last epoch's evaluation,
-      'machine': `machine()`} where it trained; for a stage restored from its folder, 'ran_with' (the run values
-      its folder records, for `trained_with`) and, where it was finished (nothing trained
-      now), 'from_earlier_run' with the speeds its folder records (STAGE_TIMING);
-      'resumed_after_epoch' where the run resumed the stage, so that 'img_per_s' covers
-      the epochs after it only; {} for a loaded model.
+      'machine': `machine()`} where it trained; for a stage restored from its folder,
+      'ran_with' (the run values its folder records, for `trained_with`) and, where it was
+      finished (nothing trained now), 'from_earlier_run' with the speeds its folder records
+      (STAGE_TIMING); 'resumed_after_epoch' where the run resumed the stage, so that
+      'img_per_s' and 'wall_s' cover the epochs after it only; {} for a loaded model.
     info: what a defense adds (fine-pruning's channels, MCR's curve, NAD's teacher).
   """
   variables: Any

@@ -848,8 +848,9 @@ def data_digest(dataset) -> str:
 def record_stage(config, directory: str, stage: str, data_digest: str | None = None,
                  run_values: dict | None = None, *, contents: dict | None = None) -> None:
   """Writes the fields that shape `stage` (and the digests of the data and of what its path
-  fields name, `contents`: `stage_fields`) into its folder before it trains, with `run_values` ({dotted field: value} that shape none of its weights but how
-  its run computed and evaluated it: `recorded_values`). The run values of a run stopped
+  fields name, `contents`: `stage_fields`) into its folder before it trains, with
+  `run_values` ({dotted field: value} that shape none of its weights but how its run
+  computed and evaluated it: `recorded_values`). The run values of a run stopped
   before its first checkpoint, which trained nothing, are replaced by the next run's; its
   fields are checked as any folder's (`check_workdir`), since what the stage prepared
   before (a clean-label attack's training set) is kept there."""
