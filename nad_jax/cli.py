@@ -158,8 +158,10 @@ def parser() -> argparse.ArgumentParser:
                             'docs/configuration.md): model.*, data.*, attack.*, nad.* '
                             '(FT, FP and MCR\'s FT end train with it), teacher.* (nad without '
                             '--teacher), fp.* (fp), mcr.* (mcr); a Python literal or a string; '
-                            'repeatable, applied last, e.g. --set nad.betas=(500,1000,1000) '
-                            '--set data.eval_batch_size=500. Refused: the fields of MODEL, --data, '
+                            'repeatable, e.g. --set nad.betas=(500,1000,1000) '
+                            '--set data.eval_batch_size=500. Refused: a field that --epochs, '
+                            '--teacher-epochs, --batch-size, --lr or --eval-every also sets in '
+                            'this run, the fields of MODEL, --data, '
                             '--tfds-dir, --clean-fraction, --arch, --mean, --std, --teacher, '
                             '--poisoned, --attack, --target-label, --all-to-all and --seed (give '
                             'the option), seeds, eval_only, runner, '
@@ -369,18 +371,26 @@ def build_config(args):
   if args.teacher_epochs is not None and 'teacher' not in trained:
     raise UsageError(f'--teacher-epochs {args.teacher_epochs}: no teacher is trained here ('
                      + ('--teacher gives it)' if args.teacher else f'--method {args.method})'))
-  for value, fields in ((args.clean_fraction, ('data.clean_fraction',)),
-                        (args.epochs, (f'{trained[0]}.epochs',)),
-                        (args.teacher_epochs, ('teacher.epochs',)),
-                        (args.batch_size, tuple(f'{s}.batch_size' for s in trained)),
-                        (args.lr, tuple(f'{s}.learning_rate' for s in trained)),
-                        (args.eval_every, tuple(f'{s}.eval_every' for s in trained)),
-                        (args.seed, ('seed',))):
+  set_by = {}  # {field: the option that set it}
+  for option, value, fields in (
+      ('--clean-fraction', args.clean_fraction, ('data.clean_fraction',)),
+      ('--epochs', args.epochs, (f'{trained[0]}.epochs',)),
+      ('--teacher-epochs', args.teacher_epochs, ('teacher.epochs',)),
+      ('--batch-size', args.batch_size, tuple(f'{s}.batch_size' for s in trained)),
+      ('--lr', args.lr, tuple(f'{s}.learning_rate' for s in trained)),
+      ('--eval-every', args.eval_every, tuple(f'{s}.eval_every' for s in trained)),
+      ('--seed', args.seed, ('seed',))):
     if value is not None:
       for field in fields:
         section, _, leaf = field.rpartition('.')
         (config[section] if section else config)[leaf] = value
+        set_by[field] = option
+        if args.method == 'fp' and section == 'nad':  # FP follows nad's schedule
+          set_by[f'fp.{leaf}'] = option
   for assignment in args.set:
+    field = assignment.partition('=')[0].strip()
+    if field in set_by:
+      raise UsageError(f'--set {field}: {set_by[field]} sets it too; give one')
     set_field(config, assignment)
   source = {'model': model, 'model_kind': kind, 'data': args.data,
             'poisoned': config.attack.path if config.attack.name == 'files' else None,

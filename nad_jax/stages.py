@@ -938,6 +938,20 @@ def remove_stale(path: str, trained: bool) -> None:
     log(f'removed {path}: it evaluated the models before this run trained them again')
 
 
+def remove_unwritten(directory: str, earlier: list, written: list) -> None:
+  """Removes the files an earlier run listed as its outputs (`earlier`, paths relative to
+  `directory`) that this run did not write again (`written`): a report, figure or
+  BackdoorBench result of another method or setting would sit beside this run's as if it
+  were one of them."""
+  if jax.process_index() != 0:
+    return
+  for name in sorted(set(earlier) - set(written)):
+    path = os.path.join(directory, name)
+    if os.path.isfile(path) and not os.path.relpath(path, directory).startswith('..'):
+      os.remove(path)
+      log(f'removed {path}: an earlier run wrote it, this one does not')
+
+
 def write_json(path: str, content: dict) -> None:
   """Writes atomically (a temporary file renamed over the target) on process 0; NaN is
   refused (ValueError) before any file is opened."""

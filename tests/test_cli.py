@@ -212,6 +212,14 @@ def test_a_backdoorbench_record_gets_its_defense_result(inputs, tmp_path):
   rows = (out / 'defense' / 'nad' / 'nad_df.csv').read_text().splitlines()
   assert rows[0] == ',epoch,test_acc,test_asr,test_ra' and len(rows) == 3
   assert not (record / 'defense').exists()  # the record itself is left as it was
+  assert results['files']['defense_csv'] == os.path.join('defense', 'nad', 'nad_df.csv')
+  # Another method into the same folder: the first one's outputs do not stay beside it.
+  ft = run_command([record, '--data', data, '--method', 'ft', '--out', tmp_path / 'out',
+                    *QUICK], tmp_path)
+  assert ft.returncode == 0, ft.stdout + ft.stderr
+  assert sorted(os.listdir(out / 'defense' / 'ft')) == ['defense_result.pt', 'ft_df.csv']
+  assert not (out / 'defense' / 'nad' / 'defense_result.pt').exists()
+  assert not (out / 'defense' / 'nad' / 'nad_df.csv').exists()
 
 
 def test_a_record_that_disagrees_with_the_config_is_refused(inputs, tmp_path):
@@ -319,8 +327,10 @@ def bad_inputs(tmp_path, data, model):
                                   'fp.epochs=2'], 'fp.epochs 2: --method nad does not use it'),
       "NAD's epochs beside FP's own": ([model, '--arch', 'tiny', '--data', data, *ok, '--method',
                                         'fp', '--set', 'fp.epochs=1', '--epochs', '3'],
-                                       'nad.epochs 3: --method fp trains FP, which reads only '
-                                       'the nad fields its own fp.* fields follow'),
+                                       '--set fp.epochs: --epochs sets it too; give one'),
+      'an option and --set of its field': ([model, '--arch', 'tiny', '--data', data, *ok,
+                                            '--epochs', '1', '--set', 'nad.epochs=2'],
+                                           '--set nad.epochs: --epochs sets it too; give one'),
       "a NAD field FP does not follow": ([model, '--arch', 'tiny', '--data', data, *ok,
                                           '--method', 'fp', '--set', 'nad.weight_decay=0.5'],
                                          'nad.weight_decay 0.5: --method fp'),
@@ -361,6 +371,7 @@ CASES = ('missing model', 'junk model', 'wrong architecture', 'missing data',
          'tfds dir without tfds:', 'a poison rate',
          'betas without distillation', 'backdoor training',
          "another method's field", "NAD's epochs beside FP's own",
+         'an option and --set of its field',
          'a NAD field FP does not follow', 'teacher epochs of a given teacher', 'a teacher for ft',
          'a size the folder does not read', 'the model by --set', 'the data by --set',
          'the trigger by --set', 'tfds dir with a folder', 'a target label for all-to-all')

@@ -118,6 +118,9 @@ def test_table_rerun_trains_nothing(table_run):
   config.nad.eval_every = first_every + 1  # shapes no stage: the stages it ran are kept
   again = table.run(config, workdir)
   assert again['table'] == results['table']
+  # figures off: the first run's figures do not stay beside a table that lists none
+  assert again['figures'] == [] and results['figures']
+  assert not any(os.path.exists(os.path.join(workdir, f)) for f in results['figures'])
   for recorded in (again['config'], again['details']['badnets']['config']):  # this run's
     assert recorded['nad']['eval_every'] == first_every + 1
   # Nothing trained: the first run's timing is kept, and said to be, with the eval_every

@@ -55,7 +55,8 @@ class Outcome(NamedTuple):
   Attributes:
     results: the content of out/results.json.
     files: {what: path} of every file written (cleaned_model, results, report,
-      and, where written, defense_result, curves, attention).
+      and, where written, defense_result, defense_csv, curves, attention). Files an earlier
+      run into the same folder listed and this one does not write are removed.
     variables: {'backdoored', 'teacher' (NAD only), 'cleaned'}: the models'
       {'params', 'batch_stats'}, on the devices.
   """
@@ -195,6 +196,7 @@ def run(config, out: str, method: str = 'nad', source: dict | None = None,
   files = {'cleaned_model': os.path.join(out, MODEL_FILE)}
   if record:
     files['defense_result'] = os.path.join(out, 'defense', method, 'defense_result.pt')
+    files['defense_csv'] = os.path.join(out, 'defense', method, f'{method}_df.csv')
   cleaned = jax.device_get(result.variables)
   if jax.process_index() == 0:
     os.makedirs(out, exist_ok=True)
@@ -204,6 +206,8 @@ def run(config, out: str, method: str = 'nad', source: dict | None = None,
                                          ctx.dataset.num_classes, result.history)
     files.update(_figures(ctx, out, results, method, attention_images))
   earlier = stages.earlier_results(os.path.join(out, 'results.json'))
+  stages.remove_unwritten(out, list((earlier.get('files') or {}).values()),
+                          [os.path.relpath(v, out) for v in files.values()])
   timing = stages.kept_timing(earlier.get('timing') or {},
                               {name: r.timing for name, r in results.items() if r.timing})
   written = {

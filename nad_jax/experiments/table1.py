@@ -484,6 +484,8 @@ def run_one(config, workdir: str) -> dict:
              'timing': since(total), 'figures': [os.path.relpath(p, workdir) for p in paths],
              'config': config.to_dict()}
   path = os.path.join(workdir, 'table1.json')
+  stages.remove_unwritten(workdir, stages.earlier_results(path).get('figures') or [],
+                          results['figures'])
   results = kept_timing(path, results)
   stages.write_json(path, results)
   stages.remove_stale(os.path.join(workdir, 'table1_eval.json'), trained_now(report.values()))
