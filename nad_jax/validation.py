@@ -277,7 +277,8 @@ RULES: list[Rule] = [
          'a fraction in [0, 1] (of the training set; of the target class for clean-label '
          'attacks; 0 trains an unpoisoned model)'),
     Rule('attack.mode', one_of(('all_to_one', 'all_to_all')), "'all_to_one' or 'all_to_all'"),
-    Rule('attack.seed', in_range(0, integer=True), 'an integer >= 0'),
+    Rule('attack.seed', in_range(0, integer=True), 'an integer >= 0',
+         attack_is('blend', 'refool', 'trojan', 'wanet')),
     Rule('attack.clean_label', optional(is_bool),
          "None (the attack's default), True or False"),
     Rule('attack.pattern_path', existing_path, "'' or an existing file or folder",

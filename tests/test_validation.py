@@ -51,7 +51,7 @@ CASES = [
     ('data.eval_batch_size', 6, {}),
     ('attack.name', 'nosuchattack', {}), ('attack.target_label', -1, {}),
     ('attack.poison_rate', 1.5, {}), ('attack.poison_rate', float('nan'), {}),
-    ('attack.mode', 'one_to_one', {}), ('attack.seed', -3, {}),
+    ('attack.mode', 'one_to_one', {}), ('attack.seed', -3, {'attack.name': 'blend'}),
     ('attack.clean_label', 'no', {}),
     ('attack.pattern_path', NOT_A_FILE, {'attack.name': 'blend'}),
     ('attack.pattern', 'circle', {}), ('attack.size', 0, {}), ('attack.corner', 'middle', {}),

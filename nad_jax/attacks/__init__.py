@@ -3,9 +3,10 @@
 Every attack module has `build(cfg, num_classes, image_shape, dataset) -> Attack`
 and documents its parameters (fields of `config.attack`) and source paper.
 Fields every attack shares: name, target_label, poison_rate, mode
-('all_to_one' | 'all_to_all'), seed (the attack's own random choices: noise
-patterns, warping fields, reflection images), clean_label (None: the attack's
-default; True/False overrides it).
+('all_to_one' | 'all_to_all'), clean_label (None: the attack's default;
+True/False overrides it). `seed` seeds the attack's own random choices where it
+makes any (Blend's noise pattern, Trojan's patch, WaNet's warping field, Refool's
+reflections); the other attacks do not read it.
 """
 
 from nad_jax.attacks import badnets
