@@ -290,6 +290,7 @@ class AttackMemo:
     self.key = json.loads(json.dumps({'attack': attack_cfg.to_dict(), 'data.digest': data_digest,
                                       **({'files': files} if files else {})}, default=str))
     self.chosen = {}  # {name: value} chosen by this build, not yet kept
+    self.key_text = json.dumps(self.key, sort_keys=True)  # the in-process memo's key
 
   def __call__(self, name: str, compute):
     """What `compute()` (JSON-serialisable: lists, dicts, numbers) returned for this
@@ -303,7 +304,7 @@ class AttackMemo:
   def _kept(self, name: str):
     """The value kept for `name` and this key, or None."""
     if self.workdir is None:
-      kept = AttackMemo.in_process.get((name, json.dumps(self.key, sort_keys=True)))
+      kept = AttackMemo.in_process.get((name, self.key_text))
       if kept is not None:
         log(f'{name}: kept from an earlier call in this process')
       return copy.deepcopy(kept)  # the caller's to change
@@ -322,7 +323,7 @@ class AttackMemo:
     """Keeps the choices made since the last `save`."""
     for name, value in self.chosen.items():
       if self.workdir is None:
-        AttackMemo.in_process[(name, json.dumps(self.key, sort_keys=True))] = copy.deepcopy(value)
+        AttackMemo.in_process[(name, self.key_text)] = copy.deepcopy(value)
       else:
         write_json(os.path.join(self.workdir, f'{name}.json'), {'key': self.key, 'value': value})
     self.chosen = {}

@@ -709,8 +709,8 @@ def files_digest(path: str) -> str:
 def attack_file_digests(config) -> dict:
   """{field: `files_digest`} of each ATTACK_FILE_FIELDS path the attack reads."""
   return {field: files_digest(lookup(config, field)) for field in ATTACK_FILE_FIELDS
-          if config.attack.get(field.split('.')[1]) and not any(
-              f == field for f, *_ in unread_set_fields(config, 'attack', (field,)))}
+          if config.attack.get(field.split('.')[1])
+          and not unread_set_fields(config, 'attack', (field,))}
 
 
 def stage_fields(config, stage: str, data_digest: str | None = None, *,
@@ -743,20 +743,17 @@ def variables_digest(variables) -> str:
 
 
 def differences(recorded: dict, current: dict) -> list[str]:
-  """'field old -> new' for each field whose value differs between two `stage_fields`."""
+  """'field old -> new' for each field whose value differs between two `stage_fields` (a
+  digest named by what it digests)."""
   missing = object()
-  changed = [f'{k} {recorded.get(k, "(unset)")!r} -> {current.get(k, "(unset)")!r}'
-             for k in sorted(recorded.keys() | current.keys())
-             if recorded.get(k, missing) != current.get(k, missing)]
-  described = [c.replace('data.digest', 'the data (its images or labels changed; digest)', 1)
-               for c in changed]
-  for field in LOADED_FIELDS:
-    described = [c.replace(f'{field}.digest', f'the model at {field} (its weights changed; '
-                           'digest)', 1) for c in described]
-  for field in ATTACK_FILE_FIELDS:
-    described = [c.replace(f'{field}.digest', f'the files at {field} (their content changed; '
-                           'digest)', 1) for c in described]
-  return described
+  named = {'data.digest': 'the data (its images or labels changed; digest)',
+           **{f'{f}.digest': f'the model at {f} (its weights changed; digest)'
+              for f in LOADED_FIELDS},
+           **{f'{f}.digest': f'the files at {f} (their content changed; digest)'
+              for f in ATTACK_FILE_FIELDS}}
+  return [f'{named.get(k, k)} {recorded.get(k, "(unset)")!r} -> {current.get(k, "(unset)")!r}'
+          for k in sorted(recorded.keys() | current.keys())
+          if recorded.get(k, missing) != current.get(k, missing)]
 
 
 def check_workdir(config, workdir: str, stages, data_digest: str | None = None,

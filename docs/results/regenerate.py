@@ -57,19 +57,23 @@ def attack_cells(prefix: str, attacks, digits: int) -> Callable[[dict], list]:
                                digits) for stage in ('backdoored', 'nad') for a in attacks]
 
 
+def table1_rows(results: dict) -> list:
+  """The comparison's rows, {defense: metrics}: one per attack, then the average."""
+  table = results['table1.json']
+  return [table['table'][a] for a in table['attacks']] + [table['average']]
+
+
 def table1_cells(results: dict) -> list:
   """docs/defenses.md's comparison: ASR / ACC per defense, per attack, then the average."""
-  table = results['table1.json']
-  rows = [table['table'][a] for a in table['attacks']] + [table['average']]
-  return [pair(row[d], 'asr', 'acc', 2) for row in rows for d in table['defenses']]
+  defenses = results['table1.json']['defenses']
+  return [pair(row[d], 'asr', 'acc', 2) for row in table1_rows(results) for d in defenses]
 
 
 def table1_nontarget_cells(results: dict) -> list:
   """docs/defenses.md's acc_nontarget of the comparison, per defense, per attack, then the
   average."""
-  table = results['table1.json']
-  rows = [table['table'][a] for a in table['attacks']] + [table['average']]
-  return [f'{row[d]["acc_nontarget"]:.2f}' for row in rows for d in table['defenses']]
+  defenses = results['table1.json']['defenses']
+  return [f'{row[d]["acc_nontarget"]:.2f}' for row in table1_rows(results) for d in defenses]
 
 
 CURVE_EPOCHS = (0, 2, 4, 6, 8, 10, 14, 20)
